@@ -1,0 +1,8 @@
+"""gpupar: train a plain PyTorch model on one device, many GPUs, many nodes, or many models at once."""
+
+from gpupar.config import Config
+from gpupar.models import SimpleNN
+from gpupar.loop import TrainResult, train
+
+__version__ = "0.1.0"
+__all__ = ["Config", "SimpleNN", "TrainResult", "train", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from gpupar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,215 @@
+"""Typed run configuration, layered defaults < TOML file < CLI flags.
+
+Every field carries a one-line help string in its metadata; the CLI builds its flags
+from these dataclasses, so a field added here is a flag, a TOML key and a line in
+``--print-config`` at once. Validation happens once, here, at the edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpupar.errors import UsageError
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
+    """A dataclass field with its help text, its accepted values (when a closed set) and its
+    CLI flag when that is not ``--field-name``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("simple-nn", "simple-nn, mlp, gpt, or an import path package.module:factory", flag="model")
+    hidden: int = opt(50, "hidden width of the built-in models")
+    layers: int = opt(2, "number of Linear layers (mlp) or transformer blocks (gpt)")
+    heads: int = opt(4, "attention heads (gpt)")
+    seq_len: int = opt(32, "sequence length in tokens (gpt)")
+    vocab: int = opt(64, "vocabulary size (gpt)")
+
+
+@dataclass
+class DataConfig:
+    data: str | None = opt(None, "path to .csv, .npz (arrays X, y) or .pt (dict of X, y); none = synthetic")
+    target: str | None = opt(None, "target column of a CSV file")
+    task: str = opt("regression", "sets the default loss", ("regression", "classification"))
+    samples: int = opt(1000, "number of synthetic samples")
+    features: int = opt(10, "number of synthetic features")
+    noise: float = opt(0.1, "std of the Gaussian noise added to the synthetic target")
+    val_fraction: float = opt(0.0, "fraction of samples held out for validation, in [0, 1)")
+    shuffle: bool = opt(False, "reshuffle the training samples every epoch (seeded)")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = opt("adam", "optimizer", ("adam", "adamw", "sgd"))
+    lr: float = opt(0.01, "peak learning rate")
+    weight_decay: float = opt(0.0, "weight decay")
+    lr_schedule: str = opt("constant", "learning-rate schedule after warm-up", ("constant", "cosine", "linear"))
+    warmup_steps: int = opt(0, "linear warm-up steps from 0 to --lr")
+    clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(100, "passes over the training data")
+    batch_size: int | None = opt(None, "global batch size in samples; none = full batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (the batch is split into them)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps")
+    precision: str = opt("fp32", "autocast precision", ("fp32", "bf16", "fp16"))
+    loss: str | None = opt(None, "loss function; none = mse for regression, cross-entropy for classification",
+                           ("mse", "l1", "huber", "cross-entropy"))
+    seed: int = opt(42, "seed for data, weight init and shuffling")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    log_every: int = opt(20, "print and record the loss every N epochs")
+    run_dir: str | None = opt(None, "where to write config, metrics and weights; none = runs/<timestamp>")
+    progress: bool = opt(True, "show a progress bar when stderr is a terminal")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = opt("single", "how to parallelise", ("single", "dp", "ddp"))
+    nproc_per_node: int | None = opt(None, "ranks to start on this node; none = local GPU count (required on CPU)")
+    nnodes: int = opt(1, "number of nodes")
+    node_rank: int | None = opt(None, "this node's rank; none = 0 (or SLURM_NODEID)")
+    rdzv_endpoint: str | None = opt(None, "host:port of the c10d rendezvous; none = 127.0.0.1 with a free port")
+    timeout: float = opt(120.0, "seconds before a stuck collective fails the job")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> "Config":
+        """Check every field once; raise a UsageError naming the field and what is accepted."""
+        for section in dataclasses.fields(self):
+            group = getattr(self, section.name)
+            for f in dataclasses.fields(group):
+                value = getattr(group, f.name)
+                choices = f.metadata.get("choices")
+                if choices and value is not None and value not in choices:
+                    raise UsageError(f"{flag(f)} {value!r} is not one of: {', '.join(choices)}")
+        positive = {"epochs": self.train.epochs, "grad_accum": self.train.grad_accum,
+                    "log_every": self.train.log_every, "samples": self.data.samples,
+                    "features": self.data.features, "hidden": self.model.hidden, "layers": self.model.layers,
+                    "nnodes": self.parallel.nnodes}
+        for optional in ("batch_size", "max_steps"):
+            if getattr(self.train, optional) is not None:
+                positive[optional] = getattr(self.train, optional)
+        if self.parallel.nproc_per_node is not None:
+            positive["nproc_per_node"] = self.parallel.nproc_per_node
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"{flag(name)} {value} must be a positive integer")
+        if not (self.optim.lr > 0 and math.isfinite(self.optim.lr)):
+            raise UsageError(f"--lr {self.optim.lr} must be a positive finite number")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction {self.data.val_fraction} must be in [0, 1)")
+        if self.optim.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps {self.optim.warmup_steps} must be >= 0")
+        if self.optim.clip_grad_norm is not None and self.optim.clip_grad_norm <= 0:
+            raise UsageError(f"--clip-grad-norm {self.optim.clip_grad_norm} must be > 0")
+        if self.parallel.timeout <= 0:
+            raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
+        return self
+
+
+def flag(f: dataclasses.Field | str) -> str:
+    """The CLI flag of a field (or of a field name): ``--batch-size`` for ``batch_size``."""
+    if isinstance(f, str):
+        return "--" + f.replace("_", "-")
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The scalar type of a field, unwrapping ``X | None``."""
+    hint = typing.get_type_hints(_owner_of[f.name])[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def sections() -> list[tuple[str, type]]:
+    return [(f.name, f.default_factory) for f in dataclasses.fields(Config)]  # type: ignore[misc]
+
+
+_owner_of = {f.name: cls for _, cls in sections() for f in dataclasses.fields(cls)}
+
+
+def merge(cfg: Config, overrides: dict[str, dict[str, Any]], source: str) -> Config:
+    """Apply {section: {field: value}} onto cfg, rejecting unknown keys and wrong types."""
+    known = dict(sections())
+    for section, values in overrides.items():
+        if section not in known or not isinstance(values, dict):
+            raise UsageError(f"{source}: unknown section [{section}]; accepted: {', '.join(known)}")
+        group = getattr(cfg, section)
+        names = {f.name: f for f in dataclasses.fields(group)}
+        for key, value in values.items():
+            if key not in names:
+                raise UsageError(f"{source}: unknown key {section}.{key}; accepted: {', '.join(names)}")
+            setattr(group, key, _coerce(value, field_type(names[key]), f"{source}: {section}.{key}"))
+    return cfg
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UsageError(f"{where} = {value!r} should be of type {kind.__name__}")
+    return value
+
+
+def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config {path}: file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: invalid TOML ({exc})") from None
+    return merge(cfg or Config(), raw, str(path))
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML; ``load_toml`` of this text gives back an equal Config.
+
+    Fields that are None are written as comments, because TOML has no null.
+    """
+    lines: list[str] = []
+    for section, _ in sections():
+        lines.append(f"[{section}]")
+        group = getattr(cfg, section)
+        for f in dataclasses.fields(group):
+            value = getattr(group, f.name)
+            if value is None:
+                lines.append(f"# {f.name} = (unset)  # {f.metadata['help']}")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def as_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,197 @@
+"""Data: the classic synthetic example, CSV / NPZ / PT loading, and per-rank batch sharding.
+
+Training data is either a pair of tensors ``(X, y)`` or any map-style ``Dataset`` whose
+items are ``(x, y)`` pairs. Batches are planned as index lists, so the single-device run
+and every data-parallel rank see the same global batches in the same order.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from gpupar.errors import UsageError
+
+DATA_FORMS = ".csv (with --target), .npz (arrays X and y) or .pt (dict with tensors X and y)"
+
+
+def synthetic_regression(samples: int = 1000, features: int = 10, noise: float = 0.1,
+                         seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classic example: x ~ U(0,1)^features, y = sum(x) + noise * N(0,1).
+
+    Returns X [samples, features] and y [samples, 1], both float32.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.rand(samples, features, generator=gen)
+    y = X.sum(dim=1, keepdim=True) + noise * torch.randn(samples, 1, generator=gen)
+    return X, y
+
+
+def load_file(path: str, target: str | None = None, need_target: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Load X (and y, when the file has it) from a .csv, .npz or .pt file, checked for NaN/Inf."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--data {path}: file not found (accepted: {DATA_FORMS})")
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        X, y = _load_csv(p, target, need_target)
+    elif suffix == ".npz":
+        with np.load(p, allow_pickle=False) as arrays:
+            if "X" not in arrays or (need_target and "y" not in arrays):
+                raise UsageError(f"--data {path}: an .npz needs arrays 'X' and 'y', found {sorted(arrays)}")
+            X = _tensor(arrays["X"], path, "X")
+            y = _tensor(arrays["y"], path, "y") if "y" in arrays else None
+    elif suffix == ".pt":
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses anything but plain tensors and containers
+            raise UsageError(f"--data {path}: not a safe tensor file ({_first_line(exc)})") from None
+        if not isinstance(obj, dict) or "X" not in obj or (need_target and "y" not in obj):
+            raise UsageError(f"--data {path}: a .pt file must hold a dict with tensors 'X' and 'y'")
+        X = _tensor(obj["X"], path, "X")
+        y = _tensor(obj["y"], path, "y") if "y" in obj else None
+    else:
+        raise UsageError(f"--data {path}: unsupported extension {suffix!r}; accepted: {DATA_FORMS}")
+    if X.dim() == 1:
+        X = X[:, None]
+    for name, t in (("X", X), ("y", y)):
+        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).nonzero()[0, 0])
+            raise UsageError(f"--data {path}: {name} holds NaN or Inf (first at row {bad}); clean the data first")
+    if y is not None and len(y) != len(X):
+        raise UsageError(f"--data {path}: X has {len(X)} rows but y has {len(y)}")
+    return X, y
+
+
+def _tensor(array, path: str, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(array)) if not isinstance(array, torch.Tensor) else array
+    if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)):
+        raise UsageError(f"--data {path}: array {name} has dtype {t.dtype}; expected numbers")
+    return t.float() if t.is_floating_point() else t.long()
+
+
+def _load_csv(p: Path, target: str | None, need_target: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with p.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) < 2:
+        raise UsageError(f"--data {p}: a CSV needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    if target is None and need_target:
+        raise UsageError(f"--data {p}: a CSV needs --target COLUMN; columns are: {', '.join(header)}")
+    if target is not None and target not in header:
+        if need_target:
+            raise UsageError(f"--target {target!r} is not a column of {p}; columns are: {', '.join(header)}")
+        target = None
+    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
+    for r, row in enumerate(rows[1:]):
+        if len(row) != len(header):
+            raise UsageError(f"--data {p}: row {r + 2} has {len(row)} fields, the header has {len(header)}")
+        for c, cell in enumerate(row):
+            try:
+                values[r, c] = float(cell)
+            except ValueError:
+                raise UsageError(f"--data {p}: column {header[c]!r} row {r + 2} is not numeric ({cell!r}); "
+                                 "only numeric columns are accepted") from None
+    data = torch.from_numpy(values).float()
+    if target is None:
+        return data, None
+    t = header.index(target)
+    keep = [c for c in range(len(header)) if c != t]
+    return data[:, keep], data[:, t:t + 1]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def prepare_targets(y: torch.Tensor, task: str) -> torch.Tensor:
+    """Regression targets become float [N, 1] (or [N, k]); classification targets int64 [N]."""
+    if task == "classification":
+        if y.is_floating_point() and not torch.equal(y, y.round()):
+            raise UsageError("--task classification needs integer class labels in the target")
+        return y.reshape(-1).long()
+    y = y.float()
+    return y[:, None] if y.dim() == 1 else y
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of range(n) into (train indices, validation indices)."""
+    if fraction <= 0:
+        return torch.arange(n), torch.arange(0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise UsageError(f"--val-fraction {fraction} leaves no training samples out of {n}")
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+@dataclass
+class Samples:
+    """Training samples: tensors X, y, or a Dataset of (x, y) pairs restricted to ``index``."""
+
+    source: tuple[torch.Tensor, torch.Tensor] | Dataset
+    index: torch.Tensor  # [n] positions into a Dataset source (tensors are stored already gathered)
+
+    @classmethod
+    def of(cls, data, index: torch.Tensor) -> "Samples":
+        if isinstance(data, (tuple, list)):
+            X, y = data
+            return cls((X[index], y[index]), torch.arange(len(index)))
+        return cls(data, index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def to(self, device: torch.device) -> "Samples":
+        """Tensors move to the device once; a Dataset stays where it is (batches move per step)."""
+        if isinstance(self.source, tuple):
+            return Samples(tuple(t.to(device) for t in self.source), self.index)  # type: ignore[arg-type]
+        return self
+
+    def take(self, positions: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at ``positions`` (into this Samples). A slice of tensors is a view, not a copy."""
+        if isinstance(self.source, tuple):
+            X, y = self.source
+            return X[positions], y[positions]
+        rows = self.index[positions]
+        return default_collate([self.source[int(i)] for i in rows])
+
+    def take_to(self, positions: torch.Tensor | slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.take(positions)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The global batches of one epoch as index tensors; identical on every rank.
+
+    The last short batch is dropped when the data do not divide into whole batches,
+    so that every optimizer step sees a full global batch on every rank.
+    """
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    else:
+        order = torch.arange(n)
+    full = n // batch_size
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+
+
+def shard_batch(batch: torch.Tensor, parts: int, part: int) -> torch.Tensor:
+    """The ``part``-th of ``parts`` equal, contiguous, disjoint slices of a batch of indices."""
+    size = len(batch) // parts
+    return batch[part * size:(part + 1) * size]
+
+
+def check_divisible(batch_size: int, grad_accum: int, world: int) -> None:
+    """A global batch must split evenly into grad_accum micro-batches over world ranks."""
+    if batch_size % (grad_accum * world):
+        raise UsageError(f"--batch-size {batch_size} must be divisible by --grad-accum ({grad_accum}) x "
+                         f"data-parallel ranks ({world}) = {grad_accum * world}; try "
+                         f"{math.ceil(batch_size / (grad_accum * world)) * grad_accum * world}")

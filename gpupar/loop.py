@@ -1,0 +1,291 @@
+"""The training loop, top to bottom: batch, forward, loss, backward, sync, step, log.
+
+``fit`` trains an already-placed (and possibly parallelised) model. ``train`` is the
+Python API for any ``nn.Module``; ``cli_train`` is what ``gpupar train`` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from gpupar.config import Config
+from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
+from gpupar.errors import TrainingError, UsageError
+from gpupar.topology import Topology
+
+LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "mse": nn.MSELoss, "l1": nn.L1Loss, "huber": nn.HuberLoss, "cross-entropy": nn.CrossEntropyLoss,
+}
+
+
+@dataclass
+class History:
+    """One record per logged epoch: step, epoch, loss, lr, samples_per_s and val_loss when present."""
+
+    records: list[dict] = field(default_factory=list)
+    wall_time: float = 0.0
+    samples_per_s: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.records[-1]["loss"] if self.records else math.nan
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: History
+
+
+def make_loss(cfg: Config) -> nn.Module:
+    name = cfg.train.loss or ("cross-entropy" if cfg.data.task == "classification" else "mse")
+    return LOSSES[name]()
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Linear warm-up to --lr, then constant, cosine or linear decay to 0. None when constant."""
+    warmup, kind = cfg.optim.warmup_steps, cfg.optim.lr_schedule
+    if kind == "constant" and warmup == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """Autocast context for bf16/fp16; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
+        log: Callable[[str], None] = print) -> History:
+    """Train ``model`` (already on ``topo.device``) and return its history.
+
+    Every rank walks the same global batches; each takes its own slice of every micro-batch.
+    """
+    t = cfg.train
+    batch_size = t.batch_size or len(train_set)
+    if batch_size > len(train_set):
+        raise UsageError(f"--batch-size {batch_size} exceeds the {len(train_set)} training samples")
+    check_divisible(batch_size, t.grad_accum, topo.dp)
+    steps_per_epoch = len(train_set) // batch_size
+    total_steps = int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch))
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(topo.device.type) if t.precision == "fp16" and topo.device.type == "cuda" else None
+    amp = autocast_for(topo.device, t.precision)
+    train_set = train_set.to(topo.device)  # tensors move once, not every step
+    # Full batch, in order, on one rank: the same single micro-batch every step (a view, no copy).
+    same_batch = [train_set.take_to(slice(None), topo.device)] if (t.batch_size is None and not cfg.data.shuffle
+                                                   and topo.dp == 1 and t.grad_accum == 1) else None
+    bar = _progress(total_steps, topo, t.progress)
+    history, step = History(), 0
+    start = last_log = time.perf_counter()
+    samples_since_log, loss_sum, loss_count = 0, 0.0, 0
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for epoch in range(t.epochs):
+        batches = [None] if same_batch else epoch_batches(len(train_set), batch_size, cfg.data.shuffle,
+                                                          t.seed, epoch)
+        for i, batch in enumerate(batches):
+            # This rank's micro-batches: grad_accum slices of the global batch, each cut into
+            # dp equal shards, of which this rank takes its own.
+            micro_batches = same_batch or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
+                                           for m in batch.chunk(t.grad_accum)]
+            step_loss = train_step(model, micro_batches, loss_fn, optimizer, amp, scaler)
+
+            # Every rank must agree to step or stop, or the next collective would hang.
+            if not _all_agree_finite(step_loss, topo):
+                raise TrainingError(f"loss became non-finite ({step_loss}) at step {step + 1} (epoch {epoch + 1}); "
+                                    "training stopped and no weights were written for this run")
+            _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            loss_sum, loss_count, samples_since_log = loss_sum + step_loss, loss_count + 1, samples_since_log + batch_size
+            if bar is not None:
+                bar.update(1)
+
+            done = step >= total_steps
+            epoch_end = i == len(batches) - 1 and ((epoch + 1) % t.log_every == 0 or epoch + 1 == t.epochs)
+            if done or epoch_end:
+                now = time.perf_counter()
+                record = {"step": step, "epoch": epoch + 1,
+                          "loss": _mean_over_ranks(loss_sum / loss_count, topo),
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
+                if val_set is not None and len(val_set):
+                    record["val_loss"] = evaluate(model, val_set, loss_fn, topo, t.precision, batch_size)
+                history.records.append(record)
+                if topo.is_main:
+                    line = f"Epoch [{epoch + 1}/{t.epochs}], Loss: {record['loss']:.4f}"
+                    if "val_loss" in record:
+                        line += f", Val Loss: {record['val_loss']:.4f}"
+                    (bar.write if bar is not None else log)(line)
+                last_log, samples_since_log, loss_sum, loss_count = now, 0, 0.0, 0
+            if done:
+                break
+        if step >= total_steps:
+            break
+
+    if bar is not None:
+        bar.close()
+    history.wall_time = time.perf_counter() - start
+    history.samples_per_s = step * batch_size / max(history.wall_time, 1e-9)
+    return history
+
+
+def train_step(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, amp, scaler) -> float:
+    """Forward and backward over this rank's micro-batches; returns the (local) step loss.
+
+    Gradients accumulate in ``.grad`` (which the previous step left as None); the optimizer
+    step is the caller's, after the NaN check.
+    """
+    step_loss = 0.0
+    for k, (x, y) in enumerate(micro_batches):
+        # DDP all-reduces gradients inside backward; on all but the last micro-step that
+        # traffic is wasted, since gradients just add up locally (no_sync).
+        skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            with amp:
+                loss = loss_fn(model(x), y)
+            # Each micro-batch is 1/grad_accum of the global batch: scale so the summed
+            # gradients equal those of the mean loss over the whole batch.
+            if len(micro_batches) > 1:
+                loss = loss / len(micro_batches)
+            (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.item()
+    return step_loss
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip: float | None) -> None:
+    if clip is not None:
+        if scaler:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topology,
+             precision: str = "fp32", batch_size: int | None = None) -> float:
+    """Mean loss over ``samples`` (every rank evaluates all of them; they agree)."""
+    model.eval()
+    total, n = 0.0, 0
+    size = batch_size or len(samples)
+    for start in range(0, len(samples), size):
+        x, y = samples.take_to(slice(start, start + size), topo.device)
+        with autocast_for(topo.device, precision):
+            loss = loss_fn(model(x), y)
+        total += loss.item() * len(x)
+        n += len(x)
+    model.train()
+    return total / max(n, 1)
+
+
+def _all_agree_finite(value: float, topo: Topology) -> bool:
+    finite = math.isfinite(value)
+    if not topo.distributed:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=_comm_device(topo))
+    dist.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+def _mean_over_ranks(value: float, topo: Topology) -> float:
+    """The logged loss is the mean over data-parallel ranks: each saw an equal slice."""
+    if not topo.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(topo))
+    dist.all_reduce(t)
+    return t.item() / topo.world_size
+
+
+def _comm_device(topo: Topology) -> torch.device:
+    return topo.device if topo.device.type == "cuda" else torch.device("cpu")
+
+
+def _progress(total: int, topo: Topology, enabled: bool):
+    """A tqdm bar on rank 0 when stderr is a terminal; None (plain log lines) otherwise."""
+    if not (enabled and topo.is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+
+
+def as_samples(data, cfg: Config) -> tuple[Samples, Samples | None]:
+    """Tensors ``(X, y)`` or a Dataset of ``(x, y)``, split into train and validation samples."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        X, y = data
+        if len(X) != len(y):
+            raise UsageError(f"data: X has {len(X)} rows but y has {len(y)}")
+        n = len(X)
+    elif isinstance(data, Dataset):
+        n = len(data)  # type: ignore[arg-type]
+    else:
+        raise UsageError("data must be a pair of tensors (X, y) or a torch Dataset of (x, y) pairs")
+    train_idx, val_idx = split_validation(n, cfg.data.val_fraction, cfg.train.seed)
+    train_set = Samples.of(data, train_idx)
+    return train_set, (Samples.of(data, val_idx) if len(val_idx) else None)
+
+
+def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
+          optimizer: torch.optim.Optimizer | None = None, config: Config | None = None,
+          val_data=None) -> TrainResult:
+    """Train any ``nn.Module`` on one device without writing a loop.
+
+    ``data`` (and ``val_data``) are ``(X, y)`` tensors or a Dataset of ``(x, y)`` pairs.
+    ``config`` defaults to the classic example's settings (Adam, lr 0.01, 100 full-batch epochs).
+    """
+    from gpupar.devices import pick_device
+
+    cfg = (config or Config()).validate()
+    device = pick_device(cfg.train.device)
+    model = model.to(device)
+    train_set, val_set = as_samples(data, cfg)
+    if val_data is not None:
+        val_set = as_samples(val_data, Config())[0]
+    optimizer = optimizer or make_optimizer(model, cfg)
+    history = fit(model, train_set, cfg, Topology.single(device), loss or make_loss(cfg), optimizer, val_set)
+    return TrainResult(model, history)

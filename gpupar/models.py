@@ -1,0 +1,95 @@
+"""Built-in models (the classic SimpleNN and an MLP) and loading a user factory by import path."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+from torch import nn
+
+from gpupar.config import ModelConfig
+from gpupar.errors import UsageError
+
+BUILTIN = ("simple-nn", "mlp")
+
+
+class SimpleNN(nn.Module):
+    """The classic example: Linear(in, 50) -> ReLU -> Linear(50, out)."""
+
+    def __init__(self, in_features: int = 10, hidden: int = 50, out_features: int = 1):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, in] -> [batch, out]
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+def mlp(in_features: int, hidden: int, layers: int, out_features: int) -> nn.Sequential:
+    """``layers`` Linear layers with ReLU between them, as a flat Sequential (easy to split and shard)."""
+    if layers < 2:
+        raise UsageError(f"--layers {layers}: an mlp needs at least 2 Linear layers")
+    widths = [in_features] + [hidden] * (layers - 1) + [out_features]
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        modules.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < layers - 1:
+            modules.append(nn.ReLU())
+    return nn.Sequential(*modules)
+
+
+def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int) -> nn.Module:
+    """Build the model named by --model; the built-ins take their input width from the data.
+
+    Weights are initialised under ``torch.manual_seed(seed)`` so every rank and the
+    single-device reference start from the same parameters.
+    """
+    torch.manual_seed(seed)
+    if cfg.name == "simple-nn":
+        return SimpleNN(in_features, cfg.hidden, out_features)
+    if cfg.name == "mlp":
+        return mlp(in_features, cfg.hidden, cfg.layers, out_features)
+    if ":" in cfg.name:
+        return load_factory(cfg.name)()
+    raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")
+
+
+def load_factory(path: str):
+    """Resolve 'package.module:factory' to a callable returning an nn.Module."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--model {path!r}: expected the form package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--model {path!r}: cannot import module {module_name!r} ({exc})") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise UsageError(f"--model {path!r}: module {module_name!r} has no callable {attr!r}")
+
+    def build() -> nn.Module:
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"--model {path!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    build.__doc__ = inspect.getdoc(factory)
+    return build
+
+
+def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> None:
+    """Run one sample through the model so a shape mismatch is a clear error, not a deep traceback."""
+    with torch.no_grad():
+        try:
+            out = model(x[:1])
+        except RuntimeError as exc:
+            raise UsageError(f"model does not accept input of shape {list(x.shape[1:])} per sample "
+                             f"({str(exc).splitlines()[0]})") from None
+    if task == "regression" and out.shape[1:] != y.shape[1:]:
+        raise UsageError(f"model output shape {list(out.shape[1:])} does not match target shape "
+                         f"{list(y.shape[1:])} per sample")
+    if task == "classification" and (out.dim() != 2 or int(y.max()) >= out.shape[1]):
+        raise UsageError(f"classification needs model output [batch, classes] covering labels 0..{int(y.max())}, "
+                         f"got {list(out.shape)}")
