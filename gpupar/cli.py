@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -82,21 +83,124 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("verify", help="train with a strategy and with one device, and compare them")
+    add_config_flags(p)
+    p.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance for losses and parameters (default: 1e-5 fp32, 2e-2 bf16/fp16)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("predict", help="batched inference with saved weights (data-parallel with --nproc-per-node)")
+    p.add_argument("--weights", required=True, help="model.safetensors (its run's config.toml rebuilds the model)")
+    p.add_argument("--data", required=True, help="input rows: .csv, .npz or .pt (a target column is dropped)")
+    p.add_argument("--out", required=True, help="CSV file to write, one prediction per input row, in order")
+    p.add_argument("--batch-size", type=_number(int), default=4096, help="rows per forward pass")
+    add_config_flags(p, only=("parallel",))
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
 
 
+def _topology(cfg: Config):
+    """This process's topology: a rank of a launched job, or the single best device."""
+    from gpupar.devices import pick_device
+    from gpupar.topology import Topology, launched_by_torchrun
+
+    if launched_by_torchrun():
+        return Topology.from_env(cfg)
+    return Topology.single(pick_device(cfg.train.device))
+
+
+def _needs_launch(cfg: Config) -> bool:
+    """Multi-process strategies start their ranks here, unless torchrun already did."""
+    from gpupar.topology import launched_by_torchrun
+
+    if cfg.parallel.strategy in ("single", "dp"):
+        if (cfg.parallel.nproc_per_node or 1) > 1:
+            raise UsageError(f"--nproc-per-node {cfg.parallel.nproc_per_node} needs a multi-process "
+                             "--strategy, for example ddp")
+        return False
+    return not launched_by_torchrun()
+
+
+def _launch_train(cfg: Config) -> None:
+    """Write the effective config into the run directory and start `gpupar train` on every rank."""
+    from pathlib import Path
+
+    from gpupar.launch import run_workers
+
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "launch.toml").write_text(to_toml(cfg))
+    run_workers(cfg, ["train", "--config", str(run_dir / "launch.toml")])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from gpupar.run import default_run_dir, train_from_config
+
     cfg = config_from_args(args)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
-    from gpupar.devices import pick_device
-    from gpupar.run import train_from_config
-    from gpupar.topology import Topology
+    if _needs_launch(cfg):
+        cfg.train.run_dir = str(default_run_dir(cfg))  # one run directory for all ranks
+        _launch_train(cfg)
+        return 0
+    topo = _topology(cfg)
+    if topo.world_size > 1 and cfg.parallel.strategy == "single":
+        raise UsageError(f"{topo.world_size} ranks were launched but --strategy is single; use --strategy ddp")
+    train_from_config(cfg, topo)
+    topo.close()
+    return 0
 
-    train_from_config(cfg, Topology.single(pick_device(cfg.train.device)))
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gpupar.run import default_run_dir
+    from gpupar.verify import report, run_verify
+
+    cfg = config_from_args(args)
+    if cfg.parallel.strategy == "single":
+        raise UsageError("gpupar verify compares a strategy with one device: pass --strategy ddp (or another)")
+    cfg.train.run_dir = str(default_run_dir(cfg))
+
+    def launch(strategy_cfg: Config) -> None:
+        if _needs_launch(strategy_cfg):
+            _launch_train(strategy_cfg)
+        else:
+            from gpupar.run import train_from_config
+
+            train_from_config(strategy_cfg, _topology(strategy_cfg), log=lambda _: None)
+
+    verdict = run_verify(cfg, launch, args.rtol)
+    print(report(verdict, cfg.parallel.strategy))
+    return 0 if verdict.passed else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpupar.predict import model_config_for, predict_rows, write_predictions
+
+    cfg = config_from_args(args)
+    if cfg.parallel.nproc_per_node and cfg.parallel.nproc_per_node > 1:
+        cfg.parallel.strategy = "ddp"
+    if _needs_launch(cfg):
+        from gpupar.launch import run_workers
+
+        forwarded = ["predict", "--weights", args.weights, "--data", args.data, "--out", args.out,
+                     "--batch-size", str(args.batch_size), "--timeout", str(cfg.parallel.timeout)]
+        run_workers(cfg, forwarded)
+        print(f"Wrote predictions to {args.out}")
+        return 0
+    topo = _topology(cfg)
+    saved = model_config_for(Path(args.weights))
+    preds = predict_rows(args.weights, args.data, topo, args.batch_size, saved)
+    if topo.is_main:
+        write_predictions(preds, args.out, saved.data.task)
+        if not topo.distributed:
+            print(f"Wrote {len(preds)} predictions to {args.out}")
+    topo.close()
     return 0
 
 
@@ -118,14 +222,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return args.func(args)
     except UsageError as exc:
-        print(f"gpupar: error: {exc}", file=sys.stderr)
+        print(f"gpupar{_rank_tag()}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
-        print(f"gpupar: training failed: {exc}", file=sys.stderr)
+        print(f"gpupar{_rank_tag()}: training failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("gpupar: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _rank_tag() or os.environ.get("GPUPAR_DEBUG"):
+            raise
+        # A worker's crash: one line, so the launcher's report of the failing rank stays readable.
+        first = (str(exc).strip().splitlines() or [""])[0]
+        hint = " (a peer rank died or is stuck; see its message)" if "gloo" in first or "NCCL" in first else ""
+        print(f"gpupar{_rank_tag()}: failed: {type(exc).__name__}: {first}{hint}", file=sys.stderr)
+        return 1
+
+
+def _rank_tag() -> str:
+    """' [rank N]' inside a launched worker, so every message says where it came from."""
+    return f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""
 
 
 def _require_torch() -> None:

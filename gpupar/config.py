@@ -71,6 +71,7 @@ class TrainConfig:
     log_every: int = opt(20, "print and record the loss every N epochs")
     run_dir: str | None = opt(None, "where to write config, metrics and weights; none = runs/<timestamp>")
     progress: bool = opt(True, "show a progress bar when stderr is a terminal")
+    save_step_losses: bool = opt(False, "write every step's loss to step_losses.json (gpupar verify reads it)")
 
 
 @dataclass
@@ -80,7 +81,11 @@ class ParallelConfig:
     nnodes: int = opt(1, "number of nodes")
     node_rank: int | None = opt(None, "this node's rank; none = 0 (or SLURM_NODEID)")
     rdzv_endpoint: str | None = opt(None, "host:port of the c10d rendezvous; none = 127.0.0.1 with a free port")
-    timeout: float = opt(120.0, "seconds before a stuck collective fails the job")
+    timeout: float = opt(120.0, "seconds before a stuck collective or rendezvous fails the job")
+    max_restarts: int = opt(0, "times TorchElastic restarts all workers after a failure")
+    ddp_bucket_mb: float = opt(25.0, "DDP gradient bucket size in MiB")
+    ddp_static_graph: bool = opt(False, "tell DDP the graph is the same every step (enables more overlap)")
+    ddp_comm_hook: str = opt("none", "compress gradients before the all-reduce", ("none", "fp16", "bf16"))
 
 
 @dataclass
@@ -120,6 +125,10 @@ class Config:
             raise UsageError(f"--warmup-steps {self.optim.warmup_steps} must be >= 0")
         if self.optim.clip_grad_norm is not None and self.optim.clip_grad_norm <= 0:
             raise UsageError(f"--clip-grad-norm {self.optim.clip_grad_norm} must be > 0")
+        if self.parallel.max_restarts < 0:
+            raise UsageError(f"--max-restarts {self.parallel.max_restarts} must be >= 0")
+        if self.parallel.ddp_bucket_mb <= 0:
+            raise UsageError(f"--ddp-bucket-mb {self.parallel.ddp_bucket_mb} must be > 0")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
         return self

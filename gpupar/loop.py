@@ -33,6 +33,7 @@ class History:
     """One record per logged epoch: step, epoch, loss, lr, samples_per_s and val_loss when present."""
 
     records: list[dict] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)  # this rank's loss at every step
     wall_time: float = 0.0
     samples_per_s: float = 0.0
 
@@ -137,6 +138,7 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
                 scheduler.step()
             step += 1
             loss_sum, loss_count, samples_since_log = loss_sum + step_loss, loss_count + 1, samples_since_log + batch_size
+            history.step_losses.append(step_loss)
             if bar is not None:
                 bar.update(1)
 
@@ -234,11 +236,15 @@ def _all_agree_finite(value: float, topo: Topology) -> bool:
 
 def _mean_over_ranks(value: float, topo: Topology) -> float:
     """The logged loss is the mean over data-parallel ranks: each saw an equal slice."""
+    return mean_over_ranks([value], topo)[0]
+
+
+def mean_over_ranks(values: list[float], topo: Topology) -> list[float]:
     if not topo.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(topo))
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device(topo))
     dist.all_reduce(t)
-    return t.item() / topo.world_size
+    return (t / topo.world_size).tolist()
 
 
 def _comm_device(topo: Topology) -> torch.device:

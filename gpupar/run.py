@@ -17,7 +17,7 @@ from gpupar.devices import describe
 from gpupar.models import build_model, check_shapes
 from gpupar.parallelize import parallelize
 from gpupar.topology import Topology
-from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer
+from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks
 
 
 @dataclass
@@ -54,12 +54,17 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
     problem = load_problem(cfg)
     run_dir = default_run_dir(cfg)
     if topo.is_main:
-        log(f"Using device: {describe(topo.device)}")
+        where = f" x {topo.world_size} ranks ({cfg.parallel.strategy})" if topo.distributed else ""
+        log(f"Using device: {describe(topo.device)}{where}")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
     train_set, val_set = as_samples((problem.X, problem.y), cfg)
     model = parallelize(problem.model, topo, cfg)
     history = fit(model, train_set, cfg, topo, make_loss(cfg), make_optimizer(model, cfg), val_set, log=log)
+    if cfg.train.save_step_losses:
+        history.step_losses = mean_over_ranks(history.step_losses, topo)
+        if topo.is_main:
+            (run_dir / "step_losses.json").write_text(json.dumps(history.step_losses))
     if topo.is_main:
         with (run_dir / "metrics.jsonl").open("w") as fh:
             for record in history.records:

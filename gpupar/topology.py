@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+
+from gpupar.config import Config
+from gpupar.devices import backend_for, pick_device
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,38 @@ class Topology:
     @classmethod
     def single(cls, device: torch.device) -> "Topology":
         return cls(device=device)
+
+    @classmethod
+    def from_env(cls, cfg: Config) -> "Topology":
+        """Join the process group that torchrun / TorchElastic set up for this rank.
+
+        Each rank takes cuda:LOCAL_RANK on GPUs (NCCL) or the CPU (gloo). The process-group
+        timeout bounds every collective, so a dead or stuck peer fails the job instead of
+        hanging it.
+        """
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        device = pick_device(cfg.train.device, local_rank)
+        if device.type == "mps":
+            device = torch.device("cpu")  # no MPS backend for collectives
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # W ranks on one machine share its cores; more threads than cores thrash.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if not dist.is_initialized():
+            dist.init_process_group(backend_for(device), rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=cfg.parallel.timeout))
+        return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dp=world)
+
+    def close(self) -> None:
+        """Leave the process group together: a rank that tears down gloo while a peer is still
+        writing its files can abort that peer. Only call this on success; after an error the
+        launcher stops the other ranks."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     @property
     def is_main(self) -> bool:

@@ -19,3 +19,9 @@ def gpupar(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def gpupar_cli(gpupar):
+    """The in-process CLI, under a name that does not clash with harness.gpupar (subprocesses)."""
+    return gpupar

@@ -34,3 +34,39 @@ def goes_nan():
 
 def not_a_module():
     return 42
+
+
+class FailsOnRank1(nn.Module):
+    """Raises on rank 1 at its 4th forward pass, like a bad batch on one worker."""
+
+    def __init__(self, hang: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(10, 1)
+        self.calls, self.hang = 0, hang
+
+    def forward(self, x):
+        import os
+        import time
+
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls == 4:
+            if self.hang:
+                time.sleep(3600)
+            raise RuntimeError("injected failure on rank 1")
+        return self.fc(x)
+
+
+def fails_on_rank1():
+    return FailsOnRank1()
+
+
+def hangs_on_rank1():
+    return FailsOnRank1(hang=True)
+
+
+def differs_on_rank1():
+    """Rank 1 builds a wider hidden layer: the pre-flight check must catch it."""
+    import os
+
+    hidden = 51 if os.environ.get("RANK") == "1" else 50
+    return nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 1))

@@ -1,0 +1,116 @@
+"""Starting ranks through TorchElastic's launcher API, on one node or many (also under SLURM).
+
+``gpupar train --strategy ddp --nproc-per-node N`` re-runs the same command line in N
+worker processes through ``torch.distributed.launcher.api.elastic_launch`` (what torchrun
+uses); the workers see torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...) and train
+instead of launching. A single node rendezvouses on 127.0.0.1; multi-node needs an
+explicit ``--rdzv-endpoint host:port`` (c10d rendezvous) or a SLURM allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from gpupar.config import Config
+from gpupar.errors import TrainingError, UsageError
+
+SLURM_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    endpoint: str  # host:port of the c10d rendezvous store
+    local_addr: str | None
+
+
+def plan(cfg: Config, env: dict[str, str] | None = None) -> LaunchPlan:
+    """Resolve node counts, ranks and the rendezvous endpoint from flags, then SLURM, then defaults."""
+    env = dict(os.environ if env is None else env)
+    p = cfg.parallel
+    nproc = p.nproc_per_node
+    if nproc is None:
+        if not torch.cuda.is_available():
+            raise UsageError(f"--strategy {p.strategy} on CPU needs --nproc-per-node N (the number of ranks to start)")
+        nproc = torch.cuda.device_count()
+    nnodes, node_rank, endpoint = p.nnodes, p.node_rank, p.rdzv_endpoint
+    if "SLURM_JOB_ID" in env and "SLURM_NNODES" in env and nnodes == 1 and endpoint is None:
+        nnodes = int(env["SLURM_NNODES"])
+        node_rank = int(env.get("SLURM_NODEID", 0)) if node_rank is None else node_rank
+        if nnodes > 1:
+            endpoint = f"{first_slurm_host(env.get('SLURM_JOB_NODELIST', ''))}:{SLURM_PORT}"
+    node_rank = 0 if node_rank is None else node_rank
+    if not 0 <= node_rank < nnodes:
+        raise UsageError(f"--node-rank {node_rank} must be in [0, {nnodes}) for --nnodes {nnodes}")
+    if nnodes > 1 and endpoint is None:
+        raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint host:port (the same on every node)")
+    if endpoint is None:
+        return LaunchPlan(nproc, nnodes, node_rank, f"127.0.0.1:{free_port()}", "127.0.0.1")
+    if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", endpoint):
+        raise UsageError(f"--rdzv-endpoint {endpoint!r} must look like host:port, for example 10.0.0.1:29500")
+    host = endpoint.rsplit(":", 1)[0]
+    return LaunchPlan(nproc, nnodes, node_rank, endpoint, "127.0.0.1" if host in ("127.0.0.1", "localhost") else None)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist: 'gpu[03-05,7],cpu1' -> 'gpu03'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise UsageError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot find the first host; pass --rdzv-endpoint")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(cfg: Config, argv: list[str]) -> None:
+    """Run ``python -m gpupar ARGV`` in every local rank; raise naming the rank that failed.
+
+    TorchElastic watches the workers: when one raises or dies it stops the others at once,
+    and restarts them all up to ``--max-restarts`` times.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    lp = plan(cfg)
+    # gpupar reports the failing rank itself; TorchElastic's own log lines would repeat it.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=lp.nnodes, max_nodes=lp.nnodes, nproc_per_node=lp.nproc_per_node,
+        # Every node of a job must present the same run id to the rendezvous.
+        run_id=os.environ.get("SLURM_JOB_ID") or (f"gpupar-{lp.endpoint}" if lp.nnodes > 1
+                                                   else f"gpupar-{uuid.uuid4().hex[:8]}"),
+        rdzv_backend="c10d", rdzv_endpoint=lp.endpoint,
+        rdzv_configs={"rank": lp.node_rank, "join_timeout": max(cfg.parallel.timeout, 30.0)},
+        max_restarts=cfg.parallel.max_restarts, monitor_interval=0.1, start_method="spawn",
+        local_addr=lp.local_addr,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-u", "-m", "gpupar", *argv)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        raise TrainingError(f"rank {rank} failed ({how}) after {cfg.parallel.max_restarts} restart(s); "
+                            "the other ranks were stopped") from None
+    except Exception as exc:  # rendezvous timeouts and the like
+        if type(exc).__module__.startswith("torch.distributed"):
+            detail = (str(exc).strip().splitlines() or ["no detail"])[0]
+            raise TrainingError(f"launch failed at rendezvous {lp.endpoint} ({lp.nnodes} node(s), "
+                                f"--timeout {cfg.parallel.timeout:g}s): {type(exc).__name__}: {detail}") from None
+        raise
