@@ -116,7 +116,7 @@ def _needs_launch(cfg: Config) -> bool:
     """Multi-process strategies start their ranks here, unless torchrun already did."""
     from gpupar.topology import launched_by_torchrun
 
-    if cfg.parallel.strategy in ("single", "dp"):
+    if cfg.parallel.strategy in ("single", "dp", "layer-split"):
         if (cfg.parallel.nproc_per_node or 1) > 1:
             raise UsageError(f"--nproc-per-node {cfg.parallel.nproc_per_node} needs a multi-process "
                              "--strategy, for example ddp")
@@ -130,6 +130,10 @@ def _launch_train(cfg: Config) -> None:
 
     from gpupar.launch import run_workers
 
+    from gpupar.topology import degrees
+
+    if cfg.parallel.nproc_per_node:  # bad --dp/--tp/--pp: one error here, not one per rank
+        degrees(cfg, cfg.parallel.nproc_per_node * cfg.parallel.nnodes)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "launch.toml").write_text(to_toml(cfg))

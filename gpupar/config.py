@@ -76,7 +76,8 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = opt("single", "how to parallelise", ("single", "dp", "ddp"))
+    strategy: str = opt("single", "how to parallelise; --tp/--pp > 1 alone imply tp/pp",
+                        ("single", "dp", "ddp", "tp", "pp", "layer-split"))
     nproc_per_node: int | None = opt(None, "ranks to start on this node; none = local GPU count (required on CPU)")
     nnodes: int = opt(1, "number of nodes")
     node_rank: int | None = opt(None, "this node's rank; none = 0 (or SLURM_NODEID)")
@@ -86,6 +87,15 @@ class ParallelConfig:
     ddp_bucket_mb: float = opt(25.0, "DDP gradient bucket size in MiB")
     ddp_static_graph: bool = opt(False, "tell DDP the graph is the same every step (enables more overlap)")
     ddp_comm_hook: str = opt("none", "compress gradients before the all-reduce", ("none", "fp16", "bf16"))
+    dp: int | None = opt(None, "data-parallel degree; none = world size / (tp x pp)")
+    tp: int = opt(1, "tensor-parallel degree (ranks that split each layer's weights)")
+    pp: int = opt(1, "pipeline-parallel degree (ranks that each hold consecutive layers)")
+    microbatches: int | None = opt(None, "pipeline micro-batches per step; none = 2 x pp")
+    schedule: str = opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved-1f1b"))
+    stages_per_rank: int = opt(2, "pipeline stages per rank with --schedule interleaved-1f1b")
+    split_points: str | None = opt(None, "pipeline/layer-split stage starts as layer indices, e.g. 2,5; "
+                                         "none = balanced by parameter count")
+    devices: str | None = opt(None, "devices for --strategy layer-split, in layer order, e.g. cuda:0,cuda:1")
 
 
 @dataclass
@@ -129,6 +139,18 @@ class Config:
             raise UsageError(f"--max-restarts {self.parallel.max_restarts} must be >= 0")
         if self.parallel.ddp_bucket_mb <= 0:
             raise UsageError(f"--ddp-bucket-mb {self.parallel.ddp_bucket_mb} must be > 0")
+        p = self.parallel
+        for name in ("tp", "pp", "stages_per_rank") + (("dp",) if p.dp is not None else ()) + \
+                (("microbatches",) if p.microbatches is not None else ()):
+            if getattr(p, name) < 1:
+                raise UsageError(f"{flag(name)} {getattr(p, name)} must be a positive integer")
+        if p.strategy == "single" and (p.tp > 1 or p.pp > 1):
+            p.strategy = "pp" if p.pp > 1 else "tp"  # the degrees say which model parallelism is meant
+        if p.tp > 1 and p.pp > 1:
+            raise UsageError(f"--tp {p.tp} with --pp {p.pp}: tensor and pipeline parallel together are not "
+                             "supported yet; combine either with --dp")
+        if p.strategy == "layer-split" and not p.devices:
+            raise UsageError("--strategy layer-split needs --devices, for example cpu,cpu or cuda:0,cuda:1")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
         return self

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
 from gpupar.errors import TrainingError, UsageError
+from gpupar.parallel.pipeline import Pipeline
 from gpupar.topology import Topology
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -49,6 +50,10 @@ class TrainResult:
 
 
 def make_loss(cfg: Config) -> nn.Module:
+    if cfg.model.name == "gpt":
+        from gpupar.gpt import TokenCrossEntropy
+
+        return TokenCrossEntropy()
     name = cfg.train.loss or ("cross-entropy" if cfg.data.task == "classification" else "mse")
     return LOSSES[name]()
 
@@ -102,6 +107,10 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     if batch_size > len(train_set):
         raise UsageError(f"--batch-size {batch_size} exceeds the {len(train_set)} training samples")
     check_divisible(batch_size, t.grad_accum, topo.dp)
+    # Pipeline parallel runs a schedule over micro-batches instead of forward/backward.
+    pipelined = isinstance(model, Pipeline)
+    if pipelined:
+        check_pipeline_options(cfg, val_set)
     steps_per_epoch = len(train_set) // batch_size
     total_steps = int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -127,7 +136,10 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             # dp equal shards, of which this rank takes its own.
             micro_batches = same_batch or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
                                            for m in batch.chunk(t.grad_accum)]
-            step_loss = train_step(model, micro_batches, loss_fn, optimizer, amp, scaler)
+            if pipelined:
+                step_loss = pipeline_step(model, micro_batches, loss_fn)
+            else:
+                step_loss = train_step(model, micro_batches, loss_fn, optimizer, amp, scaler)
 
             # Every rank must agree to step or stop, or the next collective would hang.
             if not _all_agree_finite(step_loss, topo):
@@ -193,6 +205,30 @@ def train_step(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.T
             (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.item()
     return step_loss
+
+
+def pipeline_step(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  loss_fn: nn.Module) -> float:
+    """One batch through the pipeline schedule (``gpupar.parallel.pipeline.Pipeline``).
+
+    The schedule cuts the batch into --microbatches pieces, runs every stage's forwards and
+    backwards in its order, and leaves this rank's stage gradients in ``.grad``. The loss is
+    computed on the last stage; the pipeline broadcasts it, so every rank returns the same.
+    """
+    (x, y), = micro_batches  # --grad-accum is 1 with --pp: micro-batches are the schedule's
+    return model.train_step(x, y, loss_fn)
+
+
+def check_pipeline_options(cfg: Config, val_set: Samples | None) -> None:
+    """What a pipeline step does not support yet, said before the first step."""
+    if cfg.train.grad_accum > 1:
+        raise UsageError(f"--grad-accum {cfg.train.grad_accum} with --pp: use --microbatches to split the batch")
+    if val_set is not None and len(val_set):
+        raise UsageError(f"--val-fraction {cfg.data.val_fraction} with --pp: validation is not supported yet")
+    if cfg.optim.clip_grad_norm is not None:
+        raise UsageError("--clip-grad-norm with --pp: a global norm over stages is not supported yet")
+    if cfg.train.precision != "fp32":
+        raise UsageError(f"--precision {cfg.train.precision} with --pp: only fp32 is supported yet")
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip: float | None) -> None:

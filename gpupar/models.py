@@ -11,7 +11,7 @@ from torch import nn
 from gpupar.config import ModelConfig
 from gpupar.errors import UsageError
 
-BUILTIN = ("simple-nn", "mlp")
+BUILTIN = ("simple-nn", "mlp", "gpt")
 
 
 class SimpleNN(nn.Module):
@@ -51,6 +51,10 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int
         return SimpleNN(in_features, cfg.hidden, out_features)
     if cfg.name == "mlp":
         return mlp(in_features, cfg.hidden, cfg.layers, out_features)
+    if cfg.name == "gpt":
+        from gpupar.gpt import GPT
+
+        return GPT(cfg.vocab, cfg.hidden, cfg.layers, cfg.heads, cfg.seq_len)
     if ":" in cfg.name:
         return load_factory(cfg.name)()
     raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")

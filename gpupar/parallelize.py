@@ -1,27 +1,96 @@
-"""The one place that composes parallel strategies, in a fixed, visible order."""
+"""The one place that composes parallel strategies, in a fixed, visible order.
+
+Order (as torchtitan's ``parallelize``): tensor parallel first (it rewrites layers into
+sharded DTensor layers), then the pipeline split (it copies whole layers into stages), then
+data parallel over the "dp" mesh dimension (FSDP or DDP wrap whatever the first two left).
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
+from gpupar.parallel.layer_split import apply_layer_split, parse_devices
+from gpupar.parallel.pipeline import Pipeline, split_model
+from gpupar.parallel.tensor import Plan, apply_tp
 from gpupar.topology import Topology
 
 
-def parallelize(model: nn.Module, topo: Topology, cfg: Config) -> nn.Module:
-    """Place the model on this rank's device and wrap it for the chosen strategy."""
+def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | None = None) -> nn.Module:
+    """Place the model on this rank's device and wrap it for the chosen strategy.
+
+    ``tp_plan`` (Python API only) replaces the automatic tensor-parallel plan.
+    """
     model = model.to(topo.device)
     if topo.distributed:
         check_same_model(model, topo)
     strategy = cfg.parallel.strategy
-    if strategy == "ddp":
-        return apply_ddp(model, topo, cfg.parallel)
+    if strategy == "layer-split":
+        return apply_layer_split(model, parse_devices(cfg.parallel.devices), cfg.parallel.split_points)
     if strategy == "dp":
         return apply_data_parallel(model, topo)
-    return model
+    if not topo.distributed:
+        return model
+    if not (topo.tp_enabled or topo.pp_enabled):
+        return apply_ddp(model, topo, cfg.parallel) if strategy == "ddp" else model
+
+    # 1. Tensor parallel: shard layers across the "tp" ranks.
+    if topo.tp_enabled:
+        model = apply_tp(model, topo.mesh["tp"], tp_plan)
+    # 2. Pipeline split: this rank keeps its stage(s) only.
+    stages = split_model(model, topo.pp, topo.pp_rank, cfg.parallel) if topo.pp_enabled else [(0, model)]
+    # 3. Data parallel over "dp": FSDP under TP (torchtitan's 2-D order), DDP around pipeline stages.
+    if topo.dp_enabled:
+        if topo.tp_enabled:
+            stages = [(s, _fsdp_over_dp(module, topo)) for s, module in stages]
+        else:
+            stages = [(s, apply_ddp(module, topo, cfg.parallel, topo.mesh["dp"].get_group())) for s, module in stages]
+    if topo.pp_enabled:
+        num_stages = topo.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
+        return Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel)
+    return stages[0][1]
+
+
+def _fsdp_over_dp(model: nn.Module, topo: Topology) -> nn.Module:
+    # LEAD: swap for gpupar.parallel.fsdp.apply_fsdp(model, topo.mesh["dp"], options) once it is on main.
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model, mesh=topo.mesh["dp"])
+
+
+def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict with the unparallelised names, on rank 0 (None elsewhere).
+
+    DTensor shards (tensor parallel, FSDP) are gathered with ``full_tensor()``, a collective
+    every rank joins; pipeline stages each hold part of the names and are gathered to rank 0.
+    """
+    modules = list(model.stages) if isinstance(model, Pipeline) else [model]
+    state: dict[str, torch.Tensor] = {}
+    for module in modules:
+        for name, value in unwrap(module).state_dict().items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            state[name] = value.detach().cpu()
+    if not topo.pp_enabled:
+        return state if topo.is_main else None
+    parts: list | None = [None] * topo.world_size if topo.is_main else None
+    dist.gather_object(state, parts, dst=0)
+    if not topo.is_main:
+        return None
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:  # type: ignore[union-attr]
+        merged.update(part)
+    return merged
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP / DataParallel wrapper."""
+    return getattr(model, "module", model)
 
 
 def check_same_model(model: nn.Module, topo: Topology) -> None:

@@ -15,7 +15,7 @@ from gpupar.config import Config, to_toml
 from gpupar.data import load_file, prepare_targets, synthetic_regression
 from gpupar.devices import describe
 from gpupar.models import build_model, check_shapes
-from gpupar.parallelize import parallelize
+from gpupar.parallelize import full_state_dict, parallelize
 from gpupar.topology import Topology
 from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks
 
@@ -32,6 +32,11 @@ class Problem:
 def load_problem(cfg: Config) -> Problem:
     """Load or synthesise the data, then build the model with an input width that follows it."""
     d = cfg.data
+    if cfg.model.name == "gpt" and d.data is None:  # next-token prediction on a learnable synthetic task
+        from gpupar.gpt import synthetic_tokens
+
+        X, y = synthetic_tokens(d.samples, cfg.model.seq_len, cfg.model.vocab, cfg.train.seed)
+        return Problem(X, y, build_model(cfg.model, 0, cfg.model.vocab, cfg.train.seed))
     if d.data is None:
         X, y = synthetic_regression(d.samples, d.features, d.noise, cfg.train.seed)
         if d.task == "classification":
@@ -65,17 +70,22 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         history.step_losses = mean_over_ranks(history.step_losses, topo)
         if topo.is_main:
             (run_dir / "step_losses.json").write_text(json.dumps(history.step_losses))
+    # Sharded strategies hold pieces of the weights: every rank joins the gather to rank 0.
+    state = full_state_dict(model, topo)
     if topo.is_main:
         with (run_dir / "metrics.jsonl").open("w") as fh:
             for record in history.records:
                 fh.write(json.dumps(record) + "\n")
-        save_weights(unwrap(model).state_dict(), run_dir / "model.safetensors")
+        save_weights(state, run_dir / "model.safetensors")
         summary = {"model": cfg.model.name, "strategy": cfg.parallel.strategy, "world_size": topo.world_size,
                    "final_loss": history.final_loss, "wall_time_s": history.wall_time,
                    "samples_per_s": history.samples_per_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        speed = f"{history.samples_per_s:,.0f} samples/s"
+        if cfg.model.name == "gpt":  # a sample is a sequence of seq_len tokens
+            summary["tokens_per_s"] = history.samples_per_s * cfg.model.seq_len
+            speed += f" | {summary['tokens_per_s']:,.0f} tokens/s"
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log(f"Final loss: {history.final_loss:.4f} | wall time: {history.wall_time:.2f} s | "
-            f"{history.samples_per_s:,.0f} samples/s")
+        log(f"Final loss: {history.final_loss:.4f} | wall time: {history.wall_time:.2f} s | {speed}")
         log(f"Saved run to {run_dir}/ (model.safetensors, metrics.jsonl, config.toml)")
     return model, history, run_dir
 

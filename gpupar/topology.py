@@ -1,5 +1,12 @@
 """The one topology object: who this process is, on which device, and how ranks are arranged.
 
+Ranks form a 3-D grid of degrees ``pp x dp x tp`` (their product is the world size), laid
+out as one named ``DeviceMesh`` with dimensions ``("pp", "dp", "tp")``. All three
+dimensions always exist (a degree of 1 is a dimension of size 1), so ``mesh["dp"]`` is
+valid in every run. ``tp`` is innermost: tensor-parallel peers are consecutive ranks
+(the same node, the fastest links), as in Megatron-LM and torchtitan. Rank r sits at
+``pp_rank = r // (dp*tp)``, ``dp_rank = (r // tp) % dp``, ``tp_rank = r % tp``.
+
 It is built once per process (``Topology.single`` or ``Topology.from_env`` after the
 launcher started the ranks), validated, and passed explicitly to the strategies and the
 training loop. Nothing reaches for it through a global.
@@ -13,9 +20,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from gpupar.config import Config
 from gpupar.devices import backend_for, pick_device
+from gpupar.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,12 @@ class Topology:
     world_size: int = 1
     dp: int = 1
     """Data-parallel degree: how many ranks split each global batch."""
+    tp: int = 1
+    """Tensor-parallel degree: ranks that split each layer's weights and see the same data."""
+    pp: int = 1
+    """Pipeline-parallel degree: ranks that each hold consecutive layers."""
+    mesh: DeviceMesh | None = None
+    """The named ("pp", "dp", "tp") mesh; None in a single process."""
 
     @classmethod
     def single(cls, device: torch.device) -> "Topology":
@@ -50,10 +65,13 @@ class Topology:
         elif "OMP_NUM_THREADS" not in os.environ:
             # W ranks on one machine share its cores; more threads than cores thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dp, tp, pp = degrees(cfg, world)
         if not dist.is_initialized():
             dist.init_process_group(backend_for(device), rank=rank, world_size=world,
                                     timeout=timedelta(seconds=cfg.parallel.timeout))
-        return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dp=world)
+        mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dp=dp, tp=tp, pp=pp,
+                   mesh=mesh)
 
     def close(self) -> None:
         """Leave the process group together: a rank that tears down gloo while a peer is still
@@ -74,8 +92,49 @@ class Topology:
 
     @property
     def dp_rank(self) -> int:
-        """This rank's position along the data-parallel dimension."""
-        return self.rank % self.dp if self.dp > 1 else 0
+        """This rank's position along the data-parallel dimension: which shard of each batch it takes.
+        Tensor-parallel peers (and the stages of one pipeline) share it, so they see the same data."""
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage (its first one, with interleaved schedules)."""
+        return self.rank // (self.dp * self.tp)
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+
+def degrees(cfg: Config, world: int) -> tuple[int, int, int]:
+    """(dp, tp, pp) for ``world`` ranks: --dp defaults to world / (tp x pp); the product must be world.
+
+    ``--strategy tp`` or ``pp`` without its degree gives all ranks (not taken by --dp) to it.
+    """
+    p = cfg.parallel
+    tp, pp = p.tp, p.pp
+    if p.strategy == "tp" and tp == 1:
+        tp = world // ((p.dp or 1) * pp)
+    if p.strategy == "pp" and pp == 1:
+        pp = world // ((p.dp or 1) * tp)
+    dp = p.dp if p.dp is not None else world // (tp * pp)
+    if dp * tp * pp != world or dp < 1:
+        raise UsageError(f"--dp {p.dp if p.dp is not None else dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} "
+                         f"does not match the {world} ranks (--nnodes x --nproc-per-node); "
+                         "the degrees must multiply to the world size")
+    return dp, tp, pp
 
 
 def launched_by_torchrun() -> bool:

@@ -1,0 +1,187 @@
+"""Pipeline parallelism: each of ``pp`` ranks holds consecutive layers (a stage), and each
+batch flows through the stages as ``M`` micro-batches so that stages work at the same time.
+
+GPipe (Huang et al., 2019) runs all M forwards, then all M backwards: the idle "bubble" is
+``(p - 1) / (M + p - 1)`` of the step, and every stage keeps the activations of all M
+micro-batches. 1F1B (PipeDream-Flush, Narayanan et al., 2021, "Memory-Efficient
+Pipeline-Parallel DNN Training") has the same bubble but alternates one forward with one
+backward once the pipeline is full, so a stage keeps at most ``p`` micro-batches of
+activations. Interleaved 1F1B (Narayanan et al., 2021, "Efficient Large-Scale Language Model
+Training on GPU Clusters Using Megatron-LM") gives each rank ``v`` smaller stages
+(round-robin), shrinking the bubble by ``v`` for more communication.
+
+The schedules themselves are PyTorch's (``torch.distributed.pipelining``). This module
+chooses where to cut the model, builds each rank's stage modules with the parameter names
+of the whole model, and runs one training step, bringing the loss (computed on the last
+stage only) to every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from gpupar.config import ParallelConfig
+from gpupar.errors import UsageError
+
+
+def layer_units(model: nn.Module) -> list[list[str]]:
+    """The model as an ordered list of layers, each a list of top-level module names.
+
+    The built-in GPT says itself (blocks, with the embeddings and head attached to the first
+    and last). Otherwise each child with parameters starts a layer and parameter-free
+    children (activations, dropout) join the layer before them: an mlp of L Linear layers
+    has L layers.
+    """
+    if hasattr(model, "layer_units"):
+        return model.layer_units()
+    units: list[list[str]] = []
+    for name, child in model.named_children():
+        has_params = any(True for _ in child.parameters())
+        if has_params or not units:
+            units.append([name])
+        else:
+            units[-1].append(name)
+    return units
+
+
+def unit_sizes(model: nn.Module, units: list[list[str]]) -> list[int]:
+    return [sum(p.numel() for name in unit for p in model.get_submodule(name).parameters()) for unit in units]
+
+
+def balanced_starts(sizes: list[int], stages: int) -> list[int]:
+    """First layer of each stage, cutting ``sizes`` into ``stages`` contiguous runs whose largest
+    parameter count is as small as possible (exact, by dynamic programming over cut points)."""
+    n = len(sizes)
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(stages + 1)]  # cost[k][i]: first i layers in k stages
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    cost[0][0] = 0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                c = max(cost[k - 1][j], prefix[i] - prefix[j])
+                if c < cost[k][i]:
+                    cost[k][i], cut[k][i] = c, j
+    starts, i = [], n
+    for k in range(stages, 0, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+def stage_starts(model: nn.Module, stages: int, split_points: str | None, flag: str = "--pp") -> list[int]:
+    """Where each stage begins (layer indices): the user's --split-points, or balanced by parameters."""
+    units = layer_units(model)
+    if stages > len(units):
+        raise UsageError(f"{flag} asks for {stages} stages but {type(model).__name__} has only {len(units)} "
+                         f"layers; use at most {len(units)} (or more --layers)")
+    if split_points is None:
+        return balanced_starts(unit_sizes(model, units), stages)
+    try:
+        points = [int(p) for p in split_points.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--split-points {split_points!r} must be comma-separated layer indices, e.g. 2,5") from None
+    if len(points) != stages - 1 or points != sorted(set(points)) or not all(0 < p < len(units) for p in points):
+        raise UsageError(f"--split-points {split_points!r}: need {stages - 1} increasing layer indices in "
+                         f"1..{len(units) - 1} (where stages 2..{stages} begin)")
+    return [0] + points
+
+
+def stage_module(model: nn.Module, keep: list[str], drop: list[str]) -> nn.Module:
+    """A copy of ``model`` without the modules in ``drop``: parameter names stay the whole model's."""
+    stage = copy.deepcopy(model)
+    for name in drop:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = stage.get_submodule(parent_name) if parent_name else stage
+        if isinstance(parent, (nn.Sequential, nn.ModuleDict, nn.ModuleList)):
+            del parent._modules[leaf]  # not `del seq[i]`, which renumbers the rest
+        else:
+            setattr(parent, leaf, None)
+    return stage
+
+
+def split_model(model: nn.Module, pp: int, pp_rank: int, options: ParallelConfig) -> list[tuple[int, nn.Module]]:
+    """This rank's stages as (stage index, module): one, or ``stages_per_rank`` round-robin ones
+    (stage s lives on pp rank s % pp) with the interleaved schedule."""
+    if not (isinstance(model, nn.Sequential) or hasattr(model, "layer_units")):
+        raise UsageError(f"--pp splits an nn.Sequential or the built-in gpt; {type(model).__name__} is neither "
+                         "(wrap its layers in an nn.Sequential)")
+    per_rank = options.stages_per_rank if options.schedule == "interleaved-1f1b" else 1
+    stages = pp * per_rank
+    units = layer_units(model)
+    starts = stage_starts(model, stages, options.split_points) + [len(units)]
+    mine = []
+    for s in range(pp_rank, stages, pp):
+        keep = [name for unit in units[starts[s]:starts[s + 1]] for name in unit]
+        drop = [name for unit in units for name in unit if name not in keep]
+        mine.append((s, stage_module(model, keep, drop)))
+    return mine
+
+
+class Pipeline(nn.Module):
+    """This rank's stage modules and the schedule that runs them.
+
+    ``parameters()`` are this rank's (the optimizer steps those); ``train_step`` runs one
+    batch through the whole pipeline and returns the batch's mean loss on every rank.
+    """
+
+    def __init__(self, stages: list[tuple[int, nn.Module]], num_stages: int, device: torch.device,
+                 pp_group: dist.ProcessGroup, options: ParallelConfig):
+        super().__init__()
+        self.stages = nn.ModuleList(module for _, module in stages)
+        self.stage_ids = [s for s, _ in stages]
+        self.num_stages, self.device, self.pp_group = num_stages, device, pp_group
+        self.microbatches = options.microbatches or 2 * dist.get_world_size(pp_group)
+        self.schedule_name = options.schedule
+        self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
+        # The last stage lives on the last pp rank; its loss is broadcast from there.
+        self.last_rank = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
+        self._schedule, self._loss_fn = None, None
+
+    def forward(self, *args):
+        raise RuntimeError("a pipeline-parallel model runs through Pipeline.train_step, not forward")
+
+    def _schedule_for(self, loss_fn: nn.Module):
+        if self._schedule is not None and self._loss_fn is loss_fn:
+            return self._schedule
+        m = self.microbatches
+
+        def microbatch_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            # Each micro-batch is 1/M of the batch and gradients add up over the M backwards:
+            # scale so the sum equals the gradient of the batch's mean loss (as on one device).
+            return loss_fn(output, target) / m
+
+        stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
+                  for s, module in zip(self.stage_ids, self.stages)]
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
+        cls = kind[self.schedule_name]
+        extra = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
+        first = stages if cls is ScheduleInterleaved1F1B else stages[0]
+        self._schedule, self._loss_fn = cls(first, m, loss_fn=microbatch_loss, **extra), loss_fn
+        return self._schedule
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> float:
+        """Forward and backward of one batch (x on the first stage, y on the last); the mean loss."""
+        if len(x) % self.microbatches:
+            raise UsageError(f"--microbatches {self.microbatches} must divide each rank's batch of {len(x)} "
+                             "samples (--batch-size / --dp)")
+        schedule = self._schedule_for(loss_fn)
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.has_first else ()
+        kwargs = {"target": y, "losses": losses} if self.has_last else {}
+        schedule.step(*args, **kwargs)
+        # Only the last stage computed the loss: send it to the other stages of this pipeline,
+        # so every rank logs, checks for NaN and averages over data-parallel ranks alike.
+        loss = torch.tensor([sum(float(l) for l in losses)], dtype=torch.float64,
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
+        return loss.item()
