@@ -130,10 +130,10 @@ def _launch_train(cfg: Config) -> None:
 
     from gpupar.launch import run_workers
 
-    from gpupar.topology import degrees
+    from gpupar.parallelize import preflight
 
     if cfg.parallel.nproc_per_node:  # bad --dp/--tp/--pp: one error here, not one per rank
-        degrees(cfg, cfg.parallel.nproc_per_node * cfg.parallel.nnodes)
+        preflight(cfg, cfg.parallel.nproc_per_node * cfg.parallel.nnodes)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "launch.toml").write_text(to_toml(cfg))

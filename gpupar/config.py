@@ -28,7 +28,7 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: s
 @dataclass
 class ModelConfig:
     name: str = opt("simple-nn", "simple-nn, mlp, gpt, or an import path package.module:factory", flag="model")
-    hidden: int = opt(50, "hidden width of the built-in models")
+    hidden: int | None = opt(None, "hidden width of the built-in models; none = 50 (simple-nn, mlp) or 64 (gpt)")
     layers: int = opt(2, "number of Linear layers (mlp) or transformer blocks (gpt)")
     heads: int = opt(4, "attention heads (gpt)")
     seq_len: int = opt(32, "sequence length in tokens (gpt)")
@@ -117,8 +117,10 @@ class Config:
                     raise UsageError(f"{flag(f)} {value!r} is not one of: {', '.join(choices)}")
         positive = {"epochs": self.train.epochs, "grad_accum": self.train.grad_accum,
                     "log_every": self.train.log_every, "samples": self.data.samples,
-                    "features": self.data.features, "hidden": self.model.hidden, "layers": self.model.layers,
+                    "features": self.data.features, "layers": self.model.layers,
                     "nnodes": self.parallel.nnodes}
+        if self.model.hidden is not None:
+            positive["hidden"] = self.model.hidden
         for optional in ("batch_size", "max_steps"):
             if getattr(self.train, optional) is not None:
                 positive[optional] = getattr(self.train, optional)

@@ -24,7 +24,11 @@ class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.head_dim = hidden // heads
-        self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.q, self.v = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        # No key bias: q.b_k adds the same constant to every logit of a softmax row, so its
+        # gradient is exactly 0 in theory and pure rounding noise in practice (which Adam
+        # would amplify into full-size steps).
+        self.k = nn.Linear(hidden, hidden, bias=False)
         self.out = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H]

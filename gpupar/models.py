@@ -48,13 +48,13 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int
     """
     torch.manual_seed(seed)
     if cfg.name == "simple-nn":
-        return SimpleNN(in_features, cfg.hidden, out_features)
+        return SimpleNN(in_features, cfg.hidden or 50, out_features)
     if cfg.name == "mlp":
-        return mlp(in_features, cfg.hidden, cfg.layers, out_features)
+        return mlp(in_features, cfg.hidden or 50, cfg.layers, out_features)
     if cfg.name == "gpt":
         from gpupar.gpt import GPT
 
-        return GPT(cfg.vocab, cfg.hidden, cfg.layers, cfg.heads, cfg.seq_len)
+        return GPT(cfg.vocab, cfg.hidden or 64, cfg.layers, cfg.heads, cfg.seq_len)
     if ":" in cfg.name:
         return load_factory(cfg.name)()
     raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")

@@ -16,9 +16,9 @@ from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
-from gpupar.parallel.pipeline import Pipeline, split_model
+from gpupar.parallel.pipeline import Pipeline, check_microbatches, split_model
 from gpupar.parallel.tensor import Plan, apply_tp
-from gpupar.topology import Topology
+from gpupar.topology import Topology, degrees
 
 
 def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | None = None) -> nn.Module:
@@ -54,6 +54,16 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | N
         num_stages = topo.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
         return Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel)
     return stages[0][1]
+
+
+def preflight(cfg: Config, world: int) -> None:
+    """Checks that need no ranks, made once before launching: the degrees multiply to the world
+    size, and pipeline micro-batches divide each data-parallel rank's batch (when known)."""
+    dp, _, pp = degrees(cfg, world)
+    samples = cfg.train.batch_size or (cfg.data.samples if cfg.data.data is None and not cfg.data.val_fraction
+                                       else None)
+    if pp > 1 and samples:
+        check_microbatches(samples // dp, cfg.parallel.microbatches or 2 * pp)
 
 
 def _fsdp_over_dp(model: nn.Module, topo: Topology) -> nn.Module:

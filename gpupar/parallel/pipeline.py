@@ -171,9 +171,7 @@ class Pipeline(nn.Module):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> float:
         """Forward and backward of one batch (x on the first stage, y on the last); the mean loss."""
-        if len(x) % self.microbatches:
-            raise UsageError(f"--microbatches {self.microbatches} must divide each rank's batch of {len(x)} "
-                             "samples (--batch-size / --dp)")
+        check_microbatches(len(x), self.microbatches)
         schedule = self._schedule_for(loss_fn)
         losses: list[torch.Tensor] = []
         args = (x,) if self.has_first else ()
@@ -185,3 +183,10 @@ class Pipeline(nn.Module):
                             device=self.device if self.device.type == "cuda" else "cpu")
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss.item()
+
+
+def check_microbatches(rank_batch: int, microbatches: int) -> None:
+    """Equal micro-batches keep the pipeline's gradient equal to the whole batch's."""
+    if rank_batch % microbatches:
+        raise UsageError(f"--microbatches {microbatches} must divide each rank's batch of {rank_batch} "
+                         "samples (--batch-size / --dp)")

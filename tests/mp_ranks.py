@@ -1,0 +1,103 @@
+"""Rank-level checks of tensor and pipeline parallelism, run under torchrun with 2 ranks.
+
+tests/test_model_parallel.py starts this once and reads "OK <name>" lines; each check
+asserts on what the strategies actually did to the model (shard shapes, stage contents).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+from gpupar.config import Config
+from gpupar.errors import UsageError
+from gpupar.gpt import GPT
+from gpupar.models import mlp
+from gpupar.parallel.pipeline import split_model
+from gpupar.parallel.tensor import apply_tp
+from gpupar.parallelize import full_state_dict, parallelize
+from gpupar.topology import Topology
+
+
+def ok(name: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"OK {name}", flush=True)
+
+
+def main() -> None:
+    cfg = Config()
+    cfg.parallel.tp = 2
+    cfg.validate()
+    topo = Topology.from_env(cfg)
+    assert (topo.dp, topo.tp, topo.pp) == (1, 2, 1) and topo.mesh.mesh_dim_names == ("pp", "dp", "tp")
+    assert topo.dp_rank == 0 and topo.tp_rank == topo.rank  # tp peers share one data shard
+    ok("mesh")
+
+    # Automatic pairing on an mlp of 4 Linear layers: (0 colwise, 2 rowwise), (4 colwise, 6 rowwise).
+    torch.manual_seed(0)
+    model = apply_tp(mlp(10, 32, 4, 1), topo.mesh["tp"])
+    w0, w2, w6 = model[0].weight, model[2].weight, model[6].weight
+    assert isinstance(w0, DTensor) and w0.placements == (Shard(0),) and w0.to_local().shape == (16, 10)
+    assert w2.placements == (Shard(1),) and w2.to_local().shape == (32, 16)
+    assert w6.placements == (Shard(1),) and w6.to_local().shape == (1, 16)
+    ok("auto-pairing")
+
+    # The GPT's per-block plan: q/k/v and mlp.up by columns, attn.out and mlp.down by rows.
+    torch.manual_seed(0)
+    gpt = apply_tp(GPT(vocab=16, hidden=32, layers=2, heads=4, seq_len=8), topo.mesh["tp"])
+    torch.manual_seed(0)
+    reference = GPT(vocab=16, hidden=32, layers=2, heads=4, seq_len=8)
+    block = gpt.blocks["1"]
+    for layer in (block.attn.q, block.attn.k, block.attn.v, block.mlp.up):
+        assert layer.weight.placements == (Shard(0),)
+    for layer in (block.attn.out, block.mlp.down):
+        assert layer.weight.placements == (Shard(1),) and layer.bias.placements == (Replicate(),)
+    assert not isinstance(gpt.head.weight, DTensor)  # the vocabulary head stays whole
+    tokens = torch.randint(0, 16, (3, 8))
+    torch.testing.assert_close(gpt(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+    state = full_state_dict(gpt, topo)
+    if topo.is_main:
+        assert state.keys() == reference.state_dict().keys()
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(state[name], value)
+    ok("gpt-plan")
+
+    # A user plan through the Python API: shard only the first layer's columns and the second's rows.
+    torch.manual_seed(0)
+    user = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
+    user = parallelize(user, topo, cfg, tp_plan={"0": ColwiseParallel(), "2": RowwiseParallel()})
+    assert isinstance(user[0].weight, DTensor) and not isinstance(user[3].weight, DTensor)
+    ok("user-plan")
+
+    # Divisibility: 3 heads or a width of 33 cannot be split in 2.
+    for bad, message in ((lambda: GPT(vocab=16, hidden=30, layers=1, heads=3, seq_len=8), "must divide --heads 3"),
+                         (lambda: mlp(10, 33, 2, 1), "does not divide the 33 output features")):
+        try:
+            apply_tp(bad(), topo.mesh["tp"])
+        except UsageError as exc:
+            assert message in str(exc), exc
+        else:
+            raise AssertionError(f"no error for {message}")
+    ok("divisibility")
+
+    # Pipeline split keeps the whole model's names: rank 0 has the embeddings, rank 1 the head.
+    cfg.parallel.schedule = "interleaved-1f1b"
+    torch.manual_seed(0)
+    stages = split_model(GPT(vocab=16, hidden=32, layers=4, heads=4, seq_len=8), 2, topo.rank, cfg.parallel)
+    assert [s for s, _ in stages] == [topo.rank, topo.rank + 2]  # round-robin: stage s on rank s % pp
+    names = [set(module.state_dict()) for _, module in stages]
+    if topo.rank == 0:
+        assert "tok_emb.weight" in names[0] and any(n.startswith("blocks.2.") for n in names[1])
+        assert not any(n.startswith(("blocks.1.", "head.")) for n in names[0] | names[1])
+    else:
+        assert "head.weight" in names[1] and any(n.startswith("blocks.1.") for n in names[0])
+    ok("pipeline-split")
+    topo.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

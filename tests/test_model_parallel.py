@@ -1,0 +1,177 @@
+"""Model parallelism: topology degrees, tensor and pipeline parallel, layer-split, GPT, 2-D meshes.
+
+Parity runs go through `gpupar verify` (single-device reference vs the strategy on real
+gloo ranks). Tolerances: 1e-5 relative in fp32 (verify's default) for pipeline parallel,
+which computes the same sums per micro-batch and only adds M micro-batch gradients in
+another order; layer-split is exact (the same ops on the same device type). Tensor parallel
+sums partial matmuls across ranks (a different reduction order): the loss agrees to ~1e-7,
+and parameters after Adam (which divides by the gradient's running RMS, amplifying rounding
+in tiny gradients) to ~1e-5..1e-4; TP runs are checked at 1e-4 (see README).
+"""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from gpupar.config import Config
+from gpupar.errors import UsageError
+from gpupar.gpt import GPT, synthetic_tokens
+from gpupar.models import mlp
+from gpupar.parallel.pipeline import balanced_starts, layer_units, stage_starts
+from gpupar.parallel.tensor import auto_plan, check_divisible
+from gpupar.topology import degrees
+
+from harness import TESTS, gpupar
+
+PASS = re.compile(r"PASS: (\S+) matches the single-device reference within (\S+) relative")
+EPOCH = re.compile(r"^Epoch \[(\d+)/(\d+)\], Loss: (\d+\.\d+)", re.M)
+
+
+# ---- no ranks needed ---------------------------------------------------------------------
+
+def test_degrees_default_dp_and_reject_bad_products():
+    cfg = Config()
+    cfg.parallel.tp = 2
+    cfg.validate()
+    assert cfg.parallel.strategy == "tp"  # --tp alone implies tensor parallel
+    assert degrees(cfg, 4) == (2, 2, 1)  # dp = world / (tp x pp)
+    cfg.parallel.dp = 3
+    with pytest.raises(UsageError, match=r"--dp 3 x --tp 2 x --pp 1 = 6 does not match the 4 ranks"):
+        degrees(cfg, 4)
+    cfg = Config()
+    cfg.parallel.tp, cfg.parallel.pp = 2, 2
+    with pytest.raises(UsageError, match="tensor and pipeline parallel together are not supported"):
+        cfg.validate()
+
+
+def test_balanced_split_by_parameter_count_and_user_split_points():
+    assert balanced_starts([1, 1, 1, 1], 2) == [0, 2]
+    assert balanced_starts([10, 1, 1, 1, 1, 1], 2) == [0, 1]  # one heavy layer alone, the rest together
+    assert balanced_starts([2, 2, 2, 6], 2) == [0, 3]
+    assert balanced_starts([1, 1, 1, 1, 1, 10], 3)[-1] == 5  # the heavy layer alone at the end
+    model = mlp(10, 32, 4, 1)
+    assert layer_units(model) == [["0", "1"], ["2", "3"], ["4", "5"], ["6"]]  # activations ride along
+    assert stage_starts(model, 2, "3") == [0, 3]
+    with pytest.raises(UsageError, match="--pp asks for 5 stages but Sequential has only 4 layers"):
+        stage_starts(model, 5, None)
+    with pytest.raises(UsageError, match=r"--split-points '3,1': need 2 increasing layer indices in 1..3"):
+        stage_starts(model, 3, "3,1")
+    gpt = GPT(layers=3)
+    assert layer_units(gpt) == [["tok_emb", "pos_emb", "blocks.0"], ["blocks.1"], ["blocks.2", "norm", "head"]]
+
+
+def test_auto_plan_pairs_consecutive_linears_and_checks_divisibility():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = auto_plan(mlp(10, 32, 5, 1))  # Linear at 0, 2, 4, 6, 8: pairs (0, 2), (4, 6); 8 stays whole
+    assert {k: type(v) for k, v in plan.items()} == {"0": ColwiseParallel, "2": RowwiseParallel,
+                                                     "4": ColwiseParallel, "6": RowwiseParallel}
+    with pytest.raises(UsageError, match="does not divide the 33 output features of '0'"):
+        check_divisible(mlp(10, 33, 2, 1), auto_plan(mlp(10, 33, 2, 1)), 2)
+    with pytest.raises(UsageError, match="has no two consecutive nn.Linear layers"):
+        auto_plan(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 1)))
+
+
+def test_gpt_learns_the_synthetic_sequence_task(gpupar_cli, tmp_path):
+    X, y = synthetic_tokens(4, 6, 10, seed=0)
+    assert torch.equal(X[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    assert torch.equal((y - X) % 10, ((X[:, 1:2] - X[:, :1]) % 10).expand(-1, 6))  # a constant stride
+    code, out, _ = gpupar_cli("train", "--model", "gpt", "--layers", 2, "--hidden", 32, "--samples", 256,
+                              "--batch-size", 64, "--epochs", 8, "--log-every", 4, "--run-dir", tmp_path / "g")
+    assert code == 0
+    summary = json.loads((tmp_path / "g/summary.json").read_text())
+    assert summary["tokens_per_s"] == pytest.approx(summary["samples_per_s"] * 32)
+    assert "tokens/s" in out
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "g/metrics.jsonl").read_text().splitlines()]
+    assert losses[1] < 0.75 * losses[0] < 0.75 * 4.16  # chance is ln 64 = 4.16; the task is learnable
+
+
+def test_layer_split_verify_is_exact_and_bad_devices_are_refused(gpupar_cli, tmp_path):
+    code, out, err = gpupar_cli("verify", "--strategy", "layer-split", "--devices", "cpu,cpu", "--model", "mlp",
+                                "--layers", 3, "--epochs", 20, "--run-dir", tmp_path / "v")
+    assert code == 0, err
+    assert PASS.search(out).groups() == ("layer-split", "1e-05")
+    ref = json.loads((tmp_path / "v/reference/step_losses.json").read_text())
+    assert ref == json.loads((tmp_path / "v/strategy/step_losses.json").read_text())  # bitwise on one CPU
+    code, _, err = gpupar_cli("train", "--strategy", "layer-split", "--devices", "cpu")
+    assert code == 2 and "layer-split needs at least two devices" in err
+    code, _, err = gpupar_cli("train", "--strategy", "layer-split")
+    assert code == 2 and "--strategy layer-split needs --devices" in err
+
+
+def test_layer_split_puts_consecutive_layers_on_the_devices_given():
+    from gpupar.parallel.layer_split import apply_layer_split
+
+    model = apply_layer_split(mlp(10, 8, 4, 1), [torch.device("cpu")] * 2, split_points="1")
+    hooked = [name for name, m in model.named_children() if m._forward_pre_hooks]
+    assert hooked == ["0", "1", "2", "3", "4", "5", "6"]  # every layer moves its own input
+    assert model(torch.rand(5, 10)).shape == (5, 1)
+
+
+# ---- real ranks --------------------------------------------------------------------------
+
+def test_rank_level_tensor_and_pipeline_checks(tmp_path):
+    proc, _ = gpupar("--nproc-per-node", 2, str(TESTS / "mp_ranks.py"), cwd=tmp_path,
+                     prefix=("-m", "torch.distributed.run"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.findall(r"^OK (\S+)", proc.stdout, re.M) == ["mesh", "auto-pairing", "gpt-plan", "user-plan",
+                                                           "divisibility", "pipeline-split"]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
+def test_verify_pipeline_every_schedule_world2(tmp_path, schedule):
+    proc, _ = gpupar("verify", "--pp", 2, "--schedule", schedule, "--microbatches", 4, "--model", "mlp",
+                     "--layers", 4, "--hidden", 32, "--batch-size", 200, "--shuffle", "--epochs", 3,
+                     "--nproc-per-node", 2, "--run-dir", tmp_path / "v", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert PASS.search(proc.stdout).groups() == ("pp", "1e-05")
+
+
+def test_verify_tensor_parallel_world2(tmp_path):
+    proc, _ = gpupar("verify", "--tp", 2, "--epochs", 40, "--nproc-per-node", 2, "--rtol", 1e-4,
+                     "--run-dir", tmp_path / "v", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert PASS.search(proc.stdout).groups() == ("tp", "0.0001")
+    got = json.loads((tmp_path / "v/strategy/step_losses.json").read_text())
+    ref = json.loads((tmp_path / "v/reference/step_losses.json").read_text())
+    assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-5  # the loss itself agrees tightly
+
+
+def test_verify_dp2_x_tp2_gpt_world4(tmp_path):
+    proc, _ = gpupar("verify", "--model", "gpt", "--dp", 2, "--tp", 2, "--hidden", 32, "--samples", 64,
+                     "--batch-size", 32, "--epochs", 3, "--rtol", 1e-4, "--nproc-per-node", 4,
+                     "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert PASS.search(proc.stdout).groups() == ("tp", "0.0001")
+
+
+def test_verify_dp2_x_pp2_world4(tmp_path):
+    proc, _ = gpupar("verify", "--dp", 2, "--pp", 2, "--schedule", "1f1b", "--microbatches", 2, "--model", "mlp",
+                     "--layers", 4, "--hidden", 32, "--batch-size", 100, "--epochs", 2, "--nproc-per-node", 4,
+                     "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert PASS.search(proc.stdout).groups() == ("pp", "1e-05")
+
+
+def test_gpt_trains_with_pp2_and_saves_the_whole_model(tmp_path):
+    proc, _ = gpupar("train", "--model", "gpt", "--pp", 2, "--layers", 2, "--hidden", 32, "--samples", 256,
+                     "--batch-size", 64, "--epochs", 6, "--log-every", 2, "--nproc-per-node", 2,
+                     "--run-dir", tmp_path / "r", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    losses = [float(loss) for _, _, loss in EPOCH.findall(proc.stdout)]
+    assert len(losses) == 3 and losses[-1] < losses[0] < 4.2  # falls from about ln(64)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "r/model.safetensors"))
+    assert saved.keys() == GPT(hidden=32, layers=2).state_dict().keys()  # both stages, unparallelised names
+
+
+def test_pipeline_usage_errors_before_launch(gpupar_cli, tmp_path):
+    code, _, err = gpupar_cli("train", "--pp", 2, "--microbatches", 3, "--batch-size", 100, "--nproc-per-node", 2,
+                              "--run-dir", tmp_path / "r")
+    assert code == 2 and "--microbatches 3 must divide each rank's batch of 100 samples" in err
+    code, _, err = gpupar_cli("train", "--dp", 3, "--tp", 2, "--nproc-per-node", 4, "--run-dir", tmp_path / "r")
+    assert code == 2 and "does not match the 4 ranks" in err
