@@ -7,6 +7,8 @@ data parallel over the "dp" mesh dimension (FSDP or DDP wrap whatever the first 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -81,11 +83,18 @@ def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]
     """
     modules = list(model.stages) if isinstance(model, Pipeline) else [model]
     state: dict[str, torch.Tensor] = {}
-    for module in modules:
-        for name, value in unwrap(module).state_dict().items():
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            state[name] = value.detach().cpu()
+    # A 2-D (FSDP x TP) gather is two all-gathers; torch warns about that on every rank.
+    redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_log.level
+    redistribute_log.setLevel(logging.ERROR)
+    try:
+        for module in modules:
+            for name, value in unwrap(module).state_dict().items():
+                if isinstance(value, DTensor):
+                    value = value.full_tensor()
+                state[name] = value.detach().cpu()
+    finally:
+        redistribute_log.setLevel(level)
     if not topo.pp_enabled:
         return state if topo.is_main else None
     parts: list | None = [None] * topo.world_size if topo.is_main else None

@@ -49,7 +49,12 @@ class Verdict:
 
 
 def default_rtol(cfg: Config) -> float:
-    return 1e-5 if cfg.train.precision == "fp32" else 2e-2
+    if cfg.train.precision != "fp32":
+        return 2e-2
+    # Tensor parallel splits every sharded matmul's inner sum across ranks and all-reduces the
+    # partials: rounding differs at every layer of every step (not once per step, as in DDP).
+    # Measured on the GPT (--dp 2 --tp 2, 100 Adam steps): 3.3e-5 in the loss, 1.3e-5 in parameters.
+    return 1e-4 if cfg.parallel.tp > 1 else 1e-5
 
 
 def compare(ref_dir: Path, run_dir: Path, rtol: float) -> Verdict:
