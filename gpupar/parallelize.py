@@ -46,12 +46,11 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | N
         model = apply_tp(model, topo.mesh["tp"], tp_plan)
     # 2. Pipeline split: this rank keeps its stage(s) only.
     stages = split_model(model, topo.pp, topo.pp_rank, cfg.parallel) if topo.pp_enabled else [(0, model)]
-    # 3. Data parallel over "dp": FSDP under TP (torchtitan's 2-D order), DDP around pipeline stages.
+    # 3. Data parallel over "dp": FSDP around each TP model or pipeline stage (torchtitan's order).
+    #    (Not DDP: its bucket rebuild after the first step breaks under a pipeline's several
+    #    backward passes per step, and it cannot hold DTensor parameters.)
     if topo.dp_enabled:
-        if topo.tp_enabled:
-            stages = [(s, _fsdp_over_dp(module, topo)) for s, module in stages]
-        else:
-            stages = [(s, apply_ddp(module, topo, cfg.parallel, topo.mesh["dp"].get_group())) for s, module in stages]
+        stages = [(s, _fsdp_over_dp(module, topo)) for s, module in stages]
     if topo.pp_enabled:
         num_stages = topo.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
         return Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel)

@@ -19,13 +19,10 @@ from gpupar.config import ParallelConfig
 from gpupar.topology import Topology
 
 
-def apply_ddp(model: nn.Module, topo: Topology, options: ParallelConfig,
-              process_group=None) -> DistributedDataParallel:
-    """Wrap ``model`` (already on ``topo.device``) in DDP with the configured bucket and hook;
-    ``process_group``: the data-parallel ranks (default: all ranks)."""
+def apply_ddp(model: nn.Module, topo: Topology, options: ParallelConfig) -> DistributedDataParallel:
+    """Wrap ``model`` (already on ``topo.device``) in DDP with the configured bucket and hook."""
     ddp = DistributedDataParallel(
         model,
-        process_group=process_group,
         device_ids=[topo.device.index] if topo.device.type == "cuda" else None,
         bucket_cap_mb=options.ddp_bucket_mb,
         # Gradients live inside the all-reduce buckets: one copy fewer per step.

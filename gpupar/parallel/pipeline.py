@@ -179,7 +179,7 @@ class Pipeline(nn.Module):
         schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike.
-        loss = torch.tensor([sum(float(l) for l in losses)], dtype=torch.float64,
+        loss = torch.tensor([sum(float(l.detach()) for l in losses)], dtype=torch.float64,
                             device=self.device if self.device.type == "cuda" else "cpu")
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss.item()
