@@ -17,6 +17,7 @@ import enum
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -53,12 +54,21 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler refuses anything but tensors and plain containers
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--weights {path}: refused to load; only plain tensors are accepted "
-                         f"(weights_only=True): {first}") from None
+                         f"(weights_only=True): {refusal(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"--weights {path}: expected a dict of tensors (a state_dict)")
     return state
+
+
+def refusal(exc: BaseException) -> str:
+    """Why the weights_only unpickler refused a file, in one line: the code it would have run."""
+    text = str(exc)
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match:
+        return f"it references {match.group(1)}, which could run code"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -131,7 +141,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, but non-tensor values load with ``weights_only=True``."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = torch.load(value, map_location="cpu", weights_only=True)  # refuses code-carrying pickles
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)  # refuses code-carrying pickles
+        except pickle.UnpicklingError as exc:
+            raise pickle.UnpicklingError(f"refused to load {read_item.dest_index.fqn}: {refusal(exc)}") from None
         clean = io.BytesIO()
         torch.save(obj, clean)  # re-serialised from plain values: safe for the stock loader
         clean.seek(0)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
@@ -167,7 +168,7 @@ class Checkpointer:
             with _quiet():
                 dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(),
                          no_dist=not dist.is_initialized())
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:
             raise UsageError(f"{where}: cannot load it into this model and optimizer ({_first_line(exc)})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if scheduler is not None and trainer.get("scheduler"):
@@ -234,7 +235,7 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
     try:
         with _quiet():
             dcp.load(state, storage_reader=SafeReader(checkpoint), planner=SafeLoadPlanner(), no_dist=True)
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:
         raise UsageError(f"{where}: cannot read the weights ({_first_line(exc)})") from None
     return save_weights({k[len("model."):]: v for k, v in state.items()}, out)
 
@@ -274,8 +275,8 @@ def _unb64(text: str) -> torch.Tensor:
 def _scheduler_state(scheduler) -> dict | None:
     if scheduler is None:
         return None
-    # LambdaLR keeps plain numbers; its lambdas are code and are rebuilt from the config instead.
-    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    # LambdaLR's state is plain numbers; its lambda is code, saved as None and rebuilt from the config.
+    return scheduler.state_dict()
 
 
 def _all_finite_params(model: nn.Module, topo: Topology) -> bool:
@@ -319,5 +320,8 @@ def _read_json(path: Path, where: str) -> dict:
 
 
 def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, CheckpointException) and exc.failures:  # DCP wraps each rank's error
+        rank, (inner, _) = next(iter(exc.failures.items()))
+        return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
