@@ -51,8 +51,9 @@ class Topology:
             # W ranks on one machine share its cores; more threads than cores thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         if not dist.is_initialized():
-            dist.init_process_group(backend_for(device), rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=cfg.parallel.timeout))
+            timeout = timedelta(seconds=cfg.parallel.timeout)
+            dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
+                                    store=_attempt_store(rank, world, timeout))
         return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dp=world)
 
     def close(self) -> None:
@@ -76,6 +77,22 @@ class Topology:
     def dp_rank(self) -> int:
         """This rank's position along the data-parallel dimension."""
         return self.rank % self.dp if self.dp > 1 else 0
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta):
+    """After a TorchElastic restart, a store with keys private to this attempt (None otherwise).
+
+    The restarted workers can be handed the same rendezvous store as the failed ones, where
+    the dead ranks' gloo addresses are still published under the same keys; a new rank that
+    reads one fails to connect. A prefix per attempt keeps the attempts apart.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
+    return dist.PrefixStore(f"gpupar/attempt-{attempt}", store)
 
 
 def launched_by_torchrun() -> bool:
