@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, only=("parallel",))
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("export", help="write a checkpoint's full weights as one safetensors file")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, RUN/checkpoints/step-N")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (gpupar predict --weights reads it)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
@@ -205,6 +210,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not topo.distributed:
             print(f"Wrote {len(preds)} predictions to {args.out}")
     topo.close()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from gpupar.resume import export_weights
+
+    out = export_weights(Path(args.checkpoint), Path(args.out))
+    # predict rebuilds the model from the config.toml beside the weights: copy the run's.
+    run_config = Path(args.checkpoint).resolve().parent.parent / "config.toml"
+    if run_config.is_file() and not (out.parent / "config.toml").exists():
+        shutil.copyfile(run_config, out.parent / "config.toml")
+    print(f"Wrote the full weights of {args.checkpoint} to {out}")
     return 0
 
 

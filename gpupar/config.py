@@ -99,12 +99,22 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    checkpoint_every: int | None = opt(None, "write a distributed checkpoint to RUN/checkpoints/step-N/ every N steps")
+    keep_last: int = opt(3, "complete checkpoints to keep (>= 2); older ones are pruned after each new commit")
+    resume: str | None = opt(None, "continue from a checkpoint: auto (newest complete one in --run-dir) or a PATH")
+    on_nan: str = opt("stop", "on NaN/Inf in the loss or gradients: stop with an error, or skip the step on all "
+                      "ranks", ("stop", "skip"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> "Config":
         """Check every field once; raise a UsageError naming the field and what is accepted."""
@@ -153,6 +163,11 @@ class Config:
                              "supported yet; combine either with --dp")
         if p.strategy == "layer-split" and not p.devices:
             raise UsageError("--strategy layer-split needs --devices, for example cpu,cpu or cuda:0,cuda:1")
+        if self.checkpoint.checkpoint_every is not None and self.checkpoint.checkpoint_every < 1:
+            raise UsageError(f"--checkpoint-every {self.checkpoint.checkpoint_every} must be a positive integer")
+        if self.checkpoint.keep_last < 2:
+            raise UsageError(f"--keep-last {self.checkpoint.keep_last} must be >= 2 (the newest complete "
+                             "checkpoint is never deleted, and one more guards against a bad newest one)")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
         return self

@@ -22,6 +22,7 @@ from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
 from gpupar.errors import TrainingError, UsageError
 from gpupar.parallel.pipeline import Pipeline
+from gpupar.resume import Checkpointer, Position
 from gpupar.topology import Topology
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -35,6 +36,8 @@ class History:
 
     records: list[dict] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)  # this rank's loss at every step
+    skipped_steps: list[int] = field(default_factory=list)  # steps dropped by --on-nan skip
+    start_step: int = 0  # > 0 when resumed from a checkpoint
     wall_time: float = 0.0
     samples_per_s: float = 0.0
 
@@ -97,10 +100,13 @@ def autocast_for(device: torch.device, precision: str):
 
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
-        log: Callable[[str], None] = print) -> History:
+        log: Callable[[str], None] = print, checkpoints: Checkpointer | None = None) -> History:
     """Train ``model`` (already on ``topo.device``) and return its history.
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
+    With ``checkpoints`` (gpupar.resume.Checkpointer), training first restores the chosen
+    checkpoint and continues at its step and batch, and a checkpoint is saved after every
+    ``--checkpoint-every`` steps.
     """
     t = cfg.train
     batch_size = t.batch_size or len(train_set)
@@ -121,17 +127,24 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     # Full batch, in order, on one rank: the same single micro-batch every step (a view, no copy).
     same_batch = [train_set.take_to(slice(None), topo.device)] if (t.batch_size is None and not cfg.data.shuffle
                                                    and topo.dp == 1 and t.grad_accum == 1) else None
-    bar = _progress(total_steps, topo, t.progress)
-    history, step = History(), 0
-    start = last_log = time.perf_counter()
+    # Resuming puts back weights, optimizer, scheduler and RNG, and says where to continue.
+    start = checkpoints.restore(model, optimizer, scheduler, steps_per_epoch, total_steps) if checkpoints \
+        else Position()
+    bar = _progress(total_steps - start.step, topo, t.progress)
+    history, step = History(start_step=start.step), start.step
+    began = last_log = time.perf_counter()
     samples_since_log, loss_sum, loss_count = 0, 0.0, 0
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    for epoch in range(t.epochs):
+    for epoch in range(start.epoch, t.epochs):
+        if step >= total_steps:
+            break
         batches = [None] if same_batch else epoch_batches(len(train_set), batch_size, cfg.data.shuffle,
                                                           t.seed, epoch)
         for i, batch in enumerate(batches):
+            if epoch == start.epoch and i < start.batch:
+                continue  # consumed before the checkpoint this run resumed from
             # This rank's micro-batches: grad_accum slices of the global batch, each cut into
             # dp equal shards, of which this rank takes its own.
             micro_batches = same_batch or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
@@ -141,15 +154,26 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             else:
                 step_loss = train_step(model, micro_batches, loss_fn, optimizer, amp, scaler)
 
-            # Every rank must agree to step or stop, or the next collective would hang.
-            if not _all_agree_finite(step_loss, topo):
-                raise TrainingError(f"loss became non-finite ({step_loss}) at step {step + 1} (epoch {epoch + 1}); "
-                                    "training stopped and no weights were written for this run")
-            _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
-            if scheduler is not None:
-                scheduler.step()
+            # NaN/Inf in the loss or in the gradients, on any rank: every rank must agree to step,
+            # skip or stop together, or the next collective would hang.
+            problem = _non_finite(step_loss, model, scaler, topo)
+            if problem and cfg.checkpoint.on_nan == "stop":
+                what = f"loss became non-finite ({step_loss})" if problem == "loss" else "gradients became non-finite"
+                raise TrainingError(f"{what} at step {step + 1} (epoch {epoch + 1}); training stopped and no weights "
+                                    "or checkpoint were written for this step")
+            if problem:  # --on-nan skip: drop this batch's gradients; weights, optimizer and LR stay as they are
+                optimizer.zero_grad(set_to_none=True)
+                history.skipped_steps.append(step + 1)
+                if topo.is_main:
+                    log(f"Step {step + 1}: non-finite {problem}; skipped on all ranks (--on-nan skip)")
+            else:
+                _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
+                if scheduler is not None:
+                    scheduler.step()
             step += 1
-            loss_sum, loss_count, samples_since_log = loss_sum + step_loss, loss_count + 1, samples_since_log + batch_size
+            samples_since_log += batch_size
+            if not problem:  # a skipped step's NaN stays out of the logged mean
+                loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
             history.step_losses.append(step_loss)
             if bar is not None:
                 bar.update(1)
@@ -159,7 +183,7 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             if done or epoch_end:
                 now = time.perf_counter()
                 record = {"step": step, "epoch": epoch + 1,
-                          "loss": _mean_over_ranks(loss_sum / loss_count, topo),
+                          "loss": _mean_over_ranks(loss_sum / loss_count if loss_count else math.nan, topo),
                           "lr": optimizer.param_groups[0]["lr"],
                           "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
                 if val_set is not None and len(val_set):
@@ -171,15 +195,15 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
                         line += f", Val Loss: {record['val_loss']:.4f}"
                     (bar.write if bar is not None else log)(line)
                 last_log, samples_since_log, loss_sum, loss_count = now, 0, 0.0, 0
+            if checkpoints is not None:  # after the step and its log line: the state a resume needs
+                checkpoints.on_step_end(Position(step, epoch, i + 1), model, optimizer, scheduler, total_steps)
             if done:
                 break
-        if step >= total_steps:
-            break
 
     if bar is not None:
         bar.close()
-    history.wall_time = time.perf_counter() - start
-    history.samples_per_s = step * batch_size / max(history.wall_time, 1e-9)
+    history.wall_time = time.perf_counter() - began
+    history.samples_per_s = (step - start.step) * batch_size / max(history.wall_time, 1e-9)
     return history
 
 
@@ -261,13 +285,28 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
     return total / max(n, 1)
 
 
-def _all_agree_finite(value: float, topo: Topology) -> bool:
-    finite = math.isfinite(value)
-    if not topo.distributed:
-        return finite
-    flag = torch.tensor([0.0 if finite else 1.0], device=_comm_device(topo))
-    dist.all_reduce(flag)
-    return flag.item() == 0.0
+def _non_finite(loss: float, model: nn.Module, scaler, topo: Topology) -> str | None:
+    """"loss" or "gradients" when any rank saw NaN/Inf in them (an all-reduced flag), else None.
+
+    Gradients are checked on this rank's own part (FSDP and tensor parallelism shard them),
+    hence the all-reduce. Under fp16 loss scaling, Inf gradients are the GradScaler's signal
+    to lower its scale and skip the step itself, so only the loss is checked then.
+    """
+    code = 0.0 if math.isfinite(loss) else 2.0
+    if code == 0.0 and scaler is None:
+        grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            code = 1.0
+    if topo.distributed:
+        flag = torch.tensor([code], device=_comm_device(topo))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code = flag.item()
+    return {0.0: None, 1.0: "gradients", 2.0: "loss"}[code]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2, tensor parallel); the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _mean_over_ranks(value: float, topo: Topology) -> float:

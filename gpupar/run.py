@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from gpupar.data import load_file, prepare_targets, synthetic_regression
 from gpupar.devices import describe
 from gpupar.models import build_model, check_shapes
 from gpupar.parallelize import full_state_dict, parallelize
+from gpupar.resume import Checkpointer
 from gpupar.topology import Topology
 from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks
 
@@ -65,7 +67,10 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         (run_dir / "config.toml").write_text(to_toml(cfg))
     train_set, val_set = as_samples((problem.X, problem.y), cfg)
     model = parallelize(problem.model, topo, cfg)
-    history = fit(model, train_set, cfg, topo, make_loss(cfg), make_optimizer(model, cfg), val_set, log=log)
+    checkpoints = Checkpointer(cfg, topo, run_dir, log) if (cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume
+                                                           or os.environ.get("TORCHELASTIC_RESTART_COUNT")) else None
+    history = fit(model, train_set, cfg, topo, make_loss(cfg), make_optimizer(model, cfg), val_set, log=log,
+                  checkpoints=checkpoints)
     if cfg.train.save_step_losses:
         history.step_losses = mean_over_ranks(history.step_losses, topo)
         if topo.is_main:
@@ -73,8 +78,9 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
     # Sharded strategies hold pieces of the weights: every rank joins the gather to rank 0.
     state = full_state_dict(model, topo)
     if topo.is_main:
+        records = _earlier_records(run_dir / "metrics.jsonl", history.start_step) + history.records
         with (run_dir / "metrics.jsonl").open("w") as fh:
-            for record in history.records:
+            for record in records:
                 fh.write(json.dumps(record) + "\n")
         save_weights(state, run_dir / "model.safetensors")
         summary = {"model": cfg.model.name, "strategy": cfg.parallel.strategy, "world_size": topo.world_size,
@@ -84,10 +90,22 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         if cfg.model.name == "gpt":  # a sample is a sequence of seq_len tokens
             summary["tokens_per_s"] = history.samples_per_s * cfg.model.seq_len
             speed += f" | {summary['tokens_per_s']:,.0f} tokens/s"
+        if history.start_step:
+            summary["resumed_at_step"] = history.start_step
+        if history.skipped_steps:
+            summary["skipped_steps"] = history.skipped_steps
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log(f"Final loss: {history.final_loss:.4f} | wall time: {history.wall_time:.2f} s | {speed}")
         log(f"Saved run to {run_dir}/ (model.safetensors, metrics.jsonl, config.toml)")
     return model, history, run_dir
+
+
+def _earlier_records(path: Path, start_step: int) -> list[dict]:
+    """A resumed run keeps the metrics its earlier part logged up to the checkpoint."""
+    if not start_step or not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("step", 0) <= start_step]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

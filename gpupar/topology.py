@@ -67,8 +67,9 @@ class Topology:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         dp, tp, pp = degrees(cfg, world)
         if not dist.is_initialized():
-            dist.init_process_group(backend_for(device), rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=cfg.parallel.timeout))
+            timeout = timedelta(seconds=cfg.parallel.timeout)
+            dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
+                                    store=_attempt_store(rank, world, timeout))
         mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dp=dp, tp=tp, pp=pp,
                    mesh=mesh)
@@ -135,6 +136,22 @@ def degrees(cfg: Config, world: int) -> tuple[int, int, int]:
                          f"does not match the {world} ranks (--nnodes x --nproc-per-node); "
                          "the degrees must multiply to the world size")
     return dp, tp, pp
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta):
+    """After a TorchElastic restart, a store with keys private to this attempt (None otherwise).
+
+    The restarted workers can be handed the same rendezvous store as the failed ones, where
+    the dead ranks' gloo addresses are still published under the same keys; a new rank that
+    reads one fails to connect. A prefix per attempt keeps the attempts apart.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
+    return dist.PrefixStore(f"gpupar/attempt-{attempt}", store)
 
 
 def launched_by_torchrun() -> bool:

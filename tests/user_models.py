@@ -70,3 +70,54 @@ def differs_on_rank1():
 
     hidden = 51 if os.environ.get("RANK") == "1" else 50
     return nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+class Killable(nn.Module):
+    """SIGKILLs itself on rank 1 at the forward pass named by $TEST_KILL_RANK1_AT, on the
+    first attempt only ($TEST_KILL_ALWAYS=1: on every attempt), like a preempted worker."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+
+        self.calls += 1
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" or os.environ.get("TEST_KILL_ALWAYS")
+        if (os.environ.get("RANK") == "1" and first_attempt
+                and self.calls == int(os.environ.get("TEST_KILL_RANK1_AT", "0"))):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def killable():
+    return Killable()
+
+
+class NonFiniteAt(nn.Module):
+    """Finite forward passes, but at the 4th one (step 3, after the shape check) NaN appears in
+    the gradients ($TEST_NAN=grad, the default) or in the loss on rank 1 only ($TEST_NAN=loss-rank1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        import os
+
+        self.calls += 1
+        out = self.fc(x)
+        if self.calls == 4:
+            if os.environ.get("TEST_NAN", "grad") == "grad":
+                out.register_hook(lambda g: g * float("nan"))  # loss stays finite, gradients do not
+            elif os.environ.get("RANK") == "1":
+                out = out * float("nan")
+        return out
+
+
+def non_finite_at_step3():
+    return NonFiniteAt()
