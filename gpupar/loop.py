@@ -253,6 +253,8 @@ def check_pipeline_options(cfg: Config, val_set: Samples | None) -> None:
         raise UsageError("--clip-grad-norm with --pp: a global norm over stages is not supported yet")
     if cfg.train.precision != "fp32":
         raise UsageError(f"--precision {cfg.train.precision} with --pp: only fp32 is supported yet")
+    if cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume:
+        raise UsageError("--checkpoint-every / --resume with --pp: pipeline checkpoints are not supported yet")
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip: float | None) -> None:
