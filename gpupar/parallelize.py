@@ -38,8 +38,8 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | N
         return apply_data_parallel(model, topo)
     if not topo.distributed:
         return model
-    if not (topo.tp_enabled or topo.pp_enabled):
-        return apply_ddp(model, topo, cfg.parallel) if strategy == "ddp" else model
+    if not (topo.tp_enabled or topo.pp_enabled):  # data parallel only: every replica must sync
+        return apply_ddp(model, topo, cfg.parallel) if topo.dp_enabled else model
 
     # 1. Tensor parallel: shard layers across the "tp" ranks.
     if topo.tp_enabled:

@@ -140,6 +140,17 @@ def test_verify_tensor_parallel_world2(tmp_path):
     assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-5  # the loss itself agrees tightly
 
 
+@pytest.mark.parametrize("flags,label", [
+    (["--pp", 4, "--schedule", "gpipe", "--microbatches", 4, "--layers", 4], "pp"),
+    (["--tp", 4, "--layers", 2], "tp"),
+])
+def test_verify_pipeline_and_tensor_parallel_world4(tmp_path, flags, label):
+    proc, _ = gpupar("verify", *flags, "--model", "mlp", "--hidden", 32, "--batch-size", 200, "--epochs", 3,
+                     "--nproc-per-node", 4, "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert PASS.search(proc.stdout).groups()[0] == label
+
+
 def test_verify_dp2_x_tp2_gpt_world4(tmp_path):
     proc, _ = gpupar("verify", "--model", "gpt", "--dp", 2, "--tp", 2, "--hidden", 32, "--samples", 64,
                      "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4,
