@@ -92,10 +92,11 @@ def autocast_for(device: torch.device, precision: str):
 
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
-        log: Callable[[str], None] = print) -> History:
+        log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None) -> History:
     """Train ``model`` (already on ``topo.device``) and return its history.
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
+    ``on_step(step)`` runs after every optimizer step (``gpupar bench`` times steps with it).
     """
     t = cfg.train
     batch_size = t.batch_size or len(train_set)
@@ -139,6 +140,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             step += 1
             loss_sum, loss_count, samples_since_log = loss_sum + step_loss, loss_count + 1, samples_since_log + batch_size
             history.step_losses.append(step_loss)
+            if on_step is not None:
+                on_step(step)
             if bar is not None:
                 bar.update(1)
 
