@@ -28,6 +28,7 @@ import copy
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -319,9 +320,19 @@ def run_combination(cfg: Config, out_dir: Path, steps: int, warmup: int, peer: s
                 os.environ["OMP_NUM_THREADS"] = saved
     if failure is None and result.is_file():
         return json.loads(result.read_text())
+    return {"skipped": _failure_reason(out_dir, failure)}
+
+
+def _failure_reason(out_dir: Path, failure: str | None) -> str:
+    """The first failing rank's own message (the launcher names that rank); its peers only
+    report a closed connection."""
+    named = re.match(r"rank (\d+) failed", failure or "")
     errors = sorted(out_dir.glob("result.json.rank*.err"))
-    reason = errors[0].read_text().strip() if errors else (failure or "no result written")
-    return {"skipped": reason}
+    if named and (out_dir / f"result.json.rank{named.group(1)}.err").is_file():
+        errors.insert(0, out_dir / f"result.json.rank{named.group(1)}.err")
+    if errors:
+        return errors[0].read_text().strip()
+    return failure or "no result written"
 
 
 def _last_line(text: str) -> str:
@@ -394,8 +405,8 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
                                            spec.warmup, threads=spec.threads_per_rank))
             rows.append(row)
 
-    peer_rows = []
-    for world in spec.world_sizes if spec.peers else []:
+    peer_rows = []  # DDP's cost is communication, so peers run at world sizes above 1
+    for world in [w for w in spec.world_sizes if w > 1] if spec.peers else []:
         for peer in spec.peers:
             row = {"framework": peer, "world_size": world}
             try:
