@@ -19,7 +19,10 @@ computed). These are the model FLOPs of MFU as Chowdhery et al. define it (PaLM,
 appendix B): work the model needs, not what a strategy adds (recomputation, communication).
 For Linear layers that is ~6 x weights x samples (Kaplan et al., 2020): 2 for forward, 4 for
 the two backward matmuls. The peak is the device's dense peak for the run's precision, from
-the table below, times the number of GPUs; on CPU it is a short matmul probe with all cores.
+the table below, times the number of GPUs. On CPU every rank runs a short matmul probe with
+its own threads just before training, all ranks at once, and the peak is their sum: what
+this combination's cores can do at that moment (a shared, busy machine under-reads a peak
+measured once beforehand, and MFU would pass 100%).
 """
 
 from __future__ import annotations
@@ -223,10 +226,10 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     return kib * 1024, "peak process RSS"
 
 
-def gather_result(topo, timer: StepTimer) -> dict:
+def gather_result(topo, timer: StepTimer, probe_tflops: float | None) -> dict:
     """Every rank's step times and memory; the slowest rank sets each step's time."""
     mine = {"step_s": timer.step_seconds(), "window_s": timer.window_s, "threads": torch.get_num_threads(),
-            "memory": peak_memory_bytes(topo.device)}
+            "memory": peak_memory_bytes(topo.device), "probe": probe_tflops}
     everyone = [mine]
     if topo.distributed:
         everyone = [None] * topo.world_size
@@ -235,7 +238,8 @@ def gather_result(topo, timer: StepTimer) -> dict:
     return {"step_s": per_step, "median_step_s": statistics.median(per_step),
             "window_s": max(r["window_s"] for r in everyone),
             "memory_per_rank_bytes": [r["memory"][0] for r in everyone], "memory_kind": mine["memory"][1],
-            "threads_per_rank": mine["threads"], "device": str(topo.device)}
+            "threads_per_rank": mine["threads"], "device": str(topo.device),
+            "cpu_probe_tflops": sum(r["probe"] for r in everyone) if probe_tflops is not None else None}
 
 
 def bench_worker(config_path: str, result_path: str, steps: int, warmup: int, peer: str | None = None) -> None:
@@ -253,6 +257,11 @@ def bench_worker(config_path: str, result_path: str, steps: int, warmup: int, pe
         topo = Topology.from_env(cfg) if launched_by_torchrun() else Topology.single(pick_device(cfg.train.device))
         if topo.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(topo.device)
+        probe = None
+        if topo.device.type == "cpu":
+            if topo.distributed:
+                dist.barrier()  # all ranks probe at once: they share the machine's cores
+            probe = cpu_matmul_probe(cfg.train.precision, seconds=0.3)
         timer = StepTimer(topo, warmup, steps)
         if peer is None:
             _train_gpupar(cfg, topo, timer)
@@ -260,7 +269,7 @@ def bench_worker(config_path: str, result_path: str, steps: int, warmup: int, pe
             from gpupar.bench_peers import train_peer
 
             train_peer(peer, cfg, topo, timer)
-        result = gather_result(topo, timer)
+        result = gather_result(topo, timer, probe)
         if topo.is_main:
             Path(result_path).write_text(json.dumps(result))
         topo.close()
@@ -372,6 +381,10 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
     if spec.steps < 2 or spec.warmup < 1:
         raise UsageError(f"--steps {spec.steps} --warmup {spec.warmup}: need at least 2 timed steps and "
                          "1 warm-up step")
+    if spec.threads_per_rank is not None and spec.threads_per_rank < 1:
+        raise UsageError(f"--threads-per-rank {spec.threads_per_rank} must be a positive integer")
+    if spec.peak_tflops is not None and not spec.peak_tflops > 0:
+        raise UsageError(f"--peak-tflops {spec.peak_tflops} must be > 0")
 
     # Model FLOPs of one step of the global batch, counted once: every strategy does this work.
     problem = load_problem(strategy_config(base, "single", 1, spec.steps, spec.warmup))
@@ -384,8 +397,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
         peak = gpu_peak_tflops(name, precision)
         peak_source = f"data sheet, {name}, dense {precision}" if peak else f"unknown peak for {name}"
     else:
-        peak = cpu_matmul_probe(precision)
-        peak_source = f"matmul probe, 1024x1024 {precision}, {torch.get_num_threads()} threads"
+        peak, peak_source = None, f"matmul probe, 1024x1024 {precision}, in every rank before training, summed"
 
     env = environment(device, spec.command)
     env.update(peak_tflops_per_device=peak, peak_source=peak_source)
@@ -451,9 +463,12 @@ def add_derived(summary: dict, device_type: str) -> None:
             row["tokens_per_s"] = batch * summary["seq_len"] / step
         row["window_samples_per_s"] = batch * len(row["step_s"]) / row["window_s"] if row["window_s"] else None
         row["achieved_tflops"] = flops / step / 1e12
-        # GPUs add peak with every rank; CPU ranks share one machine's cores, whose peak the probe measured.
-        devices = row["world_size"] if device_type == "cuda" else 1
-        row["mfu"] = row["achieved_tflops"] / (peak * devices) if peak else None
+        # GPUs add peak with every rank; CPU ranks share one machine's cores, measured by their probes.
+        if peak:
+            row["peak_tflops"] = peak * (row["world_size"] if device_type == "cuda" else 1)
+        else:
+            row["peak_tflops"] = row.get("cpu_probe_tflops")
+        row["mfu"] = row["achieved_tflops"] / row["peak_tflops"] if row["peak_tflops"] else None
         row["peak_memory_per_rank_mib"] = max(row["memory_per_rank_bytes"]) / 2**20
 
     ok = {(r["strategy"], r["world_size"]): r for r in summary["results"] if "skipped" not in r}

@@ -36,8 +36,9 @@ def markdown(summary: dict) -> str:
         f"Machine: {devices}, torch {env['torch']}, Python {env['python']}; date {env['date']}. "
         f"Model {summary['model']}, global batch {summary['global_batch']}, {summary['precision']}, "
         f"median of {summary['steps']} steps after {summary['warmup']} warm-up. "
-        f"Model FLOPs per step {summary['flops_per_step']:.3g} (forward + backward); "
-        f"peak {_fmt(env['peak_tflops_per_device'], '.3g')} TFLOP/s per device ({env['peak_source']}). "
+        f"Model FLOPs per step {summary['flops_per_step']:.3g} (forward + backward). " +
+        (f"MFU peak: {env['peak_source']}. " if env["peak_tflops_per_device"] is None else
+         f"MFU peak: {env['peak_tflops_per_device']:.3g} TFLOP/s per device ({env['peak_source']}). ") +
         f"Memory: {memory_kind}, largest rank.",
         "",
         "| strategy | world | median step (ms) | samples/s" + (" | tokens/s" if tokens else "") +
