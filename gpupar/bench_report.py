@@ -81,8 +81,8 @@ def plots(summary: dict, out: Path) -> list[Path]:
     memory.png (largest rank's peak memory per strategy and world size)."""
     plt = _pyplot()
     ok = [r for r in summary["results"] if "skipped" not in r]
-    strategies = list(dict.fromkeys(r["strategy"] for r in summary["results"]))
-    worlds = sorted({r["world_size"] for r in summary["results"]})
+    strategies = list(dict.fromkeys(r["strategy"] for r in ok))  # skipped ones have nothing to draw
+    worlds = sorted({r["world_size"] for r in ok}) or [1]
     unit = "tokens/s" if summary["seq_len"] else "samples/s"
     key = "tokens_per_s" if summary["seq_len"] else "samples_per_s"
     where = f"{summary['model']}, global batch {summary['global_batch']}, {summary['environment']['device_type']}"
