@@ -112,7 +112,8 @@ def strategy_config(base: Config, strategy: str, world: int, steps: int, warmup:
     batch = global_batch(base)
     cfg.data.samples, cfg.data.val_fraction, cfg.data.shuffle = batch, 0.0, False
     cfg.train.batch_size, cfg.train.grad_accum = batch, base.train.grad_accum
-    cfg.train.epochs, cfg.train.max_steps = warmup + steps, None
+    # With --data, an epoch may hold several batches: max_steps stops at the same count.
+    cfg.train.epochs, cfg.train.max_steps = warmup + steps, warmup + steps
     cfg.train.log_every, cfg.train.progress, cfg.train.save_step_losses = warmup + steps, False, False
     return cfg.validate()
 
@@ -199,7 +200,7 @@ class StepTimer:
             dist.barrier()  # every rank opens and closes the window together
 
     def __call__(self, step: int) -> None:
-        if step < self.warmup:
+        if not self.warmup <= step <= self.last:
             return
         if step == self.warmup:
             self._sync()
