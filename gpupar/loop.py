@@ -95,13 +95,15 @@ def autocast_for(device: torch.device, precision: str):
 
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
-        log: Callable[[str], None] = print, checkpoints: Checkpointer | None = None) -> History:
+        log: Callable[[str], None] = print, checkpoints: Checkpointer | None = None,
+        on_step: Callable[[int], None] | None = None) -> History:
     """Train ``model`` (already on ``topo.device``) and return its history.
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
     With ``checkpoints`` (gpupar.resume.Checkpointer), training first restores the chosen
     checkpoint and continues at its step and batch, and a checkpoint is saved after every
-    ``--checkpoint-every`` steps.
+    ``--checkpoint-every`` steps. ``on_step(step)`` runs after every optimizer step
+    (``gpupar bench`` times steps with it).
     """
     t = cfg.train
     batch_size = t.batch_size or len(train_set)
@@ -163,6 +165,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             if not problem:  # a skipped step's NaN stays out of the logged mean
                 loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
             history.step_losses.append(step_loss)
+            if on_step is not None:
+                on_step(step)
             if bar is not None:
                 bar.update(1)
 
