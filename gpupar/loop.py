@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
 from gpupar.errors import TrainingError, UsageError
+from gpupar.memory import grad_bytes
 from gpupar.topology import Topology
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -36,6 +37,7 @@ class History:
     step_losses: list[float] = field(default_factory=list)  # this rank's loss at every step
     wall_time: float = 0.0
     samples_per_s: float = 0.0
+    grad_bytes: int = 0  # gradient bytes this rank held after its first backward (local shards)
 
     @property
     def final_loss(self) -> float:
@@ -133,6 +135,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             if not _all_agree_finite(step_loss, topo):
                 raise TrainingError(f"loss became non-finite ({step_loss}) at step {step + 1} (epoch {epoch + 1}); "
                                     "training stopped and no weights were written for this run")
+            if step == 0:  # gradients exist only between backward and the step: count them now
+                history.grad_bytes = grad_bytes(model)
             _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
             if scheduler is not None:
                 scheduler.step()
