@@ -70,3 +70,15 @@ def differs_on_rank1():
 
     hidden = 51 if os.environ.get("RANK") == "1" else 50
     return nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+class MeanOverOutputs(nn.Module):
+    def forward(self, x):  # [batch, k] -> [batch, 1]
+        return x.mean(1, keepdim=True)
+
+
+def even_mlp():
+    """Every parameter's first dim divides by 2 and 4, so FSDP shards split it exactly evenly."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4),
+                         MeanOverOutputs())

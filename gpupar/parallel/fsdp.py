@@ -55,13 +55,16 @@ def hsdp_degrees(world: int, replicate: int | None, shard: int | None, local_wor
     shard within a node (S = ranks per node) and replicate across nodes."""
     if replicate is None and shard is None:
         shard = local_world if world % local_world == 0 else world
-    if shard is None:
-        shard = world // replicate if replicate and world % replicate == 0 else 0
-    if replicate is None:
-        replicate = world // shard if shard and world % shard == 0 else 0
-    if replicate < 1 or shard < 1 or replicate * shard != world:
-        raise UsageError(f"--dp-replicate {replicate or '?'} x --dp-shard {shard or '?'} must equal the world size "
-                         f"{world} (the number of ranks)")
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    for name, value in (("--dp-replicate", replicate), ("--dp-shard", shard)):
+        if value is not None and value not in divisors:
+            raise UsageError(f"{name} {value} does not divide the world size {world} (the number of ranks); "
+                             f"accepted: {', '.join(map(str, divisors))}")
+    replicate = replicate or world // shard  # type: ignore[operator]
+    shard = shard or world // replicate
+    if replicate * shard != world:
+        raise UsageError(f"--dp-replicate {replicate} x --dp-shard {shard} = {replicate * shard} must equal "
+                         f"the world size {world} (the number of ranks)")
     return replicate, shard
 
 
