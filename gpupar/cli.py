@@ -149,7 +149,21 @@ def _needs_launch(cfg: Config) -> bool:
             raise UsageError(f"--nproc-per-node {cfg.parallel.nproc_per_node} needs a multi-process "
                              "--strategy, for example ddp")
         return False
-    return not launched_by_torchrun()
+    if launched_by_torchrun():
+        return False
+    check_degrees_before_launch(cfg)
+    return True
+
+
+def check_degrees_before_launch(cfg: Config) -> None:
+    """HSDP degrees that cannot fit the ranks about to start fail here, once, not in every rank."""
+    if cfg.parallel.strategy == "hsdp":
+        from gpupar.launch import plan
+        from gpupar.parallel.fsdp import hsdp_degrees
+
+        lp = plan(cfg)
+        hsdp_degrees(lp.nproc_per_node * lp.nnodes, cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
+                     lp.nproc_per_node)
 
 
 def _launch_train(cfg: Config) -> None:
@@ -190,6 +204,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.parallel.strategy == "single":
         raise UsageError("gpupar verify compares a strategy with one device: pass --strategy ddp (or another)")
+    _needs_launch(cfg)  # checks the launch flags (HSDP degrees) before the reference trains
     cfg.train.run_dir = str(default_run_dir(cfg))
 
     def launch(strategy_cfg: Config) -> None:

@@ -22,6 +22,7 @@ from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
 from gpupar.errors import TrainingError, UsageError
 from gpupar.resume import Checkpointer, Position
+from gpupar.memory import grad_bytes
 from gpupar.topology import Topology
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -39,6 +40,7 @@ class History:
     start_step: int = 0  # > 0 when resumed from a checkpoint
     wall_time: float = 0.0
     samples_per_s: float = 0.0
+    grad_bytes: int = 0  # gradient bytes this rank held after its first backward (local shards)
 
     @property
     def final_loss(self) -> float:
@@ -157,6 +159,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
                 if topo.is_main:
                     log(f"Step {step + 1}: non-finite {problem}; skipped on all ranks (--on-nan skip)")
             else:
+                if step == 0:  # gradients exist only between backward and the step: count them now
+                    history.grad_bytes = grad_bytes(model)
                 _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
                 if scheduler is not None:
                     scheduler.step()

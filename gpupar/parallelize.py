@@ -8,6 +8,7 @@ from torch import nn
 from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
+from gpupar.parallel.fsdp import apply_fsdp, fsdp_mesh
 from gpupar.topology import Topology
 
 
@@ -17,6 +18,8 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config) -> nn.Module:
     if topo.distributed:
         check_same_model(model, topo)
     strategy = cfg.parallel.strategy
+    if strategy in ("fsdp", "hsdp"):
+        return apply_fsdp(model, fsdp_mesh(topo, cfg.parallel), cfg.parallel, cfg.train.precision)
     if strategy == "ddp":
         return apply_ddp(model, topo, cfg.parallel)
     if strategy == "dp":
