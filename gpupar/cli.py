@@ -102,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .safetensors file to write (gpupar predict --weights reads it)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("bench", help="time strategies x world sizes: throughput, MFU, memory, scaling; report + plots")
+    add_config_flags(p)
+    p.add_argument("--strategies", default="single,ddp", help="comma list of single, ddp, fsdp, tp, pp")
+    p.add_argument("--world-sizes", default="1,2", help="comma list of rank counts")
+    p.add_argument("--steps", type=_number(int), default=20, help="timed steps per combination")
+    p.add_argument("--warmup", type=_number(int), default=3, help="untimed steps before them")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench-<timestamp>)")
+    p.add_argument("--peers", default="", help="also run the DDP workload with: raw, fabric, accelerate")
+    p.add_argument("--peak-tflops", type=_number(float), default=None, help="peak TFLOP/s per device for MFU")
+    p.add_argument("--threads-per-rank", type=_number(int), default=None, help="CPU threads in each rank")
+    p.add_argument("--update-markdown", metavar="FILE.md", default=None,
+                   help="also write the report into FILE between <!-- gpupar bench: LABEL --> markers")
+    p.add_argument("--label", default="bench", help="the marker label for --update-markdown")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-worker")  # no help: internal, one rank of one bench combination
+    p.add_argument("--config", required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--peer", default=None)
+    p.set_defaults(func=lambda a: bench_worker(a.config, a.result, a.steps, a.warmup, a.peer) or 0)
+
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
@@ -126,7 +149,21 @@ def _needs_launch(cfg: Config) -> bool:
             raise UsageError(f"--nproc-per-node {cfg.parallel.nproc_per_node} needs a multi-process "
                              "--strategy, for example ddp")
         return False
-    return not launched_by_torchrun()
+    if launched_by_torchrun():
+        return False
+    check_degrees_before_launch(cfg)
+    return True
+
+
+def check_degrees_before_launch(cfg: Config) -> None:
+    """HSDP degrees that cannot fit the ranks about to start fail here, once, not in every rank."""
+    if cfg.parallel.strategy == "hsdp":
+        from gpupar.launch import plan
+        from gpupar.parallel.fsdp import hsdp_degrees
+
+        lp = plan(cfg)
+        hsdp_degrees(lp.nproc_per_node * lp.nnodes, cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
+                     lp.nproc_per_node)
 
 
 def _launch_train(cfg: Config) -> None:
@@ -171,6 +208,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.parallel.strategy == "single":
         raise UsageError("gpupar verify compares a strategy with one device: pass --strategy ddp (or another)")
+    _needs_launch(cfg)  # checks the launch flags (HSDP degrees) before the reference trains
     cfg.train.run_dir = str(default_run_dir(cfg))
 
     def launch(strategy_cfg: Config) -> None:
@@ -228,6 +266,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+    import time
+    from pathlib import Path
+
+    from gpupar.bench import BenchSpec, run_bench
+    from gpupar.bench_report import _pyplot, markdown, update_markdown, write_outputs
+
+    cfg = config_from_args(args)
+    _pyplot()  # fail now, not after the runs, when matplotlib is missing
+    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    spec = BenchSpec(base=cfg, strategies=_comma_list(args.strategies, "--strategies"),
+                     world_sizes=[_positive(w, "--world-sizes") for w in _comma_list(args.world_sizes, "--world-sizes")],
+                     steps=args.steps, warmup=args.warmup, out=out,
+                     peers=_comma_list(args.peers, "--peers") if args.peers else [],
+                     peak_tflops=args.peak_tflops, threads_per_rank=args.threads_per_rank,
+                     command="gpupar " + shlex.join(args.command_line))
+    summary = run_bench(spec)
+    files = write_outputs(summary, out)
+    print(markdown(summary), end="")
+    if args.update_markdown:
+        update_markdown(Path(args.update_markdown), args.label, markdown(summary))
+    print(f"Wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _comma_list(text: str, name: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{name} {text!r}: expected a comma-separated list")
+    return items
+
+
+def _positive(text: str, name: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{name}: {text!r} is not a positive integer")
+    return int(text)
+
+
+def bench_worker(*args) -> None:
+    from gpupar.bench import bench_worker as worker
+
+    worker(*args)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from gpupar.devices import info_lines
 
@@ -244,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _require_torch()
         args = parser.parse_args(argv)
+        args.command_line = argv
         return args.func(args)
     except UsageError as exc:
         print(f"gpupar{_rank_tag()}: error: {exc}", file=sys.stderr)

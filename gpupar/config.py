@@ -77,7 +77,7 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = opt("single", "how to parallelise; --tp/--pp > 1 alone imply tp/pp",
-                        ("single", "dp", "ddp", "tp", "pp", "layer-split"))
+                        ("single", "dp", "ddp", "fsdp", "hsdp", "tp", "pp", "layer-split"))
     nproc_per_node: int | None = opt(None, "ranks to start on this node; none = local GPU count (required on CPU)")
     nnodes: int = opt(1, "number of nodes")
     node_rank: int | None = opt(None, "this node's rank; none = 0 (or SLURM_NODEID)")
@@ -87,6 +87,14 @@ class ParallelConfig:
     ddp_bucket_mb: float = opt(25.0, "DDP gradient bucket size in MiB")
     ddp_static_graph: bool = opt(False, "tell DDP the graph is the same every step (enables more overlap)")
     ddp_comm_hook: str = opt("none", "compress gradients before the all-reduce", ("none", "fp16", "bf16"))
+    reshard_after_forward: bool = opt(True, "fsdp/hsdp: free gathered parameters after forward (ZeRO-3); "
+                                      "false keeps them for backward (ZeRO-2-like)")
+    cpu_offload: bool = opt(False, "fsdp/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
+    dp_replicate: int | None = opt(None, "hsdp: replicate degree R; none = world size / --dp-shard")
+    dp_shard: int | None = opt(None, "hsdp: shard degree S (R x S = world size); none = ranks per node")
+    fsdp_blocks: str = opt("auto", "fsdp/hsdp units sharded before the root: auto (children of a Sequential or "
+                           "ModuleList, transformer layers, large Linear layers), none, or class names A,B")
+    fsdp_min_params: int = opt(100_000, "fsdp/hsdp auto: a Linear layer with this many parameters is its own unit")
     dp: int | None = opt(None, "data-parallel degree; none = world size / (tp x pp)")
     tp: int = opt(1, "tensor-parallel degree (ranks that split each layer's weights)")
     pp: int = opt(1, "pipeline-parallel degree (ranks that each hold consecutive layers)")
@@ -168,6 +176,15 @@ class Config:
         if self.checkpoint.keep_last < 2:
             raise UsageError(f"--keep-last {self.checkpoint.keep_last} must be >= 2 (the newest complete "
                              "checkpoint is never deleted, and one more guards against a bad newest one)")
+        if self.parallel.strategy != "hsdp":
+            for name in ("dp_replicate", "dp_shard"):
+                if getattr(self.parallel, name) is not None:
+                    raise UsageError(f"{flag(name)} needs --strategy hsdp (got {self.parallel.strategy})")
+        for name in ("dp_replicate", "dp_shard"):
+            if getattr(self.parallel, name) is not None and getattr(self.parallel, name) < 1:
+                raise UsageError(f"{flag(name)} {getattr(self.parallel, name)} must be a positive integer")
+        if self.parallel.cpu_offload and self.parallel.strategy not in ("fsdp", "hsdp"):
+            raise UsageError(f"--cpu-offload needs --strategy fsdp or hsdp (got {self.parallel.strategy})")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
         return self

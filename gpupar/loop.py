@@ -23,6 +23,7 @@ from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, sp
 from gpupar.errors import TrainingError, UsageError
 from gpupar.parallel.pipeline import Pipeline
 from gpupar.resume import Checkpointer, Position
+from gpupar.memory import grad_bytes
 from gpupar.topology import Topology
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -40,6 +41,7 @@ class History:
     start_step: int = 0  # > 0 when resumed from a checkpoint
     wall_time: float = 0.0
     samples_per_s: float = 0.0
+    grad_bytes: int = 0  # gradient bytes this rank held after its first backward (local shards)
 
     @property
     def final_loss(self) -> float:
@@ -100,13 +102,15 @@ def autocast_for(device: torch.device, precision: str):
 
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
-        log: Callable[[str], None] = print, checkpoints: Checkpointer | None = None) -> History:
+        log: Callable[[str], None] = print, checkpoints: Checkpointer | None = None,
+        on_step: Callable[[int], None] | None = None) -> History:
     """Train ``model`` (already on ``topo.device``) and return its history.
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
     With ``checkpoints`` (gpupar.resume.Checkpointer), training first restores the chosen
     checkpoint and continues at its step and batch, and a checkpoint is saved after every
-    ``--checkpoint-every`` steps.
+    ``--checkpoint-every`` steps. ``on_step(step)`` runs after every optimizer step
+    (``gpupar bench`` times steps with it).
     """
     t = cfg.train
     batch_size = t.batch_size or len(train_set)
@@ -167,6 +171,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
                 if topo.is_main:
                     log(f"Step {step + 1}: non-finite {problem}; skipped on all ranks (--on-nan skip)")
             else:
+                if step == 0:  # gradients exist only between backward and the step: count them now
+                    history.grad_bytes = grad_bytes(model)
                 _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
                 if scheduler is not None:
                     scheduler.step()
@@ -175,6 +181,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             if not problem:  # a skipped step's NaN stays out of the logged mean
                 loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
             history.step_losses.append(step_loss)
+            if on_step is not None:
+                on_step(step)
             if bar is not None:
                 bar.update(1)
 

@@ -14,9 +14,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from gpupar.checkpoint import full_state_dict as checkpoint_full_state_dict
 from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
+from gpupar.parallel.fsdp import apply_fsdp, fsdp_mesh
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
 from gpupar.parallel.pipeline import Pipeline, check_microbatches, split_model
 from gpupar.parallel.tensor import Plan, apply_tp
@@ -34,6 +36,8 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | N
     strategy = cfg.parallel.strategy
     if strategy == "layer-split":
         return apply_layer_split(model, parse_devices(cfg.parallel.devices), cfg.parallel.split_points)
+    if strategy in ("fsdp", "hsdp") and not (topo.tp_enabled or topo.pp_enabled):
+        return apply_fsdp(model, fsdp_mesh(topo, cfg.parallel), cfg.parallel, cfg.train.precision)
     if strategy == "dp":
         return apply_data_parallel(model, topo)
     if not topo.distributed:
@@ -50,7 +54,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | N
     #    (Not DDP: its bucket rebuild after the first step breaks under a pipeline's several
     #    backward passes per step, and it cannot hold DTensor parameters.)
     if topo.dp_enabled:
-        stages = [(s, _fsdp_over_dp(module, topo)) for s, module in stages]
+        stages = [(s, apply_fsdp(module, topo.mesh["dp"], cfg.parallel, cfg.train.precision)) for s, module in stages]
     if topo.pp_enabled:
         num_stages = topo.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
         return Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel)
@@ -67,19 +71,15 @@ def preflight(cfg: Config, world: int) -> None:
         check_microbatches(samples // dp, cfg.parallel.microbatches or 2 * pp)
 
 
-def _fsdp_over_dp(model: nn.Module, topo: Topology) -> nn.Module:
-    # LEAD: swap for gpupar.parallel.fsdp.apply_fsdp(model, topo.mesh["dp"], options) once it is on main.
-    from torch.distributed.fsdp import fully_shard
-
-    return fully_shard(model, mesh=topo.mesh["dp"])
-
-
 def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict with the unparallelised names, on rank 0 (None elsewhere).
 
     DTensor shards (tensor parallel, FSDP) are gathered with ``full_tensor()``, a collective
     every rank joins; pipeline stages each hold part of the names and are gathered to rank 0.
     """
+    if not (topo.tp_enabled or topo.pp_enabled):  # one device, DDP or FSDP alone
+        state = checkpoint_full_state_dict(model)
+        return state if topo.is_main else None
     modules = list(model.stages) if isinstance(model, Pipeline) else [model]
     state: dict[str, torch.Tensor] = {}
     # A 2-D (FSDP x TP) gather is two all-gathers; torch warns about that on every rank.

@@ -15,6 +15,7 @@ from gpupar.checkpoint import save_weights
 from gpupar.config import Config, to_toml
 from gpupar.data import load_file, prepare_targets, synthetic_regression
 from gpupar.devices import describe
+from gpupar.memory import format_memory_report, gather_memory_report
 from gpupar.models import build_model, check_shapes
 from gpupar.parallelize import full_state_dict, parallelize
 from gpupar.resume import Checkpointer
@@ -67,10 +68,11 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         (run_dir / "config.toml").write_text(to_toml(cfg))
     train_set, val_set = as_samples((problem.X, problem.y), cfg)
     model = parallelize(problem.model, topo, cfg)
+    optimizer = make_optimizer(model, cfg)
     checkpoints = Checkpointer(cfg, topo, run_dir, log) if (cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume
                                                            or os.environ.get("TORCHELASTIC_RESTART_COUNT")) else None
-    history = fit(model, train_set, cfg, topo, make_loss(cfg), make_optimizer(model, cfg), val_set, log=log,
-                  checkpoints=checkpoints)
+    history = fit(model, train_set, cfg, topo, make_loss(cfg), optimizer, val_set, log=log, checkpoints=checkpoints)
+    memory = gather_memory_report(model, optimizer, history.grad_bytes, topo)
     if cfg.train.save_step_losses:
         history.step_losses = mean_over_ranks(history.step_losses, topo)
         if topo.is_main:
@@ -82,10 +84,14 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         with (run_dir / "metrics.jsonl").open("w") as fh:
             for record in records:
                 fh.write(json.dumps(record) + "\n")
+            if topo.distributed:  # one record per rank, marked so epoch readers can skip them
+                for row in memory:
+                    fh.write(json.dumps({"event": "memory", **row}) + "\n")
         save_weights(state, run_dir / "model.safetensors")
         summary = {"model": cfg.model.name, "strategy": cfg.parallel.strategy, "world_size": topo.world_size,
                    "final_loss": history.final_loss, "wall_time_s": history.wall_time,
-                   "samples_per_s": history.samples_per_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                   "samples_per_s": history.samples_per_s, "memory_per_rank": memory,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         speed = f"{history.samples_per_s:,.0f} samples/s"
         if cfg.model.name == "gpt":  # a sample is a sequence of seq_len tokens
             summary["tokens_per_s"] = history.samples_per_s * cfg.model.seq_len
@@ -96,6 +102,8 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
             summary["skipped_steps"] = history.skipped_steps
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log(f"Final loss: {history.final_loss:.4f} | wall time: {history.wall_time:.2f} s | {speed}")
+        if topo.distributed:
+            log(format_memory_report(memory))
         log(f"Saved run to {run_dir}/ (model.safetensors, metrics.jsonl, config.toml)")
     return model, history, run_dir
 

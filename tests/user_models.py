@@ -121,3 +121,15 @@ class NonFiniteAt(nn.Module):
 
 def non_finite_at_step3():
     return NonFiniteAt()
+
+
+class MeanOverOutputs(nn.Module):
+    def forward(self, x):  # [batch, k] -> [batch, 1]
+        return x.mean(1, keepdim=True)
+
+
+def even_mlp():
+    """Every parameter's first dim divides by 2 and 4, so FSDP shards split it exactly evenly."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4),
+                         MeanOverOutputs())

@@ -16,11 +16,14 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from gpupar.config import ParallelConfig
+from gpupar.errors import UsageError
 from gpupar.topology import Topology
 
 
 def apply_ddp(model: nn.Module, topo: Topology, options: ParallelConfig) -> DistributedDataParallel:
     """Wrap ``model`` (already on ``topo.device``) in DDP with the configured bucket and hook."""
+    if options.ddp_comm_hook == "bf16" and topo.device.type != "cuda":
+        raise UsageError("--ddp-comm-hook bf16 needs NCCL on CUDA; on CPU (gloo) use fp16 or none")
     ddp = DistributedDataParallel(
         model,
         device_ids=[topo.device.index] if topo.device.type == "cuda" else None,

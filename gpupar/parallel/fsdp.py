@@ -1,0 +1,133 @@
+"""Sharded data parallelism: FSDP2 (``fully_shard``) over a 1-D mesh, and HSDP over a 2-D one.
+
+Data parallelism keeps a full copy of the parameters, gradients and optimizer state on
+every rank. ZeRO (Rajbhandari et al., 2020, "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models", SC20) shards all three over the W data-parallel ranks, so
+each rank keeps 1/W of them: parameters are all-gathered just before a block's forward
+(and again before its backward), and gradients are reduce-scattered instead of
+all-reduced. PyTorch FSDP (Zhao et al., 2023, "PyTorch FSDP: Experiences on Scaling Fully
+Sharded Data Parallel", VLDB) implements it; FSDP2's ``fully_shard`` stores each
+parameter as a DTensor sharded on dim 0, so a rank's optimizer only ever sees its shard.
+
+The unit of communication is the module passed to ``fully_shard``: we shard each block
+first (one all-gather per block, freed again after its forward) and then the root, which
+takes whatever parameters are left. ``reshard_after_forward=False`` keeps the gathered
+parameters from forward to backward (ZeRO-2-like: one all-gather fewer, more memory).
+
+HSDP (hybrid sharding) shards over S ranks and replicates those shards over R groups,
+(R, S) = (dp_replicate, dp_shard): the all-gathers stay inside a group of S (say, one
+node) and only the gradient all-reduce crosses groups.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+try:  # public since torch 2.6
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+except ImportError:  # pragma: no cover - older 2.x builds
+    from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from gpupar.config import ParallelConfig
+from gpupar.errors import UsageError
+from gpupar.topology import Topology
+
+TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def fsdp_mesh(topo: Topology, options: ParallelConfig) -> DeviceMesh:
+    """The data-parallel mesh: 1-D ``("dp_shard",)`` for fsdp, 2-D ``("dp_replicate", "dp_shard")`` for hsdp."""
+    device_type = topo.device.type
+    if options.strategy != "hsdp":
+        return init_device_mesh(device_type, (topo.world_size,), mesh_dim_names=("dp_shard",))
+    replicate, shard = hsdp_degrees(topo.world_size, options.dp_replicate, options.dp_shard,
+                                    int(os.environ.get("LOCAL_WORLD_SIZE", topo.world_size)))
+    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def hsdp_degrees(world: int, replicate: int | None, shard: int | None, local_world: int) -> tuple[int, int]:
+    """(R, S) with R * S == world. Unset degrees follow the other one; with neither set,
+    shard within a node (S = ranks per node) and replicate across nodes."""
+    if replicate is None and shard is None:
+        shard = local_world if world % local_world == 0 else world
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    for name, value in (("--dp-replicate", replicate), ("--dp-shard", shard)):
+        if value is not None and value not in divisors:
+            raise UsageError(f"{name} {value} does not divide the world size {world} (the number of ranks); "
+                             f"accepted: {', '.join(map(str, divisors))}")
+    replicate = replicate or world // shard  # type: ignore[operator]
+    shard = shard or world // replicate
+    if replicate * shard != world:
+        raise UsageError(f"--dp-replicate {replicate} x --dp-shard {shard} = {replicate * shard} must equal "
+                         f"the world size {world} (the number of ranks)")
+    return replicate, shard
+
+
+def pick_blocks(model: nn.Module, blocks: str = "auto", min_params: int = 100_000) -> list[nn.Module]:
+    """The modules to shard as units before the root, children before their parents.
+
+    ``auto``: every child (with parameters) of an ``nn.Sequential`` or ``nn.ModuleList``
+    (the layers of an MLP, the blocks of a transformer), every ``nn.TransformerEncoderLayer``
+    / ``DecoderLayer``, and elsewhere every ``nn.Linear`` with at least ``min_params``
+    parameters. A chosen unit is not searched further. ``none``: only the root.
+    Otherwise a comma-separated list of class names, for example ``Block,Linear``.
+    """
+    if blocks == "none":
+        return []
+    if blocks != "auto":
+        names = {n.strip() for n in blocks.split(",") if n.strip()}
+        present = {type(m).__name__ for m in model.modules()}
+        if unknown := sorted(names - present):
+            raise UsageError(f"--fsdp-blocks {unknown[0]!r} is not a module class in this model; "
+                             f"accepted: auto, none, or names from {', '.join(sorted(present))}")
+        # Reversed pre-order puts every module before the modules that contain it.
+        return [m for m in reversed(list(model.modules())) if type(m).__name__ in names and m is not model]
+
+    chosen: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if not any(True for _ in child.parameters()):
+                continue  # activations, dropout: nothing to shard
+            big_linear = isinstance(child, nn.Linear) and sum(p.numel() for p in child.parameters()) >= min_params
+            if isinstance(module, (nn.Sequential, nn.ModuleList)) or isinstance(child, TRANSFORMER_LAYERS) or big_linear:
+                chosen.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return chosen
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, options: ParallelConfig, precision: str = "fp32") -> nn.Module:
+    """Shard ``model`` (already on this rank's device) in place over ``mesh``; returns it.
+
+    bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32
+    (a sum of W bf16 gradients would lose bits). fp16 keeps fp32 parameters under autocast.
+    """
+    mp_policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = {}
+    if options.cpu_offload:
+        if mesh.device_type == "cpu":
+            if mesh.get_rank() == 0:
+                print("--cpu-offload: the parameters already live in CPU memory on a CPU-only run; "
+                      "offloading is skipped", file=sys.stderr)
+        else:
+            # Sharded parameters, gradients and optimizer state live in (pinned) CPU memory;
+            # the optimizer step runs on the CPU. Each block is copied to the GPU to run.
+            offload = {"offload_policy": CPUOffloadPolicy()}
+    for block in pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params):
+        fully_shard(block, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
+                    mp_policy=mp_policy, **offload)
+    # The root takes the remaining parameters. FSDP never reshards the root after forward:
+    # backward starts with it, so its parameters would be gathered again at once.
+    fully_shard(model, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
+                mp_policy=mp_policy, **offload)
+    return model
