@@ -141,18 +141,30 @@ def fuse(models: list[nn.Module], device: torch.device, allow_linear: bool = Tru
 
 
 def check_vmappable(f: Fused, x: torch.Tensor, log: Callable[[str], None]) -> None:
-    """Probe the vmap forward on two samples (with copies of the buffers); fall back to 'loop'."""
+    """Use vmap only where it is exact; otherwise fall back to 'loop' and say why.
+
+    Buffers (BatchNorm's running statistics, counters) are updated in place during
+    training; under vmap those updates are not the ones the model alone makes (measured:
+    BatchNorm's running mean drifts by ~1e-3), so a model with buffers runs as a loop.
+    Anything else vmap refuses shows up in a probe on two samples (with copies of the buffers).
+    """
     if f.kind != "vmap":
         return
-    probe = copy.copy(f)
-    probe.fixed = {k: v.clone() for k, v in f.fixed.items()}
-    try:
-        with torch.no_grad():
-            _autograd_forward(probe, x[:2])
-    except Exception as exc:  # vmap raises RuntimeError, ValueError or NotImplementedError
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        log(f"note: {type(f.base).__name__} cannot be vmapped ({reason}); its {f.M} copies run one after "
-            "another in each fused step (exact, but slower)")
+    reason = None
+    buffers = [name for name, _ in f.base.named_buffers()]
+    if buffers:
+        reason = f"its buffers ({', '.join(buffers[:3])}) change in place during training"
+    else:
+        probe = copy.copy(f)
+        probe.fixed = {k: v.clone() for k, v in f.fixed.items()}
+        try:
+            with torch.no_grad():
+                _autograd_forward(probe, x[:2])
+        except Exception as exc:  # vmap raises RuntimeError, ValueError or NotImplementedError
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if reason:
+        log(f"note: {type(f.base).__name__} cannot be vmapped exactly ({reason}); its {f.M} copies run one "
+            "after another in each fused step (exact, but slower)")
         f.kind = "loop"
 
 
