@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", default=None)
     p.set_defaults(func=lambda a: bench_worker(a.config, a.result, a.steps, a.warmup, a.peer) or 0)
 
+    p = sub.add_parser("sweep", help="train a grid of seeds x learning rates x widths as one fused program",
+                       conflict_handler="resolve")  # its --lr and --hidden take lists
+    add_config_flags(p, only=("model", "data", "optim"))
+    add_sweep_flags(p)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
@@ -309,6 +315,75 @@ def bench_worker(*args) -> None:
     from gpupar.bench import bench_worker as worker
 
     worker(*args)
+
+def add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sweep")
+    g.add_argument("--seeds", default="0", help="weight-init seeds: ranges and lists, like 0-63 or 1,2,5 (default: 0)")
+    g.add_argument("--lr", dest="sweep_lr", metavar="LR,...", help="learning rates, like 0.001,0.01,0.1 (default: 0.01)")
+    g.add_argument("--hidden", dest="sweep_hidden", metavar="H,...", help="hidden widths, like 32,50,64 (default: 50)")
+    g.add_argument("--max-fused", type=_number(int), metavar="K", help="at most K models per fused chunk")
+    g.add_argument("--export-best", metavar="PATH.safetensors",
+                   help="write the best model there (and its config.toml beside it) for gpupar predict")
+    for flags, dest, kind, help_text in (
+            (("--epochs",), "train.epochs", int, "passes over the training data (default: 100)"),
+            (("--batch-size",), "train.batch_size", int, "batch size; none = full batch"),
+            (("--max-steps",), "train.max_steps", int, "stop after this many optimizer steps"),
+            (("--log-every",), "train.log_every", int, "record the train loss every N epochs (default: 20)"),
+            (("--data-seed",), "train.seed", int, "seed of the shared data: synthetic draw, split, shuffle (default: 42)"),
+            (("--device",), "train.device", str, "auto, cpu, cuda, cuda:N or mps"),
+            (("--run-dir", "--out"), "train.run_dir", str, "output directory (default: runs/sweep-<timestamp>)"),
+            (("--nproc-per-node",), "parallel.nproc_per_node", int, "ranks to shard the sweep across")):
+        g.add_argument(*flags, dest=dest, type=_number(int) if kind is int else str, default=argparse.SUPPRESS,
+                       help=help_text)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from gpupar.models import hidden_width
+    from gpupar.sweep import grid, parse_list, parse_seeds, run_sweep, table, write_outputs
+    from gpupar.topology import launched_by_torchrun
+
+    cfg = config_from_args(args)
+    if "data.val_fraction" not in vars(args) and cfg.data.val_fraction == 0.0:
+        cfg.data.val_fraction = 0.2  # a sweep ranks its models by validation loss
+    members = grid(parse_seeds(args.seeds), parse_list(args.sweep_lr, float, "--lr") if args.sweep_lr else
+                   [cfg.optim.lr], parse_list(args.sweep_hidden, int, "--hidden") if args.sweep_hidden else
+                   [hidden_width(cfg.model)])
+    if args.max_fused is not None and args.max_fused < 1:
+        raise UsageError(f"--max-fused {args.max_fused} must be a positive integer")
+    run_dir = Path(cfg.train.run_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
+    cfg.train.run_dir = str(run_dir)
+    if (cfg.parallel.nproc_per_node or 1) > 1 and not launched_by_torchrun():
+        _launch_sweep(cfg, args, run_dir)
+        return 0
+    topo = _topology(cfg)
+    sweep = run_sweep(cfg, members, topo, args.max_fused, log=print if topo.is_main else lambda _: None)
+    if topo.is_main:
+        print(table(sweep.results))
+        write_outputs(sweep, cfg, run_dir, args.export_best)
+        b = sweep.best.member
+        print(f"{len(sweep.results)} models in {sweep.chunks} fused chunk(s), {sweep.wall_time:.2f} s on "
+              f"{topo.device}; best: model {b.index} (seed {b.seed}, lr {b.lr:g}, hidden {b.hidden})")
+        print(f"Saved sweep to {run_dir}/ (sweep.jsonl, best.json, best/model.safetensors)"
+              + (f"; best model exported to {args.export_best}" if args.export_best else ""))
+    topo.close()
+    return 0
+
+
+def _launch_sweep(cfg: Config, args: argparse.Namespace, run_dir) -> None:
+    """Start `gpupar sweep` on every rank with the effective config; each trains its slice."""
+    from gpupar.launch import run_workers
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "launch.toml").write_text(to_toml(cfg))
+    forwarded = ["sweep", "--config", str(run_dir / "launch.toml"), "--seeds", args.seeds]
+    for flag_name, value in (("--lr", args.sweep_lr), ("--hidden", args.sweep_hidden),
+                             ("--max-fused", args.max_fused), ("--export-best", args.export_best)):
+        if value is not None:
+            forwarded += [flag_name, str(value)]
+    run_workers(cfg, forwarded)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -40,6 +40,11 @@ def mlp(in_features: int, hidden: int, layers: int, out_features: int) -> nn.Seq
     return nn.Sequential(*modules)
 
 
+def hidden_width(cfg: ModelConfig) -> int:
+    """--hidden, or the model's own default: 50 (the classic SimpleNN, and mlp) or 64 (gpt)."""
+    return cfg.hidden or (64 if cfg.name == "gpt" else 50)
+
+
 def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int) -> nn.Module:
     """Build the model named by --model; the built-ins take their input width from the data.
 
@@ -48,13 +53,13 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int
     """
     torch.manual_seed(seed)
     if cfg.name == "simple-nn":
-        return SimpleNN(in_features, cfg.hidden or 50, out_features)
+        return SimpleNN(in_features, hidden_width(cfg), out_features)
     if cfg.name == "mlp":
-        return mlp(in_features, cfg.hidden or 50, cfg.layers, out_features)
+        return mlp(in_features, hidden_width(cfg), cfg.layers, out_features)
     if cfg.name == "gpt":
         from gpupar.gpt import GPT
 
-        return GPT(cfg.vocab, cfg.hidden or 64, cfg.layers, cfg.heads, cfg.seq_len)
+        return GPT(cfg.vocab, hidden_width(cfg), cfg.layers, cfg.heads, cfg.seq_len)
     if ":" in cfg.name:
         return load_factory(cfg.name)()
     raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")
