@@ -138,11 +138,13 @@ def _launch_train(cfg: Config) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gpupar.run import default_run_dir, train_from_config
+    from gpupar.tracking import check_available
 
     cfg = config_from_args(args)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    check_available(cfg.track.track)  # a missing extra fails here, before any rank starts
     if _needs_launch(cfg):
         cfg.train.run_dir = str(default_run_dir(cfg))  # one run directory for all ranks
         _launch_train(cfg)

@@ -92,10 +92,11 @@ def autocast_for(device: torch.device, precision: str):
 
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
-        log: Callable[[str], None] = print) -> History:
+        log: Callable[[str], None] = print, on_record: Callable[[dict], None] | None = None) -> History:
     """Train ``model`` (already on ``topo.device``) and return its history.
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
+    ``on_record`` receives each logged record (an experiment tracker's ``log``).
     """
     t = cfg.train
     batch_size = t.batch_size or len(train_set)
@@ -153,6 +154,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
                 if val_set is not None and len(val_set):
                     record["val_loss"] = evaluate(model, val_set, loss_fn, topo, t.precision, batch_size)
                 history.records.append(record)
+                if on_record is not None:
+                    on_record(record)
                 if topo.is_main:
                     line = f"Epoch [{epoch + 1}/{t.epochs}], Loss: {record['loss']:.4f}"
                     if "val_loss" in record:

@@ -17,6 +17,7 @@ from gpupar.devices import describe
 from gpupar.models import build_model, check_shapes
 from gpupar.parallelize import parallelize
 from gpupar.topology import Topology
+from gpupar.tracking import open_tracker
 from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks
 
 
@@ -60,7 +61,10 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         (run_dir / "config.toml").write_text(to_toml(cfg))
     train_set, val_set = as_samples((problem.X, problem.y), cfg)
     model = parallelize(problem.model, topo, cfg)
-    history = fit(model, train_set, cfg, topo, make_loss(cfg), make_optimizer(model, cfg), val_set, log=log)
+    tracker = open_tracker(cfg, run_dir, topo)  # --track: TensorBoard or MLflow, on rank 0 only
+    with tracker.failing_on_error():
+        history = fit(model, train_set, cfg, topo, make_loss(cfg), make_optimizer(model, cfg), val_set, log=log,
+                      on_record=tracker.log)
     if cfg.train.save_step_losses:
         history.step_losses = mean_over_ranks(history.step_losses, topo)
         if topo.is_main:
@@ -74,6 +78,7 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
                    "final_loss": history.final_loss, "wall_time_s": history.wall_time,
                    "samples_per_s": history.samples_per_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracker.finish(run_dir, summary)
         log(f"Final loss: {history.final_loss:.4f} | wall time: {history.wall_time:.2f} s | "
             f"{history.samples_per_s:,.0f} samples/s")
         log(f"Saved run to {run_dir}/ (model.safetensors, metrics.jsonl, config.toml)")
