@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, only=("parallel",))
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("runs", help="list past runs: name, date, model, strategy, ranks, final loss, wall time")
+    p.add_argument("--run-root", default="runs", help="directory holding the run directories (default: runs)")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("report", help="plot a run's loss (and validation loss) curve to RUN/loss.png")
+    p.add_argument("run", metavar="RUN", help="a run directory, for example runs/20261126-203603")
+    p.add_argument("--out", default=None, help="PNG file to write (default: RUN/loss.png)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
@@ -203,6 +212,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not topo.distributed:
             print(f"Wrote {len(preds)} predictions to {args.out}")
     topo.close()
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpupar.runs import runs_table
+
+    print(runs_table(Path(args.run_root)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpupar.runs import plot_run
+
+    out = plot_run(Path(args.run), Path(args.out) if args.out else None)
+    print(f"Wrote the loss curve to {out}")
     return 0
 
 
