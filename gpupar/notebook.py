@@ -7,7 +7,8 @@ Python function itself as the entrypoint and the ``fork`` start method: each ran
 copy of the kernel, so functions, imports and variables defined in earlier cells are
 there. Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), so the function calls ``torch.distributed.init_process_group()`` (or
-``gpupar.topology.Topology.from_env(cfg)``) as under torchrun.
+``gpupar.topology.Topology.from_env(cfg)``) as under torchrun. Forked ranks compute on one
+CPU thread each (see ``_run_rank``).
 
 Fork and CUDA: a forked child cannot use a CUDA context made by its parent, so with
 ``fork`` nothing in the notebook may touch CUDA before the launch (``torch.cuda.is_available``
@@ -57,7 +58,7 @@ def notebook_launch(fn: Callable[..., Any], *args: Any, nproc: int = 2, start_me
                           monitor_interval=0.1, start_method=start_method, local_addr="127.0.0.1")
     _flush()
     try:
-        results = elastic_launch(config, _run_rank)(fn, *args)
+        results = elastic_launch(config, _run_rank)(fn, start_method == "fork", *args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         raise TrainingError(f"rank {rank} failed: {_failure_line(failure)}; the other ranks were stopped") from None
@@ -66,8 +67,15 @@ def notebook_launch(fn: Callable[..., Any], *args: Any, nproc: int = 2, start_me
     return results[0]
 
 
-def _run_rank(fn: Callable[..., Any], *args: Any) -> Any:
-    """One rank: ``fn(*args)``, with its prints flushed before the rank exits."""
+def _run_rank(fn: Callable[..., Any], forked: bool, *args: Any) -> Any:
+    """One rank: ``fn(*args)``, with its prints flushed before the rank exits.
+
+    A forked rank runs CPU ops on one thread: the OpenMP thread pool the kernel already
+    used does not survive fork, and a child that enters a parallel region hangs (torchrun
+    likewise defaults to OMP_NUM_THREADS=1 per rank).
+    """
+    if forked:
+        torch.set_num_threads(1)
     try:
         return fn(*args)
     finally:
