@@ -78,8 +78,9 @@ def test_mlflow_with_ddp_logs_once_from_rank_0_and_a_failed_run_is_marked_failed
                               "--experiment", "ddp-test", "--run-dir", tmp_path / "nan")
     assert code == 1 and "non-finite" in err
     mlflow.set_tracking_uri(uri)
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["ddp-test"], output_format="list")}
-    assert set(runs) == {"ddp", "nan"}  # one run for two ranks: only rank 0 tracks
+    found = mlflow.search_runs(experiment_names=["ddp-test"], output_format="list")
+    assert sorted(r.info.run_name for r in found) == ["ddp", "nan"]  # one run for two ranks: only rank 0 tracks
+    runs = {r.info.run_name: r for r in found}
     assert runs["ddp"].info.status == "FINISHED" and runs["ddp"].data.params["parallel.strategy"] == "ddp"
     assert runs["ddp"].data.metrics["loss"] == pytest.approx(_metrics(tmp_path / "ddp")[-1]["loss"], rel=1e-12)
     assert runs["nan"].info.status == "FAILED"
