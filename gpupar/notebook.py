@@ -11,9 +11,11 @@ MASTER_PORT), so the function calls ``torch.distributed.init_process_group()`` (
 CPU thread each (see ``_run_rank``).
 
 Fork and CUDA: a forked child cannot use a CUDA context made by its parent, so with
-``fork`` nothing in the notebook may touch CUDA before the launch (``torch.cuda.is_available``
-is fine; creating a tensor on the GPU is not). ``start_method="spawn"`` works for functions
-importable from a module (not for ones defined in the notebook).
+``fork`` nothing in the notebook may create a CUDA tensor before the launch (gpupar refuses
+then), and ``torch.cuda.is_available()`` should be called with
+``PYTORCH_NVML_BASED_CUDA_CHECK=1`` set, which keeps it from poisoning fork (PyTorch's
+``torch.cuda.is_available`` docs). ``start_method="spawn"`` works for functions importable
+from a module (not for ones defined in the notebook).
 """
 
 from __future__ import annotations

@@ -167,8 +167,7 @@ def test_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert time.perf_counter() - start < 120
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "Using device: cpu" in text and "Epoch [100/100], Loss:" in text
-    assert "DDP through notebook_launch: final loss" in text
-    assert "PASS: ddp matches the single-device reference" in text
-    assert "Wrote the loss curve to runs/single/loss.png" in text
+    for expected in ("Using device: cpu", "Epoch [100/100], Loss:", "DDP through notebook_launch: final loss",
+                     "PASS: ddp matches the single-device reference", "Wrote the loss curve to runs/single/loss.png"):
+        assert expected in text, text[-4000:]
     assert (tmp_path / "runs/single/tensorboard").is_dir()
