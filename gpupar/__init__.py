@@ -3,6 +3,7 @@
 from gpupar.config import Config
 from gpupar.models import SimpleNN
 from gpupar.loop import TrainResult, train
+from gpupar.notebook import notebook_launch
 
 __version__ = "0.1.0"
-__all__ = ["Config", "SimpleNN", "TrainResult", "train", "__version__"]
+__all__ = ["Config", "SimpleNN", "TrainResult", "notebook_launch", "train", "__version__"]

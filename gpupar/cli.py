@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_flags(p)
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("runs", help="list past runs: name, date, model, strategy, ranks, final loss, wall time")
+    p.add_argument("--run-root", default="runs", help="directory holding the run directories (default: runs)")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("report", help="plot a run's loss (and validation loss) curve to RUN/loss.png")
+    p.add_argument("run", metavar="RUN", help="a run directory, for example runs/20261126-203603")
+    p.add_argument("--out", default=None, help="PNG file to write (default: RUN/loss.png)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
@@ -190,11 +199,13 @@ def _launch_train(cfg: Config) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gpupar.run import default_run_dir, train_from_config
+    from gpupar.tracking import check_available
 
     cfg = config_from_args(args)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    check_available(cfg.track.track)  # a missing extra fails here, before any rank starts
     if _needs_launch(cfg):
         cfg.train.run_dir = str(default_run_dir(cfg))  # one run directory for all ranks
         _launch_train(cfg)
@@ -384,6 +395,26 @@ def _launch_sweep(cfg: Config, args: argparse.Namespace, run_dir) -> None:
         if value is not None:
             forwarded += [flag_name, str(value)]
     run_workers(cfg, forwarded)
+
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpupar.runs import runs_table
+
+    print(runs_table(Path(args.run_root)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpupar.runs import plot_run
+
+    out = plot_run(Path(args.run), Path(args.out) if args.out else None)
+    print(f"Wrote the loss curve to {out}")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -116,6 +116,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackConfig:
+    track: str = opt("none", "experiment tracking on rank 0 (metrics.jsonl is always written)",
+                     ("none", "tensorboard", "mlflow"))
+    mlflow_uri: str | None = opt(None, "MLflow tracking URI; none = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here")
+    experiment: str = opt("gpupar", "MLflow experiment name")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +131,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def validate(self) -> "Config":
         """Check every field once; raise a UsageError naming the field and what is accepted."""

@@ -103,14 +103,15 @@ def autocast_for(device: torch.device, precision: str):
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
         log: Callable[[str], None] = print, checkpoints: Checkpointer | None = None,
-        on_step: Callable[[int], None] | None = None) -> History:
+        on_step: Callable[[int], None] | None = None, on_record: Callable[[dict], None] | None = None) -> History:
     """Train ``model`` (already on ``topo.device``) and return its history.
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
     With ``checkpoints`` (gpupar.resume.Checkpointer), training first restores the chosen
     checkpoint and continues at its step and batch, and a checkpoint is saved after every
     ``--checkpoint-every`` steps. ``on_step(step)`` runs after every optimizer step
-    (``gpupar bench`` times steps with it).
+    (``gpupar bench`` times steps with it); ``on_record`` receives each logged record (an
+    experiment tracker's ``log``).
     """
     t = cfg.train
     batch_size = t.batch_size or len(train_set)
@@ -197,6 +198,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
                 if val_set is not None and len(val_set):
                     record["val_loss"] = evaluate(model, val_set, loss_fn, topo, t.precision, batch_size)
                 history.records.append(record)
+                if on_record is not None:
+                    on_record(record)
                 if topo.is_main:
                     line = f"Epoch [{epoch + 1}/{t.epochs}], Loss: {record['loss']:.4f}"
                     if "val_loss" in record:

@@ -20,6 +20,7 @@ from gpupar.models import build_model, check_shapes
 from gpupar.parallelize import full_state_dict, parallelize
 from gpupar.resume import Checkpointer
 from gpupar.topology import Topology
+from gpupar.tracking import open_tracker
 from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks
 
 
@@ -71,7 +72,10 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
     optimizer = make_optimizer(model, cfg)
     checkpoints = Checkpointer(cfg, topo, run_dir, log) if (cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume
                                                            or os.environ.get("TORCHELASTIC_RESTART_COUNT")) else None
-    history = fit(model, train_set, cfg, topo, make_loss(cfg), optimizer, val_set, log=log, checkpoints=checkpoints)
+    tracker = open_tracker(cfg, run_dir, topo)  # --track: TensorBoard or MLflow, on rank 0 only
+    with tracker.failing_on_error():
+        history = fit(model, train_set, cfg, topo, make_loss(cfg), optimizer, val_set, log=log,
+                      checkpoints=checkpoints, on_record=tracker.log)
     memory = gather_memory_report(model, optimizer, history.grad_bytes, topo)
     if cfg.train.save_step_losses:
         history.step_losses = mean_over_ranks(history.step_losses, topo)
@@ -101,6 +105,7 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         if history.skipped_steps:
             summary["skipped_steps"] = history.skipped_steps
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracker.finish(run_dir, summary)
         log(f"Final loss: {history.final_loss:.4f} | wall time: {history.wall_time:.2f} s | {speed}")
         if topo.distributed:
             log(format_memory_report(memory))
@@ -113,7 +118,7 @@ def _earlier_records(path: Path, start_step: int) -> list[dict]:
     if not start_step or not path.is_file():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("step", 0) <= start_step]
+    return [r for r in records if "event" not in r and r.get("step", 0) <= start_step]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,141 @@
+"""Past runs: ``gpupar runs`` lists them, ``gpupar report RUN`` plots a run's loss curve.
+
+Both read only what ``gpupar train`` leaves in a run directory: ``summary.json`` (written
+when a run finishes), ``config.toml`` (written when it starts) and ``metrics.jsonl`` (one
+record per logged epoch). A directory with a config but no summary is a run that failed
+or is still going; it is listed with its status instead of figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpupar.errors import UsageError
+
+
+@dataclass
+class RunRow:
+    name: str  # the run directory, relative to the run root
+    date: str  # when it finished (or started, without a summary)
+    model: str
+    strategy: str
+    world_size: str
+    final_loss: str
+    wall_time: str
+    status: str  # finished, or "no summary" (failed or still running)
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run directory under ``root`` (a directory with config.toml or summary.json)."""
+    if not root.is_dir():
+        raise UsageError(f"--run-root {root}: no such directory (train something first: gpupar train)")
+    dirs = {p.parent for name in ("config.toml", "summary.json") for p in root.rglob(name)}
+    return sorted(dirs)
+
+
+def _started(run_dir: Path) -> float:
+    marker = run_dir / "config.toml"
+    return (marker if marker.exists() else run_dir).stat().st_mtime
+
+
+def run_row(run_dir: Path, root: Path) -> RunRow:
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_toml(run_dir / "config.toml")
+    model = summary.get("model") or config.get("model", {}).get("name", "?")
+    strategy = summary.get("strategy") or config.get("parallel", {}).get("strategy", "?")
+    date = summary.get("finished", "").replace("T", " ")[:16] or time.strftime("%Y-%m-%d %H:%M",
+                                                                                 time.localtime(_started(run_dir)))
+    if not summary:
+        return RunRow(str(run_dir.relative_to(root)), date, model, strategy, "-", "-", "-", "no summary")
+    loss = summary.get("final_loss", math.nan)
+    return RunRow(str(run_dir.relative_to(root)), date, model, strategy, str(summary.get("world_size", "?")),
+                  f"{loss:.4f}", f"{summary.get('wall_time_s', math.nan):.2f} s", "finished")
+
+
+def runs_table(root: Path) -> str:
+    rows = sorted((run_row(d, root) for d in find_runs(root)), key=lambda r: (r.date, r.name))
+    if not rows:
+        return f"no runs under {root}/"
+    header = RunRow("run", "date", "model", "strategy", "ranks", "final loss", "wall time", "status")
+    cells = [list(vars(r).values()) for r in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    numeric = {4, 5, 6}  # right-aligned columns
+    return "\n".join("  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in cells)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no metrics.jsonl (is it a gpupar run directory that finished?)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "event" not in r]  # per-rank memory rows are not loss records
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw the training (and validation) loss against the step to ``RUN/loss.png``.
+
+    A log scale for the loss when it spans more than a factor of 20 (the classic example
+    falls from ~100 to ~0.07), so the end of the curve is not a flat line.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("gpupar report needs matplotlib: pip install 'gpupar[plots]'") from None
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    if not run_dir.is_dir():
+        raise UsageError(f"gpupar report {run_dir}: no such run directory (list them with gpupar runs)")
+    records = read_metrics(run_dir)
+    if not records:
+        raise UsageError(f"{run_dir}/metrics.jsonl is empty: nothing to plot")
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    step_losses = run_dir / "step_losses.json"  # every step, with --save-step-losses
+    if step_losses.is_file():
+        per_step = json.loads(step_losses.read_text())
+        ax.plot(range(1, len(per_step) + 1), per_step, linewidth=1, alpha=0.5, label="training loss (every step)")
+    ax.plot(steps, [r["loss"] for r in records], marker="o", linewidth=2,
+            label="training loss (mean since the previous point)")
+    if any("val_loss" in r for r in records):
+        ax.plot([r["step"] for r in records if "val_loss" in r], [r["val_loss"] for r in records if "val_loss" in r],
+                marker="s", linewidth=2, linestyle="--", label="validation loss")
+    losses = [r[k] for r in records for k in ("loss", "val_loss") if k in r and r[k] > 0]
+    if losses and max(losses) / min(losses) > 20:
+        ax.set_yscale("log")
+    summary = _read_json(run_dir / "summary.json")
+    title = f"{run_dir.name}: {summary.get('model', '')} ({summary.get('strategy', '')}"
+    if "world_size" in summary:
+        title += f", {summary['world_size']} rank{'s' if summary['world_size'] != 1 else ''}"
+    title += ")"
+    ax.set_title(title, fontsize=13)
+    ax.set_xlabel("optimizer step", fontsize=12)
+    ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""), fontsize=12)
+    ax.tick_params(labelsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=11)
+    fig.tight_layout()
+    out = out or run_dir / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text()) if path.is_file() else {}
+    except tomllib.TOMLDecodeError:
+        return {}
