@@ -284,3 +284,29 @@ def test_sigkilled_worker_restarts_and_resumes_to_the_same_weights(tmp_path, mon
     assert proc.returncode == 1
     assert "training failed: rank 1 failed (signal SIGKILL) after 1 restart(s)" in proc.stderr
     assert _gpupar_processes(str(run)) == []  # no orphaned workers
+
+
+def test_reshard_ddp2_to_fsdp4_to_single_and_tp2_to_single(tmp_path):
+    """DCP checkpoints hold full logical tensors, so any strategy and world size can load them."""
+    ddp, fsdp, tp = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "tp"
+    proc, _ = gpupar("train", *DDP_FLAGS, "--strategy", "ddp", "--nproc-per-node", 2, "--checkpoint-every", 20,
+                     "--run-dir", ddp, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # DDP W=2 -> FSDP W=4: continue from step 20 with every tensor now sharded four ways.
+    proc, _ = gpupar("train", *DDP_FLAGS, "--strategy", "fsdp", "--nproc-per-node", 4, "--checkpoint-every", 20,
+                     "--resume", ddp / "checkpoints/step-20", "--run-dir", fsdp, cwd=tmp_path)
+    assert proc.returncode == 0 and "saved by ddp on 2 rank(s)" in proc.stdout, proc.stderr
+    _close(weights(fsdp), weights(ddp))  # same data and order; fp32 reduction order only
+    # FSDP W=4 -> single: the sharded step-40 checkpoint loads into one plain model exactly.
+    proc, _ = gpupar("train", *DDP_FLAGS, "--resume", fsdp / "checkpoints/step-40", "--run-dir", tmp_path / "s",
+                     cwd=tmp_path)
+    assert proc.returncode == 0 and "saved by fsdp on 4 rank(s)" in proc.stdout, proc.stderr
+    assert_bitwise_equal(weights(tmp_path / "s"), weights(fsdp))
+    # TP 2 -> single: DTensor shards of a tensor-parallel run, loaded whole.
+    tp_flags = ("--epochs", 40, "--checkpoint-every", 20)
+    proc, _ = gpupar("train", *tp_flags, "--tp", 2, "--nproc-per-node", 2, "--run-dir", tp, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc, _ = gpupar("train", *tp_flags, "--resume", tp / "checkpoints/step-40", "--run-dir", tmp_path / "t",
+                     cwd=tmp_path)
+    assert proc.returncode == 0 and "saved by tp on 2 rank(s)" in proc.stdout, proc.stderr
+    assert_bitwise_equal(weights(tmp_path / "t"), weights(tp))
