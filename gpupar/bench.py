@@ -119,21 +119,9 @@ def strategy_config(base: Config, strategy: str, world: int, steps: int, warmup:
 
 
 def _set_degree(cfg: Config, name: str, world: int) -> None:
-    """Tensor / pipeline parallel over all ranks: ``--tp W`` / ``--pp W`` (issue 5's flags)."""
-    if not hasattr(cfg.parallel, name):
-        raise UsageError(f"{name} is not available in this gpupar (no --{name} option)")
+    """Tensor / pipeline parallel over all ranks: ``--tp W`` / ``--pp W``."""
     setattr(cfg.parallel, name, world)
-    if name in _strategy_choices():
-        cfg.parallel.strategy = name
-    cfg.parallel.nproc_per_node = world
-
-
-def _strategy_choices() -> tuple[str, ...]:
-    from dataclasses import fields
-
-    from gpupar.config import ParallelConfig
-
-    return next(f.metadata["choices"] for f in fields(ParallelConfig) if f.name == "strategy")
+    cfg.parallel.strategy, cfg.parallel.nproc_per_node = name, world
 
 
 def check_runnable(strategy: str, world: int, device: torch.device) -> None:
