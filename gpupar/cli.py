@@ -449,9 +449,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # A worker's crash: one line, so the launcher's report of the failing rank stays readable.
         first = (str(exc).strip().splitlines() or [""])[0]
-        hint = " (a peer rank died or is stuck; see its message)" if "gloo" in first or "NCCL" in first else ""
-        print(f"gpupar{_rank_tag()}: failed: {type(exc).__name__}: {first}{hint}", file=sys.stderr)
+        if "gloo" in first or "NCCL" in first:  # a collective broke: the cause is another rank
+            print(f"gpupar{_rank_tag()}: failed: {type(exc).__name__}: {first} (a peer rank died or is stuck; "
+                  "see its message)", file=sys.stderr)
+            return PEER_FAILED
+        print(f"gpupar{_rank_tag()}: failed: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
+
+
+PEER_FAILED = 3  # a worker's exit code when only a collective with a failed peer broke
 
 
 def _rank_tag() -> str:

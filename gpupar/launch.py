@@ -104,8 +104,14 @@ def run_workers(cfg: Config, argv: list[str]) -> None:
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "gpupar", *argv)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # The cause, not its echo: a rank whose collective broke because a peer died exits
+        # with PEER_FAILED (3) and may be noticed first; name the earliest other failure.
+        causes = {r: f for r, f in exc.failures.items() if f.exitcode != 3} or exc.failures
+        rank, failure = min(causes.items(), key=lambda kv: kv[1].timestamp)
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        if failure.exitcode < 0 and failure.signal_name() == "SIGTERM" and len(causes) < len(exc.failures):
+            # Stopped by the launcher after its peers gave up on it: the stuck rank.
+            how += f"; its peers timed out waiting for it after --timeout {cfg.parallel.timeout:g}s"
         raise TrainingError(f"rank {rank} failed ({how}) after {cfg.parallel.max_restarts} restart(s); "
                             "the other ranks were stopped") from None
     except Exception as exc:  # rendezvous timeouts and the like
