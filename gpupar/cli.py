@@ -181,12 +181,12 @@ def check_degrees_before_launch(cfg: Config) -> None:
                      lp.nproc_per_node)
 
 
-def _launch_train(cfg: Config) -> None:
-    """Write the effective config into the run directory and start `gpupar train` on every rank."""
+def _launch(cfg: Config, command: str, *extra: str) -> None:
+    """Write the effective config into the run directory and start `gpupar COMMAND` on every
+    rank with it (plus ``extra`` flags that are not config fields)."""
     from pathlib import Path
 
     from gpupar.launch import run_workers
-
     from gpupar.parallelize import preflight
 
     if cfg.parallel.nproc_per_node:  # bad --dp/--tp/--pp: one error here, not one per rank
@@ -194,7 +194,7 @@ def _launch_train(cfg: Config) -> None:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "launch.toml").write_text(to_toml(cfg))
-    run_workers(cfg, ["train", "--config", str(run_dir / "launch.toml")])
+    run_workers(cfg, [command, "--config", str(run_dir / "launch.toml"), *extra])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -208,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_available(cfg.track.track)  # a missing extra fails here, before any rank starts
     if _needs_launch(cfg):
         cfg.train.run_dir = str(default_run_dir(cfg))  # one run directory for all ranks
-        _launch_train(cfg)
+        _launch(cfg, "train")
         return 0
     topo = _topology(cfg)
     if topo.world_size > 1 and cfg.parallel.strategy == "single":
@@ -230,7 +230,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     def launch(strategy_cfg: Config) -> None:
         if _needs_launch(strategy_cfg):
-            _launch_train(strategy_cfg)
+            _launch(strategy_cfg, "train")
         else:
             from gpupar.run import train_from_config
 
@@ -290,12 +290,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from gpupar.bench import BenchSpec, run_bench
     from gpupar.bench_report import _pyplot, markdown, update_markdown, write_outputs
+    from gpupar.sweep import parse_list
 
     cfg = config_from_args(args)
     _pyplot()  # fail now, not after the runs, when matplotlib is missing
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     spec = BenchSpec(base=cfg, strategies=_comma_list(args.strategies, "--strategies"),
-                     world_sizes=[_positive(w, "--world-sizes") for w in _comma_list(args.world_sizes, "--world-sizes")],
+                     world_sizes=parse_list(args.world_sizes, int, "--world-sizes"),
                      steps=args.steps, warmup=args.warmup, out=out,
                      peers=_comma_list(args.peers, "--peers") if args.peers else [],
                      peak_tflops=args.peak_tflops, threads_per_rank=args.threads_per_rank,
@@ -314,12 +315,6 @@ def _comma_list(text: str, name: str) -> list[str]:
     if not items:
         raise UsageError(f"{name} {text!r}: expected a comma-separated list")
     return items
-
-
-def _positive(text: str, name: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"{name}: {text!r} is not a positive integer")
-    return int(text)
 
 
 def bench_worker(*args) -> None:
@@ -367,7 +362,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.train.run_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     cfg.train.run_dir = str(run_dir)
     if (cfg.parallel.nproc_per_node or 1) > 1 and not launched_by_torchrun():
-        _launch_sweep(cfg, args, run_dir)
+        _launch_sweep(cfg, args)
         return 0
     topo = _topology(cfg)
     sweep = run_sweep(cfg, members, topo, args.max_fused, log=print if topo.is_main else lambda _: None)
@@ -383,18 +378,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_sweep(cfg: Config, args: argparse.Namespace, run_dir) -> None:
+def _launch_sweep(cfg: Config, args: argparse.Namespace) -> None:
     """Start `gpupar sweep` on every rank with the effective config; each trains its slice."""
-    from gpupar.launch import run_workers
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "launch.toml").write_text(to_toml(cfg))
-    forwarded = ["sweep", "--config", str(run_dir / "launch.toml"), "--seeds", args.seeds]
+    extra = ["--seeds", args.seeds]
     for flag_name, value in (("--lr", args.sweep_lr), ("--hidden", args.sweep_hidden),
                              ("--max-fused", args.max_fused), ("--export-best", args.export_best)):
         if value is not None:
-            forwarded += [flag_name, str(value)]
-    run_workers(cfg, forwarded)
+            extra += [flag_name, str(value)]
+    _launch(cfg, "sweep", *extra)
 
 
 

@@ -120,7 +120,3 @@ def _earlier_records(path: Path, start_step: int) -> list[dict]:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if "event" not in r and r.get("step", 0) <= start_step]
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP / DataParallel wrapper."""
-    return getattr(model, "module", model)

@@ -1,11 +1,12 @@
 """Running gpupar in real processes: the launcher, torchrun and multi-node paths spawn ranks."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gpupar.launch import free_port  # noqa: F401  (tests import it from here)
 
 TESTS = Path(__file__).parent
 
@@ -23,9 +24,3 @@ def gpupar(*args, cwd, timeout=240, prefix=("-m", "gpupar")) -> tuple[subprocess
     proc = subprocess.run([sys.executable, *prefix, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env(), timeout=timeout)
     return proc, time.perf_counter() - start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
