@@ -1,169 +1,327 @@
-"""Saving and loading weights safely: nothing gpupar reads from disk can run code.
+"""Periodic distributed checkpoints: atomic commit, exact resume, keep-last, export.
 
-Weights are written as safetensors (no code can ride along) through a temporary file and
-an atomic rename, so a crash never leaves a half-written ``model.safetensors``. Legacy
-``.pt`` state dicts load only with ``weights_only=True``; there is no unsafe fallback.
+A checkpoint is a directory ``RUN/checkpoints/step-N/`` written with
+``torch.distributed.checkpoint`` (DCP): every rank writes its own shards of the model and
+optimizer state in parallel, and DCP records which global slice each shard holds. The state
+comes from ``get_state_dict`` (parameter names without DDP/FSDP wrappers, DTensor shards for
+FSDP2 and tensor parallelism), so a checkpoint saved by one strategy and world size loads
+into another: DCP reads each rank's new slice from whatever shards cover it.
 
-Distributed checkpoints (``torch.distributed.checkpoint``, DCP) have two unsafe spots in
-PyTorch's stock reader: the ``.metadata`` file is a plain pickle, and non-tensor values
-(optimizer hyper-parameters) are read with ``torch.load(weights_only=False)``. ``SafeReader``
-unpickles the metadata with an allow-list of DCP's own record classes, and
-``SafeLoadPlanner`` reads the values with ``weights_only=True``.
+Beside the DCP files sit two small JSON files, readable without unpickling anything:
+``trainer.json`` (the step, the position in the data, the LR scheduler, the run's shape) from
+rank 0, and ``rng/rank-R.json`` (torch, CUDA, Python and NumPy RNG states) from every rank.
+
+The commit is atomic: all ranks write into ``step-N.tmp/``, meet at a barrier, then rank 0
+renames it to ``step-N/`` and writes a ``COMPLETE`` marker. A directory without the marker
+(a crash mid-save) is never resumed from, and older checkpoints are pruned only after the
+new one is complete.
 """
 
 from __future__ import annotations
 
-import enum
-import io
+import base64
+import contextlib
+import json
 import os
-import pickle
+import random
 import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from gpupar.errors import UsageError
+from gpupar.weights import SafeLoadPlanner, SafeReader, read_dcp_metadata, save_weights
+from gpupar.config import Config
+from gpupar.errors import TrainingError, UsageError
+from gpupar.topology import Topology
 
-
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write a full state dict to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "writer": "gpupar"})
-    os.replace(tmp, path)
-    return path
+FORMAT = 1
+COMPLETE = "COMPLETE"
+STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from .safetensors, or from .pt/.pth with ``weights_only=True`` only."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--weights {path}: file not found")
-    if path.suffix == ".safetensors":
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: optimizer steps done, and the next batch to take."""
+
+    step: int = 0
+    epoch: int = 0  # the epoch to continue in (0-based)
+    batch: int = 0  # batches of that epoch already consumed
+
+
+# --- finding checkpoints --------------------------------------------------------------------
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoints under ``root`` (RUN/checkpoints), oldest first; partial ones ignored."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(spec: str, run_dir: Path) -> Path | None:
+    """``auto`` -> the newest complete checkpoint of this run (None when there is none yet);
+    a PATH -> that checkpoint, or the newest complete one under a run or checkpoints directory."""
+    if spec == "auto":
+        found = complete_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"--resume {spec}: no such checkpoint directory; pass auto or a RUN/checkpoints/step-N path")
+    if (path / ".metadata").exists() or STEP_DIR.fullmatch(path.name):
+        if not (path / COMPLETE).is_file():
+            raise UsageError(f"--resume {spec}: incomplete checkpoint (no {COMPLETE} marker: its save was "
+                             "interrupted); resume from an earlier one or use --resume auto")
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise UsageError(f"--resume {spec}: holds no complete checkpoint (expected step-N/ with a {COMPLETE} marker)")
+
+
+# --- saving -----------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Saves every ``--checkpoint-every`` steps and restores at start; the loop calls it."""
+
+    def __init__(self, cfg: Config, topo: Topology, run_dir: Path, log: Callable[[str], None] = print):
+        self.cfg, self.topo, self.log = cfg, topo, log
+        self.root = Path(run_dir) / "checkpoints"
+        self.every = cfg.checkpoint.checkpoint_every
+        spec = cfg.checkpoint.resume
+        if spec is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            spec = "auto"  # TorchElastic restarted the workers: continue where the last commit left off
+        self.resume_from = resolve_resume(spec, Path(run_dir)) if spec else None
+        self.resume_requested = spec is not None
+        self.steps_per_epoch = 0  # set by restore(), which the loop calls before training
+
+    def on_step_end(self, position: Position, model: nn.Module, optimizer, scheduler, total_steps: int) -> None:
+        if self.every and position.step % self.every == 0:
+            self.save(position, model, optimizer, scheduler, total_steps)
+
+    def save(self, position: Position, model: nn.Module, optimizer, scheduler, total_steps: int) -> Path:
+        topo = self.topo
+        final = self.root / f"step-{position.step}"
+        tmp = self.root / f"step-{position.step}.tmp"
+        if not _all_finite_params(model, topo):  # never write a checkpoint one cannot train on from
+            raise TrainingError(f"parameters are non-finite at step {position.step}; no checkpoint was written")
+        if topo.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
+            (tmp / "rng").mkdir(parents=True)
+        _barrier(topo)
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _quiet():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        _write_json(tmp / "rng" / f"rank-{topo.rank}.json", rng_state())
+        if topo.is_main:
+            _write_json(tmp / "trainer.json", {
+                "format": FORMAT, "position": asdict(position), "total_steps": total_steps,
+                "steps_per_epoch": self.steps_per_epoch, "scheduler": _scheduler_state(scheduler),
+                "model": self.cfg.model.name, "strategy": self.cfg.parallel.strategy,
+                "world_size": topo.world_size, "torch": torch.__version__})
+        _barrier(topo)  # every rank's shards are on disk
+
+        if topo.is_main:
+            commit(tmp, final)
+            for old in complete_checkpoints(self.root)[:-self.cfg.checkpoint.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # --- resuming ---------------------------------------------------------------------------
+
+    def restore(self, model: nn.Module, optimizer, scheduler, steps_per_epoch: int, total_steps: int) -> Position:
+        """Load model, optimizer, scheduler and RNG states from the chosen checkpoint; return
+        the position to continue from (step 0 when there is nothing to resume)."""
+        self.steps_per_epoch = steps_per_epoch
+        path = self.resume_from
+        if path is None:
+            if self.resume_requested and self.topo.is_main:
+                self.log(f"No complete checkpoint in {self.root}; starting from step 0")
+            return Position()
+        where = f"--resume {path}"
+        trainer = _read_json(path / "trainer.json", where)
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UsageError(f"--weights {path}: not a valid safetensors file ({exc})") from None
+            metadata = read_dcp_metadata(path)
+        except Exception as exc:
+            raise UsageError(f"{where}: corrupt or unsafe checkpoint metadata ({_first_line(exc)})") from None
+        check_compatible(model, metadata, where)
+        if trainer.get("steps_per_epoch") != steps_per_epoch:
+            raise UsageError(f"{where}: saved with {trainer.get('steps_per_epoch')} steps per epoch, this run has "
+                             f"{steps_per_epoch}; the data and --batch-size must match to continue at the same batch")
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        try:
+            with _quiet():
+                dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(),
+                         no_dist=not dist.is_initialized())
+        except (Exception, CheckpointException) as exc:
+            raise UsageError(f"{where}: cannot load it into this model and optimizer ({_first_line(exc)})") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if scheduler is not None and trainer.get("scheduler"):
+            scheduler.load_state_dict(trainer["scheduler"])
+        rng_file = path / "rng" / f"rank-{self.topo.rank}.json"
+        set_rng_state(_read_json(rng_file if rng_file.is_file() else path / "rng" / "rank-0.json", where))
+
+        position = Position(**trainer["position"])
+        if self.topo.is_main:
+            note = ""
+            if trainer.get("total_steps") != total_steps and scheduler is not None:
+                note = (f" (the LR schedule was planned for {trainer.get('total_steps')} steps and now follows "
+                        f"{total_steps} from here)")
+            self.log(f"Resumed from {path} at step {position.step} (saved by {trainer.get('strategy')} on "
+                     f"{trainer.get('world_size')} rank(s)){note}")
+        return position
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Make a fully written checkpoint visible: rename, then mark it complete."""
+    if final.exists():
+        shutil.rmtree(final)  # an older save of the same step (a run resumed from before it)
+    os.replace(tmp, final)
+    with open(final / COMPLETE, "w") as fh:
+        fh.write("ok\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def check_compatible(model: nn.Module, metadata, where: str) -> None:
+    """Name the first parameter missing from the checkpoint or saved with another shape."""
+    saved = {k[len("model."):]: v.size for k, v in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+    for name, value in get_model_state_dict(model).items():  # global shapes, also for sharded tensors
+        if name not in saved:
+            raise UsageError(f"{where}: the checkpoint has no parameter {name!r} (it holds {sorted(saved)[:4]}); "
+                             "was it saved from another model?")
+        if tuple(saved[name]) != tuple(value.shape):
+            raise UsageError(f"{where}: parameter {name!r} has shape {list(saved[name])} in the checkpoint, "
+                             f"the model expects {list(value.shape)}")
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def export_weights(checkpoint: Path, out: Path) -> Path:
+    """Gather the full model weights of a checkpoint (any strategy, any world size) into one
+    safetensors file, in this one process."""
+    where = f"--checkpoint {checkpoint}"
+    if not checkpoint.is_dir():
+        raise UsageError(f"{where}: no such checkpoint directory; expected RUN/checkpoints/step-N")
+    if not (checkpoint / ".metadata").is_file():
+        raise UsageError(f"{where}: not a gpupar checkpoint directory (no .metadata); expected RUN/checkpoints/step-N")
+    if not (checkpoint / COMPLETE).is_file():
+        raise UsageError(f"{where}: incomplete checkpoint (no {COMPLETE} marker: its save was interrupted)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler refuses anything but tensors and plain containers
-        raise UsageError(f"--weights {path}: refused to load; only plain tensors are accepted "
-                         f"(weights_only=True): {refusal(exc)}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"--weights {path}: expected a dict of tensors (a state_dict)")
+        metadata = read_dcp_metadata(checkpoint)
+    except Exception as exc:
+        raise UsageError(f"{where}: corrupt or unsafe checkpoint metadata ({_first_line(exc)})") from None
+    # Empty full-size tensors for every model entry; DCP fills each from the shards covering it.
+    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+    if not state:
+        raise UsageError(f"{where}: holds no model weights")
+    try:
+        with _quiet():
+            dcp.load(state, storage_reader=SafeReader(checkpoint), planner=SafeLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        raise UsageError(f"{where}: cannot read the weights ({_first_line(exc)})") from None
+    return save_weights({k[len("model."):]: v for k, v in state.items()}, out)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every RNG this process may draw from, as JSON (bytes as base64)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": _b64(torch.get_rng_state()), "python": [version, list(mt), gauss],
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def refusal(exc: BaseException) -> str:
-    """Why the weights_only unpickler refused a file, in one line: the code it would have run."""
-    text = str(exc)
-    match = re.search(r"GLOBAL ([\w.]+)", text)
-    if match:
-        return f"it references {match.group(1)}, which could run code"
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(_unb64(s), i)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _scheduler_state(scheduler) -> dict | None:
+    if scheduler is None:
+        return None
+    # LambdaLR's state is plain numbers; its lambda is code, saved as None and rebuilt from the config.
+    return scheduler.state_dict()
+
+
+def _all_finite_params(model: nn.Module, topo: Topology) -> bool:
+    local = all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters())
+    if not topo.distributed:
+        return local
+    flag = torch.tensor([0.0 if local else 1.0], device=topo.device if topo.device.type == "cuda" else "cpu")
+    dist.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2, tensor parallel); the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Without a process group DCP warns that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(topo: Topology) -> None:
+    if topo.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def _read_json(path: Path, where: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{where}: corrupt checkpoint ({path.name} is missing)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{where}: corrupt checkpoint ({path.name}: {exc})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, CheckpointException) and exc.failures:  # DCP wraps each rank's error
+        rank, (inner, _) = next(iter(exc.failures.items()))
+        return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
-
-
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a full state dict, naming the first missing, unexpected or mis-shaped parameter."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise UsageError(f"{source}: parameters do not match the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    for k, v in own.items():
-        if v.shape != state[k].shape:
-            raise UsageError(f"{source}: parameter {k!r} has shape {list(state[k].shape)}, "
-                             f"the model expects {list(v.shape)}")
-    model.load_state_dict(state)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed checkpoints (DCP): a reader and a planner that never unpickle arbitrary objects.
-
-_DCP_RECORD_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata``, allowing only the plain records it is made of.
-
-    Allowed: dataclasses and enums of DCP's metadata/filesystem modules, ``torch.Size``, torch
-    dtypes, layouts and memory formats, and pathlib paths. Anything else (``os.system``,
-    ``builtins.eval``, ...) is refused before it is called.
-    """
-
-    def find_class(self, module: str, name: str):
-        if module in _DCP_RECORD_MODULES:
-            obj = getattr(__import__(module, fromlist=[name]), name, None)
-            if isinstance(obj, type) and (hasattr(obj, "__dataclass_fields__") or issubclass(obj, enum.Enum)):
-                return obj
-        elif module == "torch":
-            obj = getattr(torch, name, None)
-            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
-                return obj
-        elif (module, name) == ("torch.serialization", "_get_layout"):
-            return torch.serialization._get_layout  # maps a name to a torch.layout
-        elif module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath"):
-            return getattr(__import__("pathlib"), name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name} (not part of a DCP checkpoint's metadata)")
-
-
-def read_dcp_metadata(checkpoint: str | Path) -> Metadata:
-    """The checkpoint's metadata (keys, shapes, dtypes), read with the allow-listed unpickler."""
-    with open(Path(checkpoint) / ".metadata", "rb") as fh:
-        metadata = _MetadataUnpickler(fh).load()
-    if not isinstance(metadata, Metadata):
-        raise pickle.UnpicklingError(f".metadata holds a {type(metadata).__name__}, not DCP Metadata")
-    return metadata
-
-
-class SafeReader(FileSystemReader):
-    """PyTorch's file-system reader with the pickled ``.metadata`` read safely (tensor data is
-    already read with ``weights_only=True`` by the stock reader)."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        metadata = read_dcp_metadata(self.path)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = getattr(self, "load_id", None)
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, but non-tensor values load with ``weights_only=True``."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, map_location="cpu", weights_only=True)  # refuses code-carrying pickles
-        except pickle.UnpicklingError as exc:
-            raise pickle.UnpicklingError(f"refused to load {read_item.dest_index.fqn}: {refusal(exc)}") from None
-        clean = io.BytesIO()
-        torch.save(obj, clean)  # re-serialised from plain values: safe for the stock loader
-        clean.seek(0)
-        super().load_bytes(read_item, clean)
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full, unsharded state dict that a single-device model loads, on rank 0.
-
-    Collective for sharded models: every rank must call it. FSDP keeps each parameter as a
-    DTensor shard; ``get_model_state_dict`` all-gathers them one at a time into CPU memory
-    on rank 0 (other ranks get an empty dict), so no rank ever holds the whole model on its
-    device at once. DDP / DataParallel wrappers lose their ``module.`` prefix; a plain
-    module's own state dict is returned as is.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return getattr(model, "module", model).state_dict()

@@ -272,7 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from gpupar.resume import export_weights
+    from gpupar.checkpoint import export_weights
 
     out = export_weights(Path(args.checkpoint), Path(args.out))
     # predict rebuilds the model from the config.toml beside the weights: copy the run's.

@@ -22,7 +22,7 @@ from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
 from gpupar.errors import TrainingError, UsageError
 from gpupar.parallel.pipeline import Pipeline
-from gpupar.resume import Checkpointer, Position
+from gpupar.checkpoint import Checkpointer, Position
 from gpupar.memory import grad_bytes
 from gpupar.topology import Topology
 
@@ -107,7 +107,7 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     """Train ``model`` (already on ``topo.device``) and return its history.
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
-    With ``checkpoints`` (gpupar.resume.Checkpointer), training first restores the chosen
+    With ``checkpoints`` (gpupar.checkpoint.Checkpointer), training first restores the chosen
     checkpoint and continues at its step and batch, and a checkpoint is saved after every
     ``--checkpoint-every`` steps. ``on_step(step)`` runs after every optimizer step
     (``gpupar bench`` times steps with it); ``on_record`` receives each logged record (an

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from gpupar.checkpoint import full_state_dict as checkpoint_full_state_dict
+from gpupar.weights import full_state_dict as checkpoint_full_state_dict
 from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp

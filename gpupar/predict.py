@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gpupar.checkpoint import load_into, load_weights
+from gpupar.weights import load_into, load_weights
 from gpupar.config import Config, load_toml
 from gpupar.data import load_file
 from gpupar.errors import UsageError

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpupar.checkpoint import save_weights
+from gpupar.weights import save_weights
 from gpupar.config import Config, to_toml
 from gpupar.data import load_file, prepare_targets, synthetic_regression
 from gpupar.devices import describe
 from gpupar.memory import format_memory_report, gather_memory_report
 from gpupar.models import build_model, check_shapes
 from gpupar.parallelize import full_state_dict, parallelize
-from gpupar.resume import Checkpointer
+from gpupar.checkpoint import Checkpointer
 from gpupar.topology import Topology
 from gpupar.tracking import open_tracker
 from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from gpupar.checkpoint import save_weights
+from gpupar.weights import save_weights
 from gpupar.config import Config, to_toml
 from gpupar.data import Samples, epoch_batches
 from gpupar.errors import UsageError

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gpupar.checkpoint import load_weights
+from gpupar.weights import load_weights
 from gpupar.config import Config, to_toml
 from gpupar.devices import pick_device
 from gpupar.run import default_run_dir, train_from_config

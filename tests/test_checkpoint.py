@@ -101,7 +101,7 @@ def test_crash_during_save_leaves_a_partial_dir_that_resume_ignores(tmp_path):
     and --resume auto continues from step-10, ending equal to an uninterrupted run."""
     run = tmp_path / "R"
     crash = ("import os, signal, sys\n"
-             "import gpupar.resume as r\n"
+             "import gpupar.checkpoint as r\n"
              "commit = r.commit\n"
              "def dying_commit(tmp, final):\n"
              "    if final.name == 'step-20':\n"
@@ -182,7 +182,7 @@ def test_malicious_pickles_never_run(gpupar_cli, tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from gpupar.resume import COMPLETE
+    from gpupar.checkpoint import COMPLETE
     sneaky = tmp_path / "sneaky/checkpoints/step-2"
     shutil.copytree(run / "checkpoints/step-2", sneaky)
     model = torch.nn.Sequential()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from gpupar.checkpoint import full_state_dict
+from gpupar.weights import full_state_dict
 from gpupar.config import Config, ParallelConfig
 from gpupar.errors import UsageError
 from gpupar.models import SimpleNN, mlp

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gpupar
-from gpupar.checkpoint import load_into, load_weights
+from gpupar.weights import load_into, load_weights
 from gpupar.config import Config, load_toml
 from gpupar.data import synthetic_regression
 from gpupar.errors import UsageError
