@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpupar.bench import run_combination, strategy_config
+from gpupar.bench.driver import run_combination, strategy_config
 from gpupar.config import Config
 
 TUNING = {  # label -> ParallelConfig overrides, tried at 2 ranks

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gpupar.config import Config
-from gpupar.run import train_from_config
+from gpupar.job import train_from_config
 from gpupar.topology import Topology
 
 

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from gpupar.weights import SafeLoadPlanner, SafeReader, read_dcp_metadata, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError
+from gpupar.memory import local_shard
 from gpupar.topology import Topology
 
 FORMAT = 1
@@ -130,7 +131,7 @@ class Checkpointer:
             _write_json(tmp / "trainer.json", {
                 "format": FORMAT, "position": asdict(position), "total_steps": total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "scheduler": _scheduler_state(scheduler),
-                "model": self.cfg.model.name, "strategy": self.cfg.parallel.strategy,
+                "model": self.cfg.model.name, "strategy": self.topo.dims.describe(),
                 "world_size": topo.world_size, "torch": torch.__version__})
         _barrier(topo)  # every rank's shards are on disk
 
@@ -280,17 +281,12 @@ def _scheduler_state(scheduler) -> dict | None:
 
 
 def _all_finite_params(model: nn.Module, topo: Topology) -> bool:
-    local = all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters())
+    local = all(bool(torch.isfinite(local_shard(p)).all()) for p in model.parameters())
     if not topo.distributed:
         return local
-    flag = torch.tensor([0.0 if local else 1.0], device=topo.device if topo.device.type == "cuda" else "cpu")
+    flag = torch.tensor([0.0 if local else 1.0], device=topo.comm_device())
     dist.all_reduce(flag)
     return flag.item() == 0.0
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (FSDP2, tensor parallel); the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @contextlib.contextmanager

@@ -76,7 +76,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = opt("single", "how to parallelise; --tp/--pp > 1 alone imply tp/pp",
+    strategy: str = opt("single", "shorthand for the layout: ddp replicates over the data-parallel ranks, fsdp "
+                        "shards over them, hsdp does both, tp/pp take the ranks --dp leaves; --dp/--tp/--pp "
+                        "alone also start ranks (data parallel beside --tp/--pp is fsdp)",
                         ("single", "dp", "ddp", "fsdp", "hsdp", "tp", "pp", "layer-split"))
     nproc_per_node: int | None = opt(None, "ranks to start on this node; none = local GPU count (required on CPU)")
     nnodes: int = opt(1, "number of nodes")
@@ -173,11 +175,6 @@ class Config:
                 (("microbatches",) if p.microbatches is not None else ()):
             if getattr(p, name) < 1:
                 raise UsageError(f"{flag(name)} {getattr(p, name)} must be a positive integer")
-        if p.strategy == "single" and (p.tp > 1 or p.pp > 1):
-            p.strategy = "pp" if p.pp > 1 else "tp"  # the degrees say which model parallelism is meant
-        if p.tp > 1 and p.pp > 1:
-            raise UsageError(f"--tp {p.tp} with --pp {p.pp}: tensor and pipeline parallel together are not "
-                             "supported yet; combine either with --dp")
         if p.strategy == "layer-split" and not p.devices:
             raise UsageError("--strategy layer-split needs --devices, for example cpu,cpu or cuda:0,cuda:1")
         if self.checkpoint.checkpoint_every is not None and self.checkpoint.checkpoint_every < 1:
@@ -185,18 +182,79 @@ class Config:
         if self.checkpoint.keep_last < 2:
             raise UsageError(f"--keep-last {self.checkpoint.keep_last} must be >= 2 (the newest complete "
                              "checkpoint is never deleted, and one more guards against a bad newest one)")
-        if self.parallel.strategy != "hsdp":
-            for name in ("dp_replicate", "dp_shard"):
-                if getattr(self.parallel, name) is not None:
-                    raise UsageError(f"{flag(name)} needs --strategy hsdp (got {self.parallel.strategy})")
-        for name in ("dp_replicate", "dp_shard"):
-            if getattr(self.parallel, name) is not None and getattr(self.parallel, name) < 1:
-                raise UsageError(f"{flag(name)} {getattr(self.parallel, name)} must be a positive integer")
-        if self.parallel.cpu_offload and self.parallel.strategy not in ("fsdp", "hsdp"):
-            raise UsageError(f"--cpu-offload needs --strategy fsdp or hsdp (got {self.parallel.strategy})")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
+        layout(self.parallel)  # a combination the layout cannot honour fails here, once
         return self
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout the flags ask for: ``--strategy`` translated, once, into degrees.
+
+    ``--strategy`` is shorthand: ``ddp`` replicates over the data-parallel ranks, ``fsdp``
+    shards over them, ``hsdp`` does both, and ``tp`` / ``pp`` set their degree. Nothing else
+    reads the string. The world size is known only at launch, so a degree of None takes the
+    ranks the others leave (``topology.ParallelDims.resolve`` makes the degrees concrete).
+    """
+
+    process: str
+    """"ranks" (one process per rank), or a one-process layout: "one-device", "dataparallel",
+    "layer-split"."""
+    dp_mode: str = "replicate"
+    """How the data-parallel ranks hold the model: "replicate" (DDP), "shard" (FSDP), "hybrid" (HSDP)."""
+    dp: int | None = 1
+    tp: int | None = 1
+    pp: int | None = 1
+    dp_replicate: int | None = None
+    dp_shard: int | None = None
+
+    @property
+    def ranks(self) -> bool:
+        return self.process == "ranks"
+
+
+def layout(p: ParallelConfig) -> Layout:
+    """Translate ``--strategy`` and the degrees into one Layout; refuse what it cannot honour."""
+    s = p.strategy
+    model_parallel = p.tp > 1 or p.pp > 1 or s in ("tp", "pp")
+    data_parallel = (p.dp or 1) > 1
+    if s != "hsdp":
+        for name in ("dp_replicate", "dp_shard"):
+            if getattr(p, name) is not None:
+                raise UsageError(f"{flag(name)} needs --strategy hsdp (got {s})")
+    for name in ("dp_replicate", "dp_shard"):
+        if getattr(p, name) is not None and getattr(p, name) < 1:
+            raise UsageError(f"{flag(name)} {getattr(p, name)} must be a positive integer")
+    if p.cpu_offload and s not in ("fsdp", "hsdp"):
+        raise UsageError(f"--cpu-offload needs --strategy fsdp or hsdp (got {s})")
+    if s in ("dp", "layer-split"):
+        if model_parallel or data_parallel:
+            raise UsageError(f"--strategy {s} runs in one process and takes no --dp/--tp/--pp; "
+                             "use --strategy fsdp (or ddp) with ranks")
+        if s == "layer-split" and not p.devices:
+            raise UsageError("--strategy layer-split needs --devices, for example cpu,cpu or cuda:0,cuda:1")
+        return Layout("dataparallel" if s == "dp" else "layer-split")
+    if s == "single" and not (model_parallel or data_parallel):
+        if (p.nproc_per_node or 1) > 1:
+            raise UsageError(f"--nproc-per-node {p.nproc_per_node} needs a multi-process --strategy, "
+                             "for example ddp")
+        return Layout("one-device")
+    if s == "ddp" and model_parallel:
+        given = " ".join(f"--{name} {getattr(p, name)}" for name in ("tp", "pp") if getattr(p, name) > 1)
+        raise UsageError(f"--strategy ddp with {given}: DDP cannot hold tensor-parallel (DTensor) parameters "
+                         "or pipeline stages; use --strategy fsdp or hsdp for the data-parallel part")
+    # Data parallel beside model parallelism shards (FSDP), as torchtitan does: DDP cannot.
+    dp_mode = {"ddp": "replicate", "fsdp": "shard", "hsdp": "hybrid"}.get(s, "shard" if model_parallel else "replicate")
+    tp = None if s == "tp" and p.tp == 1 else p.tp  # --strategy tp alone: every rank --dp leaves
+    pp = None if s == "pp" and p.pp == 1 else p.pp
+    if p.dp is not None:
+        dp: int | None = p.dp
+    elif None in (tp, pp):
+        dp = 1  # the model-parallel degree takes the ranks
+    else:
+        dp = None  # data parallel takes the ranks tp x pp leave
+    return Layout("ranks", dp_mode, dp, tp, pp, p.dp_replicate, p.dp_shard)
 
 
 def flag(f: dataclasses.Field | str) -> str:

@@ -189,9 +189,19 @@ def shard_batch(batch: torch.Tensor, parts: int, part: int) -> torch.Tensor:
     return batch[part * size:(part + 1) * size]
 
 
-def check_divisible(batch_size: int, grad_accum: int, world: int) -> None:
-    """A global batch must split evenly into grad_accum micro-batches over world ranks."""
-    if batch_size % (grad_accum * world):
-        raise UsageError(f"--batch-size {batch_size} must be divisible by --grad-accum ({grad_accum}) x "
-                         f"data-parallel ranks ({world}) = {grad_accum * world}; try "
-                         f"{math.ceil(batch_size / (grad_accum * world)) * grad_accum * world}")
+def check_divisible(batch_size: int, grad_accum: int, dp: int, samples: int, microbatches: int = 1,
+                    full_batch: bool = False) -> None:
+    """A global batch must split evenly into grad_accum micro-batches over dp ranks (and each
+    rank's part into the pipeline's micro-batches); the error suggests a size that fits the
+    ``samples`` there are."""
+    unit = grad_accum * dp * microbatches
+    if batch_size % unit == 0:
+        return
+    parts = [f"--grad-accum ({grad_accum})", f"data-parallel ranks ({dp})"]
+    if microbatches > 1:
+        parts.append(f"--microbatches ({microbatches})")
+    what = f"the full batch of {batch_size} samples" if full_batch else f"--batch-size {batch_size}"
+    fits = [size for size in (batch_size // unit * unit, -(-batch_size // unit) * unit) if 0 < size <= samples]
+    hint = (f"try --batch-size {min(fits, key=lambda size: abs(size - batch_size))}" if fits else
+            f"the {samples} training samples cannot fill even one batch of {unit}: use fewer ranks")
+    raise UsageError(f"{what} must be divisible by {' x '.join(parts)} = {unit}; {hint}")

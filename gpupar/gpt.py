@@ -18,6 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from gpupar.config import ModelConfig
+from gpupar.errors import UsageError
+from gpupar.models import ModelSpec
 
 
 class Attention(nn.Module):
@@ -67,8 +72,6 @@ class GPT(nn.Module):
     def __init__(self, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, seq_len: int = 32):
         super().__init__()
         if hidden % heads:
-            from gpupar.errors import UsageError
-
             raise UsageError(f"--hidden {hidden} must be divisible by --heads {heads}")
         self.heads = heads
         self.tok_emb: nn.Module | None = nn.Embedding(vocab, hidden)
@@ -118,3 +121,29 @@ def synthetic_tokens(samples: int, seq_len: int, vocab: int, seed: int) -> tuple
     stride = torch.randint(1, 8, (samples, 1), generator=gen)
     seq = (start + stride * torch.arange(seq_len + 1)) % vocab  # [samples, seq_len + 1]
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+
+def tp_plan(model: GPT, tp: int) -> dict[str, ParallelStyle]:
+    """Megatron-LM's plan per block: attention q/k/v colwise (whole heads per rank), its output
+    rowwise; the MLP's up projection colwise and its down projection rowwise. Two all-reduces
+    per block forward. Embeddings, norms and the vocabulary head stay whole (no sequence
+    parallel). ``model`` may be a pipeline stage: it plans the blocks the stage holds."""
+    if model.heads % tp:
+        raise UsageError(f"--tp {tp} must divide --heads {model.heads}: each rank holds whole attention heads")
+    plan: dict[str, ParallelStyle] = {}
+    for i in model.blocks:
+        for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
+            plan[f"blocks.{i}.{name}"] = ColwiseParallel()
+        for name in ("attn.out", "mlp.down"):
+            plan[f"blocks.{i}.{name}"] = RowwiseParallel()
+    return plan
+
+
+def gpt_spec(cfg: ModelConfig, hidden: int) -> ModelSpec:
+    """The GPT's spec: next-token loss, the arithmetic-sequence task, seq_len tokens per sample,
+    its TP plan and its pipeline layers (the input width of the data does not apply)."""
+    return ModelSpec(
+        "gpt", build=lambda n_in, n_out: GPT(cfg.vocab, hidden, cfg.layers, cfg.heads, cfg.seq_len),
+        loss=TokenCrossEntropy,
+        synthetic_data=lambda samples, seed: synthetic_tokens(samples, cfg.seq_len, cfg.vocab, seed),
+        tokens_per_sample=cfg.seq_len, tp_plan=tp_plan, pipeline_units=GPT.layer_units)

@@ -1,10 +1,14 @@
-"""Starting ranks through TorchElastic's launcher API, on one node or many (also under SLURM).
+"""Where a job runs: checked once here, then in this process or in ranks started through
+TorchElastic's launcher API, on one node or many (also under SLURM).
 
-``gpupar train --strategy ddp --nproc-per-node N`` re-runs the same command line in N
-worker processes through ``torch.distributed.launcher.api.elastic_launch`` (what torchrun
-uses); the workers see torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...) and train
-instead of launching. A single node rendezvouses on 127.0.0.1; multi-node needs an
-explicit ``--rdzv-endpoint host:port`` (c10d rendezvous) or a SLURM allocation.
+``run`` is the one place that decides. It first runs ``job.preflight``: every check that
+depends only on the config, the data's shape and the model, so a layout that cannot work is
+one line and exit 2 before any rank starts. A multi-process layout then re-runs
+`gpupar COMMAND` in N worker processes through ``torch.distributed.launcher.api.elastic_launch``
+(what torchrun uses); the workers see torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+...) and run the job instead of launching. A single node rendezvouses on 127.0.0.1;
+multi-node needs an explicit ``--rdzv-endpoint host:port`` (c10d rendezvous) or a SLURM
+allocation.
 """
 
 from __future__ import annotations
@@ -19,10 +23,87 @@ from dataclasses import dataclass
 
 import torch
 
-from gpupar.config import Config
+from pathlib import Path
+from typing import Callable
+
+from gpupar.config import Config, layout, to_toml
 from gpupar.errors import TrainingError, UsageError
 
 SLURM_PORT = 29500
+
+
+MAX_CPU_RANKS_PER_CORE = 4
+
+
+def run(cfg: Config, command: str, here: Callable, extra: tuple[str, ...] = ()) -> None:
+    """Run a job: check it, then call ``here(topology)`` in this process, or start the ranks,
+    each of which re-runs `gpupar COMMAND` (with ``extra`` flags that are not config fields)
+    and so comes back here as a rank."""
+    from gpupar.topology import Topology
+
+    if launched_by_torchrun():  # this process is one rank of a started job
+        if not layout(cfg.parallel).ranks:
+            raise UsageError(f"{os.environ['WORLD_SIZE']} ranks were launched but the layout runs in one process; "
+                             "use --strategy ddp (or another multi-process layout)")
+        topo = Topology.from_env(cfg)
+        here(topo)
+        topo.close()
+        return
+    check(cfg)
+    if not layout(cfg.parallel).ranks:
+        from gpupar.devices import pick_device
+
+        here(Topology.single(pick_device(cfg.train.device)))
+        return
+    spawn(cfg, command, extra)
+
+
+def this_process(cfg: Config, dims=None):
+    """This process's topology: a rank of a started job (``dims`` overrides the layout's
+    degrees), or the single best device."""
+    from gpupar.devices import pick_device
+    from gpupar.topology import Topology
+
+    if launched_by_torchrun():
+        return Topology.from_env(cfg, dims)
+    return Topology.single(pick_device(cfg.train.device))
+
+
+def check(cfg: Config):
+    """The checks before anything starts or is written (``job.preflight``) at the world size
+    this launch will have; more than 4 CPU ranks per core is a warning, once they passed.
+    Returns the layout's ``ParallelDims``."""
+    from gpupar.job import preflight
+
+    lay = layout(cfg.parallel)
+    if not lay.ranks:
+        if (cfg.parallel.nproc_per_node or 1) > 1:
+            raise UsageError(f"--nproc-per-node {cfg.parallel.nproc_per_node} needs a multi-process --strategy, "
+                             "for example ddp")
+        return preflight(cfg, 1, 1)
+    lp = plan(cfg)
+    dims = preflight(cfg, lp.nproc_per_node * lp.nnodes, lp.nproc_per_node)
+    cores = os.cpu_count() or 1
+    if not torch.cuda.is_available() and lp.nproc_per_node > MAX_CPU_RANKS_PER_CORE * cores:
+        print(f"gpupar: warning: {lp.nproc_per_node} CPU ranks on {cores} cores will crawl (each rank imports "
+              "torch and takes a share of the cores)", file=sys.stderr)
+    return dims
+
+
+def spawn(cfg: Config, command: str, extra: tuple[str, ...] = ()) -> None:
+    """Write the effective config into the run directory and start `gpupar COMMAND` on every rank with it."""
+    from gpupar.job import default_run_dir
+
+    run_dir = default_run_dir(cfg)
+    cfg.train.run_dir = str(run_dir)  # one run directory for all ranks
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "launch.toml").write_text(to_toml(cfg))
+    run_workers(cfg, [command, "--config", str(run_dir / "launch.toml"), *extra])
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a rank started by torchrun / TorchElastic (it sets these variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
 @dataclass(frozen=True)
@@ -41,7 +122,7 @@ def plan(cfg: Config, env: dict[str, str] | None = None) -> LaunchPlan:
     nproc = p.nproc_per_node
     if nproc is None:
         if not torch.cuda.is_available():
-            raise UsageError(f"--strategy {p.strategy} on CPU needs --nproc-per-node N (the number of ranks to start)")
+            raise UsageError("ranks on CPU need --nproc-per-node N (the number of ranks to start)")
         nproc = torch.cuda.device_count()
     nnodes, node_rank, endpoint = p.nnodes, p.node_rank, p.rdzv_endpoint
     if "SLURM_JOB_ID" in env and "SLURM_NNODES" in env and nnodes == 1 and endpoint is None:

@@ -7,6 +7,7 @@ Python API for any ``nn.Module``; ``cli_train`` is what ``gpupar train`` runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -21,9 +22,10 @@ from torch.utils.data import Dataset
 from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
 from gpupar.errors import TrainingError, UsageError
-from gpupar.parallel.pipeline import Pipeline
 from gpupar.checkpoint import Checkpointer, Position
-from gpupar.memory import grad_bytes
+from gpupar.memory import grad_bytes, local_shard
+from gpupar.models import ModelSpec
+from gpupar.step import StepFn, forward_backward
 from gpupar.topology import Topology
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -54,11 +56,10 @@ class TrainResult:
     history: History
 
 
-def make_loss(cfg: Config) -> nn.Module:
-    if cfg.model.name == "gpt":
-        from gpupar.gpt import TokenCrossEntropy
-
-        return TokenCrossEntropy()
+def make_loss(cfg: Config, spec: ModelSpec | None = None) -> nn.Module:
+    """The model's own loss (its spec says), else --loss, else the task's default."""
+    if spec is not None and spec.loss is not None:
+        return spec.loss()
     name = cfg.train.loss or ("cross-entropy" if cfg.data.task == "classification" else "mse")
     return LOSSES[name]()
 
@@ -103,8 +104,12 @@ def autocast_for(device: torch.device, precision: str):
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, val_set: Samples | None = None,
         log: Callable[[str], None] = print, checkpoints: Checkpointer | None = None,
-        on_step: Callable[[int], None] | None = None, on_record: Callable[[dict], None] | None = None) -> History:
+        on_step: Callable[[int], None] | None = None, on_record: Callable[[dict], None] | None = None,
+        step_fn: StepFn | None = None) -> History:
     """Train ``model`` (already on ``topo.device``) and return its history.
+
+    ``step_fn`` runs one step's forward and backward (``parallelize`` returns it: a pipeline
+    schedule's, or the ordinary one, which is the default).
 
     Every rank walks the same global batches; each takes its own slice of every micro-batch.
     With ``checkpoints`` (gpupar.checkpoint.Checkpointer), training first restores the chosen
@@ -117,11 +122,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     batch_size = t.batch_size or len(train_set)
     if batch_size > len(train_set):
         raise UsageError(f"--batch-size {batch_size} exceeds the {len(train_set)} training samples")
-    check_divisible(batch_size, t.grad_accum, topo.dp)
-    # Pipeline parallel runs a schedule over micro-batches instead of forward/backward.
-    pipelined = isinstance(model, Pipeline)
-    if pipelined:
-        check_pipeline_options(cfg, val_set)
+    check_divisible(batch_size, t.grad_accum, topo.dp, len(train_set))
+    step_fn = step_fn or functools.partial(forward_backward, model)
     steps_per_epoch = len(train_set) // batch_size
     total_steps = int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -143,8 +145,7 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     model.train()
     optimizer.zero_grad(set_to_none=True)
     # The per-step NaN/Inf check of the gradients reads each rank's own (non-empty) shard.
-    params = [p for p in model.parameters() if _local(p).numel()]
-    replicated = isinstance(model, nn.parallel.DistributedDataParallel)
+    params = [p for p in model.parameters() if local_shard(p).numel()]
     for epoch in range(start.epoch, t.epochs):
         if step >= total_steps:
             break
@@ -157,14 +158,11 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             # dp equal shards, of which this rank takes its own.
             micro_batches = same_batch or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
                                            for m in batch.chunk(t.grad_accum)]
-            if pipelined:
-                step_loss = pipeline_step(model, micro_batches, loss_fn)
-            else:
-                step_loss = train_step(model, micro_batches, loss_fn, optimizer, amp, scaler)
+            step_loss = step_fn(micro_batches, loss_fn, amp, scaler)
 
             # NaN/Inf in the loss or in the gradients, on any rank: every rank must agree to step,
             # skip or stop together, or the next collective would hang.
-            problem = _non_finite(step_loss, params, scaler, topo, replicated)
+            problem = _non_finite(step_loss, params, scaler, topo)
             if problem and cfg.checkpoint.on_nan == "stop":
                 what = f"loss became non-finite ({step_loss})" if problem == "loss" else "gradients became non-finite"
                 raise TrainingError(f"{what} at step {step + 1} (epoch {epoch + 1}); training stopped and no weights "
@@ -221,56 +219,6 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     return history
 
 
-def train_step(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
-               optimizer: torch.optim.Optimizer, amp, scaler) -> float:
-    """Forward and backward over this rank's micro-batches; returns the (local) step loss.
-
-    Gradients accumulate in ``.grad`` (which the previous step left as None); the optimizer
-    step is the caller's, after the NaN check.
-    """
-    step_loss = 0.0
-    for k, (x, y) in enumerate(micro_batches):
-        # DDP all-reduces gradients inside backward; on all but the last micro-step that
-        # traffic is wasted, since gradients just add up locally (no_sync).
-        skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            with amp:
-                loss = loss_fn(model(x), y)
-            # Each micro-batch is 1/grad_accum of the global batch: scale so the summed
-            # gradients equal those of the mean loss over the whole batch.
-            if len(micro_batches) > 1:
-                loss = loss / len(micro_batches)
-            (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += loss.item()
-    return step_loss
-
-
-def pipeline_step(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  loss_fn: nn.Module) -> float:
-    """One batch through the pipeline schedule (``gpupar.parallel.pipeline.Pipeline``).
-
-    The schedule cuts the batch into --microbatches pieces, runs every stage's forwards and
-    backwards in its order, and leaves this rank's stage gradients in ``.grad``. The loss is
-    computed on the last stage; the pipeline broadcasts it, so every rank returns the same.
-    """
-    (x, y), = micro_batches  # --grad-accum is 1 with --pp: micro-batches are the schedule's
-    return model.train_step(x, y, loss_fn)
-
-
-def check_pipeline_options(cfg: Config, val_set: Samples | None) -> None:
-    """What a pipeline step does not support yet, said before the first step."""
-    if cfg.train.grad_accum > 1:
-        raise UsageError(f"--grad-accum {cfg.train.grad_accum} with --pp: use --microbatches to split the batch")
-    if val_set is not None and len(val_set):
-        raise UsageError(f"--val-fraction {cfg.data.val_fraction} with --pp: validation is not supported yet")
-    if cfg.optim.clip_grad_norm is not None:
-        raise UsageError("--clip-grad-norm with --pp: a global norm over stages is not supported yet")
-    if cfg.train.precision != "fp32":
-        raise UsageError(f"--precision {cfg.train.precision} with --pp: only fp32 is supported yet")
-    if cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume:
-        raise UsageError("--checkpoint-every / --resume with --pp: pipeline checkpoints are not supported yet")
-
-
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip: float | None) -> None:
     if clip is not None:
         if scaler:
@@ -301,33 +249,28 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
     return total / max(n, 1)
 
 
-def _non_finite(loss: float, params: list[nn.Parameter], scaler, topo: Topology, replicated: bool) -> str | None:
+def _non_finite(loss: float, params: list[nn.Parameter], scaler, topo: Topology) -> str | None:
     """"loss" or "gradients" when any rank saw NaN/Inf in them (an all-reduced flag), else None.
 
     Gradients are checked on this rank's own part (FSDP and tensor parallelism shard them),
-    hence the all-reduce. DDP's gradients are already all-reduced (``replicated``): a NaN on
+    hence the all-reduce. DDP's gradients are already all-reduced (``grads_replicated``): a NaN on
     any rank is in every rank's gradients, so each rank reaches the same verdict alone and
     the extra collective (a sync point every step) is skipped. Under fp16 loss scaling, Inf gradients are the GradScaler's signal
     to lower its scale and skip the step itself, so only the loss is checked then.
     """
     code = 0.0 if math.isfinite(loss) else 2.0
     if code == 0.0 and scaler is None:
-        grads = [_local(p.grad) for p in params if p.grad is not None]
+        grads = [local_shard(p.grad) for p in params if p.grad is not None]
         # NaN and Inf survive a sum, so one summed number read once tells: a single pass over
         # the gradients (0.13 ms for 2.1 M on one CPU thread; a max-|g| norm took 5.6 ms).
         # Only gradients summing past 3e38, already ruinous, could be flagged wrongly.
         if grads and not math.isfinite(torch.stack([g.sum() for g in grads]).sum().item()):
             code = 1.0
-    if topo.distributed and not (replicated and scaler is None):
-        flag = torch.tensor([code], device=_comm_device(topo))
+    if topo.distributed and not (topo.dims.grads_replicated and scaler is None):
+        flag = torch.tensor([code], device=topo.comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         code = flag.item()
     return {0.0: None, 1.0: "gradients", 2.0: "loss"}[code]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (FSDP2, tensor parallel); the tensor itself otherwise."""
-    return t.to_local() if type(t) is not torch.Tensor and hasattr(t, "to_local") else t
 
 
 def _mean_over_ranks(value: float, topo: Topology) -> float:
@@ -338,13 +281,9 @@ def _mean_over_ranks(value: float, topo: Topology) -> float:
 def mean_over_ranks(values: list[float], topo: Topology) -> list[float]:
     if not topo.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device(topo))
+    t = torch.tensor(values, dtype=torch.float64, device=topo.comm_device())
     dist.all_reduce(t)
     return (t / topo.world_size).tolist()
-
-
-def _comm_device(topo: Topology) -> torch.device:
-    return topo.device if topo.device.type == "cuda" else torch.device("cpu")
 
 
 def _progress(total: int, topo: Topology, enabled: bool):

@@ -26,13 +26,26 @@ from torch import nn
 from gpupar.topology import Topology
 
 
-def local_bytes(tensor: torch.Tensor) -> int:
-    """Bytes this rank holds for ``tensor``: its local shard when it is a DTensor."""
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2, tensor parallel); the tensor itself otherwise."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(tensor, DTensor):
-        tensor = tensor.to_local()
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank holds for ``tensor``: its local shard when it is a DTensor."""
+    tensor = local_shard(tensor)
     return tensor.numel() * tensor.element_size()
+
+
+def peak_bytes(device: torch.device) -> tuple[int, str]:
+    """This process's peak memory so far, and how it was read: the CUDA allocator's high-water
+    mark on a GPU, the process's maximum resident set size otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024), "cpu_max_rss"
 
 
 def grad_bytes(model: nn.Module) -> int:
@@ -44,11 +57,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer, grads: int
     """This rank's persistent bytes (parameters, gradients, optimizer state) and its peak."""
     params = sum(local_bytes(p) for p in model.parameters())
     state = sum(local_bytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    if device.type == "cuda":
-        peak, peak_kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        peak_kind = "cpu_max_rss"
+    peak, peak_kind = peak_bytes(device)
     return {"param_bytes": params, "grad_bytes": grads, "optim_bytes": state,
             "persistent_bytes": params + grads + state, "peak_bytes": peak, "peak_kind": peak_kind}
 

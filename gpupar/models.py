@@ -1,9 +1,12 @@
-"""Built-in models (the classic SimpleNN and an MLP) and loading a user factory by import path."""
+"""Built-in models (the classic SimpleNN and an MLP), user factories by import path, and each
+model's spec: what gpupar needs to know about a model, kept beside the model."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -45,6 +48,45 @@ def hidden_width(cfg: ModelConfig) -> int:
     return cfg.hidden or (64 if cfg.name == "gpt" else 50)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything model-specific that the loop, the job, bench and the strategies need.
+
+    The rest of gpupar asks the spec and never tests a model's name or class.
+    """
+
+    name: str
+    build: Callable[[int, int], nn.Module]
+    """(input width, output width) -> a freshly initialised module (widths follow the data)."""
+    loss: Callable[[], nn.Module] | None = None
+    """The model's own loss; None = --loss, or the task's default."""
+    synthetic_data: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    """(samples, seed) -> (X, y) when no --data is given; None = the classic regression example."""
+    tokens_per_sample: int = 1
+    """Tokens in one sample, for tokens/s (a sequence model's sequence length)."""
+    tp_plan: Callable[[nn.Module, int], dict] | None = None
+    """(module or pipeline stage, tp) -> {module name: ParallelStyle}; None = consecutive Linear pairs."""
+    pipeline_units: Callable[[nn.Module], list[list[str]]] | None = None
+    """module -> its layers in order, each a list of module names; None = a Sequential's children."""
+
+
+def model_spec(cfg: ModelConfig) -> ModelSpec:
+    """The spec of the model named by --model."""
+    hidden = hidden_width(cfg)
+    if cfg.name == "simple-nn":
+        return ModelSpec("simple-nn", lambda n_in, n_out: SimpleNN(n_in, hidden, n_out))
+    if cfg.name == "mlp":
+        return ModelSpec("mlp", lambda n_in, n_out: mlp(n_in, hidden, cfg.layers, n_out))
+    if cfg.name == "gpt":
+        from gpupar.gpt import gpt_spec
+
+        return gpt_spec(cfg, hidden)
+    if ":" in cfg.name:
+        factory = load_factory(cfg.name)
+        return ModelSpec(cfg.name, lambda n_in, n_out: factory())
+    raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")
+
+
 def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int) -> nn.Module:
     """Build the model named by --model; the built-ins take their input width from the data.
 
@@ -52,17 +94,7 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int
     single-device reference start from the same parameters.
     """
     torch.manual_seed(seed)
-    if cfg.name == "simple-nn":
-        return SimpleNN(in_features, hidden_width(cfg), out_features)
-    if cfg.name == "mlp":
-        return mlp(in_features, hidden_width(cfg), cfg.layers, out_features)
-    if cfg.name == "gpt":
-        from gpupar.gpt import GPT
-
-        return GPT(cfg.vocab, hidden_width(cfg), cfg.layers, cfg.heads, cfg.seq_len)
-    if ":" in cfg.name:
-        return load_factory(cfg.name)()
-    raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")
+    return model_spec(cfg).build(in_features, out_features)
 
 
 def load_factory(path: str):
@@ -89,13 +121,33 @@ def load_factory(path: str):
 
 
 def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> None:
-    """Run one sample through the model so a shape mismatch is a clear error, not a deep traceback."""
-    with torch.no_grad():
-        try:
-            out = model(x[:1])
-        except RuntimeError as exc:
-            raise UsageError(f"model does not accept input of shape {list(x.shape[1:])} per sample "
-                             f"({str(exc).splitlines()[0]})") from None
+    """Run two samples through the model so a shape mismatch is a clear error, not a deep traceback.
+
+    The probe has no side effects: eval mode (BatchNorm uses, and does not update, its running
+    statistics; dropout draws nothing), no autograd, and the RNG state and every buffer are put
+    back, so the training that follows is the one it would have been without the probe.
+    """
+    was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x[:2])
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if isinstance(exc, NotImplementedError) and x.device.type == "meta":
+            raise  # an op without a meta kernel: the caller probes a real model instead
+        raise UsageError(f"model does not accept input of shape {list(x.shape[1:])} per sample "
+                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(f"model returned {type(out).__name__}; gpupar needs a tensor of predictions")
     if task == "regression" and out.shape[1:] != y.shape[1:]:
         raise UsageError(f"model output shape {list(out.shape[1:])} does not match target shape "
                          f"{list(y.shape[1:])} per sample")

@@ -1,86 +1,100 @@
 """The one place that composes parallel strategies, in a fixed, visible order.
 
-Order (as torchtitan's ``parallelize``): tensor parallel first (it rewrites layers into
-sharded DTensor layers), then the pipeline split (it copies whole layers into stages), then
-data parallel over the "dp" mesh dimension (FSDP or DDP wrap whatever the first two left).
+Order (as torchtitan's ``parallelize`` with its pipeline split): first the pipeline split
+(this rank keeps its stage or stages), then tensor parallel on each stage (it rewrites
+layers into sharded DTensor layers; planning it per stage means a colwise/rowwise pair never
+straddles two stages), then data parallel over the data-parallel mesh dimensions: FSDP or
+HSDP wherever parameters are sharded, DDP for whole replicas. Every step reads the
+``ParallelDims`` of the topology, never a strategy name.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from gpupar.weights import full_state_dict as checkpoint_full_state_dict
-from gpupar.config import Config
+from gpupar.config import Config, layout
 from gpupar.errors import UsageError
+from gpupar.models import ModelSpec
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
-from gpupar.parallel.fsdp import apply_fsdp, fsdp_mesh
+from gpupar.parallel.fsdp import apply_fsdp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
-from gpupar.parallel.pipeline import Pipeline, check_microbatches, split_model
-from gpupar.parallel.tensor import Plan, apply_tp
-from gpupar.topology import Topology, degrees
+from gpupar.parallel.pipeline import Pipeline, layer_units, split_model
+from gpupar.parallel.tensor import apply_tp, auto_plan
+from gpupar.step import StepFn, forward_backward
+from gpupar.topology import Topology
 
 
-def parallelize(model: nn.Module, topo: Topology, cfg: Config, tp_plan: Plan | None = None) -> nn.Module:
-    """Place the model on this rank's device and wrap it for the chosen strategy.
+@dataclass
+class Parallelized:
+    """The model as this rank holds it, and the function that runs one step's forward and backward."""
 
-    ``tp_plan`` (Python API only) replaces the automatic tensor-parallel plan.
-    """
+    model: nn.Module
+    step: StepFn
+
+
+def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec) -> Parallelized:
+    """Place the model on this rank's device and apply the layout's strategies in order."""
     model = model.to(topo.device)
-    if topo.distributed:
-        check_same_model(model, topo)
-    strategy = cfg.parallel.strategy
-    if strategy == "layer-split":
-        return apply_layer_split(model, parse_devices(cfg.parallel.devices), cfg.parallel.split_points)
-    if strategy in ("fsdp", "hsdp") and not (topo.tp_enabled or topo.pp_enabled):
-        return apply_fsdp(model, fsdp_mesh(topo, cfg.parallel), cfg.parallel, cfg.train.precision)
-    if strategy == "dp":
-        return apply_data_parallel(model, topo)
+    process = layout(cfg.parallel).process
+    if process == "layer-split":
+        model = apply_layer_split(model, parse_devices(cfg.parallel.devices), pipeline_units(model, spec),
+                                  cfg.parallel.split_points)
+    elif process == "dataparallel":
+        model = apply_data_parallel(model, topo)
     if not topo.distributed:
-        return model
-    if not (topo.tp_enabled or topo.pp_enabled):  # data parallel only: every replica must sync
-        return apply_ddp(model, topo, cfg.parallel) if topo.dp_enabled else model
+        return Parallelized(model, functools.partial(forward_backward, model))
+    check_same_model(model, topo)
+    dims = topo.dims
 
-    # 1. Tensor parallel: shard layers across the "tp" ranks.
-    if topo.tp_enabled:
-        model = apply_tp(model, topo.mesh["tp"], tp_plan)
-    # 2. Pipeline split: this rank keeps its stage(s) only.
-    stages = split_model(model, topo.pp, topo.pp_rank, cfg.parallel) if topo.pp_enabled else [(0, model)]
-    # 3. Data parallel over "dp": FSDP around each TP model or pipeline stage (torchtitan's order).
-    #    (Not DDP: its bucket rebuild after the first step breaks under a pipeline's several
-    #    backward passes per step, and it cannot hold DTensor parameters.)
-    if topo.dp_enabled:
-        stages = [(s, apply_fsdp(module, topo.mesh["dp"], cfg.parallel, cfg.train.precision)) for s, module in stages]
-    if topo.pp_enabled:
-        num_stages = topo.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
-        return Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel)
-    return stages[0][1]
+    # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module).
+    stages = [(0, model)]
+    if dims.pp > 1:
+        stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel)
+    # 2. Tensor parallel: shard each stage's layers across the "tp" ranks.
+    if dims.tp > 1:
+        stages = [(s, apply_tp(m, topo.mesh["tp"], tp_plan(m, dims.tp, spec))) for s, m in stages]
+    # 3. Data parallel: FSDP / HSDP where parameters are sharded, DDP for whole replicas.
+    if dims.fsdp_enabled:
+        stages = [(s, apply_fsdp(m, topo.dp_mesh(), cfg.parallel, cfg.train.precision)) for s, m in stages]
+    elif dims.ddp_enabled:  # the layout allows DDP only without tp and pp: one stage
+        stages = [(s, apply_ddp(m, topo, cfg.parallel)) for s, m in stages]
+
+    if dims.pp > 1:
+        num_stages = dims.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
+        pipeline = Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel,
+                            topo.comm_device())
+        return Parallelized(pipeline, pipeline.forward_backward)
+    model = stages[0][1]
+    return Parallelized(model, functools.partial(forward_backward, model))
 
 
-def preflight(cfg: Config, world: int) -> None:
-    """Checks that need no ranks, made once before launching: the degrees multiply to the world
-    size, and pipeline micro-batches divide each data-parallel rank's batch (when known)."""
-    dp, _, pp = degrees(cfg, world)
-    samples = cfg.train.batch_size or (cfg.data.samples if cfg.data.data is None and not cfg.data.val_fraction
-                                       else None)
-    if pp > 1 and samples:
-        check_microbatches(samples // dp, cfg.parallel.microbatches or 2 * pp)
+def pipeline_units(model: nn.Module, spec: ModelSpec) -> list[list[str]]:
+    """The model's layers in order, as its spec names them (a Sequential's children by default)."""
+    return spec.pipeline_units(model) if spec.pipeline_units else layer_units(model)
+
+
+def tp_plan(model: nn.Module, tp: int, spec: ModelSpec) -> dict:
+    """The model's tensor-parallel plan, from its spec (consecutive Linear pairs by default)."""
+    return spec.tp_plan(model, tp) if spec.tp_plan else auto_plan(model)
 
 
 def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict with the unparallelised names, on rank 0 (None elsewhere).
 
-    DTensor shards (tensor parallel, FSDP) are gathered with ``full_tensor()``, a collective
-    every rank joins; pipeline stages each hold part of the names and are gathered to rank 0.
+    Every rank must call it. DTensor shards (FSDP, HSDP, tensor parallel) are gathered with
+    ``full_tensor()``, one tensor at a time, a collective over their mesh; DDP and
+    DataParallel wrappers lose their ``module.`` prefix; pipeline stages each hold part of
+    the names and are gathered to rank 0.
     """
-    if not (topo.tp_enabled or topo.pp_enabled):  # one device, DDP or FSDP alone
-        state = checkpoint_full_state_dict(model)
-        return state if topo.is_main else None
     modules = list(model.stages) if isinstance(model, Pipeline) else [model]
+    keep = topo.is_main or topo.pp_enabled  # other ranks only join the gathers
     state: dict[str, torch.Tensor] = {}
     # A 2-D (FSDP x TP) gather is two all-gathers; torch warns about that on every rank.
     redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
@@ -88,10 +102,11 @@ def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]
     redistribute_log.setLevel(logging.ERROR)
     try:
         for module in modules:
-            for name, value in unwrap(module).state_dict().items():
+            for name, value in getattr(module, "module", module).state_dict().items():
                 if isinstance(value, DTensor):
                     value = value.full_tensor()
-                state[name] = value.detach().cpu()
+                if keep:
+                    state[name] = value.detach().cpu()
     finally:
         redistribute_log.setLevel(level)
     if not topo.pp_enabled:
@@ -104,11 +119,6 @@ def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]
     for part in parts:  # type: ignore[union-attr]
         merged.update(part)
     return merged
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP / DataParallel wrapper."""
-    return getattr(model, "module", model)
 
 
 def check_same_model(model: nn.Module, topo: Topology) -> None:

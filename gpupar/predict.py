@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -72,3 +73,27 @@ def write_predictions(preds: torch.Tensor, out: str, task: str) -> None:
             writer.writerow(["prediction"] if preds.shape[1] == 1 else
                             [f"prediction_{i}" for i in range(preds.shape[1])])
             writer.writerows([[repr(float(v)) for v in row] for row in preds.tolist()])
+
+
+def main(cfg: Config, weights: str, data: str, out: str, batch_size: int) -> None:
+    """`gpupar predict`: here, or data-parallel over the ranks --nproc-per-node starts (each
+    predicts a block of rows, rank 0 writes them all in input order)."""
+    from gpupar import launch
+    from gpupar.topology import ParallelDims
+
+    ranks = cfg.parallel.nproc_per_node or 1
+    if ranks > 1 and not launch.launched_by_torchrun():
+        launch.run_workers(cfg, ["predict", "--weights", weights, "--data", data, "--out", out,
+                                 "--batch-size", str(batch_size), "--nproc-per-node", str(ranks),
+                                 "--timeout", str(cfg.parallel.timeout)])
+        print(f"Wrote predictions to {out}")
+        return
+    topo = launch.this_process(cfg, ParallelDims(dp_replicate=int(os.environ.get("WORLD_SIZE", 1))))
+    saved = model_config_for(Path(weights))
+    preds = predict_rows(weights, data, topo, batch_size, saved)
+    if topo.is_main:
+        write_predictions(preds, out, saved.data.task)
+        if not topo.distributed:
+            print(f"Wrote {len(preds)} predictions to {out}")
+    topo.close()
+

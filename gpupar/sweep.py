@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -251,7 +252,7 @@ def run_sweep(cfg: Config, members: list[Member], topo: Topology, max_fused: int
               log: Callable[[str], None] = print) -> SweepResult:
     """Train this rank's slice of ``members`` in fused chunks; gather all results on rank 0."""
     from gpupar.loop import as_samples
-    from gpupar.run import load_problem
+    from gpupar.job import load_problem
 
     check_supported(cfg)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden=members[0].hidden))
@@ -324,3 +325,42 @@ def export_model(best: Result, cfg: Config, path: Path) -> Path:
     save_weights(best.state, path)
     path.parent.joinpath("config.toml").write_text(to_toml(own))
     return path
+
+
+def main(cfg: Config, args) -> None:
+    """`gpupar sweep`: the grid from the flags, trained here or sliced across started ranks
+    (each rank trains its own models: no layout, only its share of the grid)."""
+    from gpupar import launch
+    from gpupar.models import hidden_width
+    from gpupar.topology import ParallelDims
+
+    if "data.val_fraction" not in vars(args) and cfg.data.val_fraction == 0.0:
+        cfg.data.val_fraction = 0.2  # a sweep ranks its models by validation loss
+    members = grid(parse_seeds(args.seeds), parse_list(args.sweep_lr, float, "--lr") if args.sweep_lr else
+                   [cfg.optim.lr], parse_list(args.sweep_hidden, int, "--hidden") if args.sweep_hidden else
+                   [hidden_width(cfg.model)])
+    if args.max_fused is not None and args.max_fused < 1:
+        raise UsageError(f"--max-fused {args.max_fused} must be a positive integer")
+    run_dir = Path(cfg.train.run_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
+    cfg.train.run_dir = str(run_dir)
+    if (cfg.parallel.nproc_per_node or 1) > 1 and not launch.launched_by_torchrun():
+        extra = ["--seeds", args.seeds]
+        for flag_name, value in (("--lr", args.sweep_lr), ("--hidden", args.sweep_hidden),
+                                 ("--max-fused", args.max_fused), ("--export-best", args.export_best)):
+            if value is not None:
+                extra += [flag_name, str(value)]
+        launch.spawn(cfg, "sweep", tuple(extra))
+        return
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    topo = launch.this_process(cfg, ParallelDims(dp_replicate=world))
+    sweep = run_sweep(cfg, members, topo, args.max_fused, log=print if topo.is_main else lambda _: None)
+    if topo.is_main:
+        print(table(sweep.results))
+        write_outputs(sweep, cfg, run_dir, args.export_best)
+        b = sweep.best.member
+        print(f"{len(sweep.results)} models in {sweep.chunks} fused chunk(s), {sweep.wall_time:.2f} s on "
+              f"{topo.device}; best: model {b.index} (seed {b.seed}, lr {b.lr:g}, hidden {b.hidden})")
+        print(f"Saved sweep to {run_dir}/ (sweep.jsonl, best.json, best/model.safetensors)"
+              + (f"; best model exported to {args.export_best}" if args.export_best else ""))
+    topo.close()
+

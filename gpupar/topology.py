@@ -1,11 +1,13 @@
 """The one topology object: who this process is, on which device, and how ranks are arranged.
 
-Ranks form a 3-D grid of degrees ``pp x dp x tp`` (their product is the world size), laid
-out as one named ``DeviceMesh`` with dimensions ``("pp", "dp", "tp")``. All three
-dimensions always exist (a degree of 1 is a dimension of size 1), so ``mesh["dp"]`` is
-valid in every run. ``tp`` is innermost: tensor-parallel peers are consecutive ranks
-(the same node, the fastest links), as in Megatron-LM and torchtitan. Rank r sits at
-``pp_rank = r // (dp*tp)``, ``dp_rank = (r // tp) % dp``, ``tp_rank = r % tp``.
+Like torchtitan's ``ParallelDims``, the layout is four degrees whose product is the world
+size: ``pp`` (pipeline stages), ``dp_replicate`` and ``dp_shard`` (data parallel: DDP
+replicates, FSDP shards, HSDP does both) and ``tp`` (tensor parallel). They are laid out as
+one named ``DeviceMesh`` over the dimensions ``("pp", "dp_replicate", "dp_shard", "tp")``,
+keeping only those of size > 1. ``tp`` is innermost: tensor-parallel peers are consecutive
+ranks (the same node, the fastest links), as in Megatron-LM and torchtitan. Rank r sits at
+``pp_rank = r // (dp*tp)``, ``dp_rank = (r // tp) % dp``, ``tp_rank = r % tp``, with
+``dp = dp_replicate * dp_shard``.
 
 It is built once per process (``Topology.single`` or ``Topology.from_env`` after the
 launcher started the ranks), validated, and passed explicitly to the strategies and the
@@ -14,6 +16,7 @@ training loop. Nothing reaches for it through a global.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,9 +25,111 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from gpupar.config import Config
+from gpupar.config import Config, Layout, layout
 from gpupar.devices import backend_for, pick_device
 from gpupar.errors import UsageError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The degrees of one run; their product is the world size."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @classmethod
+    def resolve(cls, lay: Layout, world: int, ranks_per_node: int) -> "ParallelDims":
+        """Concrete degrees for ``world`` ranks: the one degree left open takes what the others leave."""
+        given = {"--dp": lay.dp, "--tp": lay.tp, "--pp": lay.pp}
+        fixed = math.prod(v for v in given.values() if v is not None)
+        open_ = [k for k, v in given.items() if v is None]
+        degrees = {k: (world // fixed if v is None else v) for k, v in given.items()}
+        if math.prod(degrees.values()) != world or min(degrees.values()) < 1:
+            shown = " x ".join(f"{k} {degrees[k] if k not in open_ else '?'}" for k in given)
+            raise UsageError(f"{shown} cannot fill the {world} ranks (--nnodes x --nproc-per-node); the degrees "
+                             f"must multiply to the world size" + (f" ({open_[0]} takes the ranks the others "
+                                                                   "leave)" if open_ else ""))
+        dp, tp, pp = degrees["--dp"], degrees["--tp"], degrees["--pp"]
+        if lay.dp_mode == "replicate":
+            return cls(pp, dp, 1, tp)
+        if lay.dp_mode == "shard":
+            return cls(pp, 1, dp, tp)
+        local_dp = ranks_per_node // (tp * pp) if ranks_per_node % (tp * pp) == 0 else dp
+        replicate, shard = hsdp_degrees(dp, lay.dp_replicate, lay.dp_shard, max(local_dp, 1))
+        if shard == 1 and dp > 1 and tp * pp > 1:
+            raise UsageError(f"--strategy hsdp with --dp-shard 1 beside --tp/--pp only replicates, which "
+                             "DDP cannot do for model-parallel layers; use --strategy fsdp")
+        return cls(pp, replicate, shard, tp)
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many ranks split each global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """Parameters are sharded (FSDP, or HSDP when dp_replicate > 1 too)."""
+        return self.dp_shard > 1
+
+    @property
+    def ddp_enabled(self) -> bool:
+        """Whole replicas with all-reduced gradients (``resolve`` allows it only without tp/pp)."""
+        return self.dp_replicate > 1 and self.dp_shard == 1
+
+    @property
+    def grads_replicated(self) -> bool:
+        """Every rank holds every whole gradient after backward (one device or DDP)."""
+        return not (self.fsdp_enabled or self.tp > 1 or self.pp > 1)
+
+    def describe(self, schedule: str = "") -> str:
+        """What runs, for the start line: ``fsdp(dp=2) x tp(2)``, ``pp(2, 1f1b) x hsdp(2x2)``."""
+        parts = []
+        if self.pp > 1:
+            parts.append(f"pp({self.pp}{', ' + schedule if schedule else ''})")
+        if self.fsdp_enabled and self.dp_replicate > 1:
+            parts.append(f"hsdp(replicate={self.dp_replicate}, shard={self.dp_shard})")
+        elif self.fsdp_enabled:
+            parts.append(f"fsdp(dp={self.dp_shard})")
+        elif self.ddp_enabled:
+            parts.append(f"ddp(dp={self.dp_replicate})")
+        if self.tp > 1:
+            parts.append(f"tp({self.tp})")
+        return " x ".join(parts) or "single"
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        """One named mesh over the dimensions of size > 1 (None when every degree is 1)."""
+        dims = [(name, size) for name, size in zip(MESH_DIMS, (self.pp, self.dp_replicate, self.dp_shard, self.tp))
+                if size > 1]
+        if not dims:
+            return None
+        names, sizes = zip(*dims)
+        return init_device_mesh(device_type, sizes, mesh_dim_names=names)
+
+
+def hsdp_degrees(world: int, replicate: int | None, shard: int | None, local_world: int) -> tuple[int, int]:
+    """(R, S) with R * S == world data-parallel ranks. Unset degrees follow the other one;
+    with neither set, shard within a node (S = its data-parallel ranks) and replicate across nodes."""
+    if replicate is None and shard is None:
+        shard = local_world if world % local_world == 0 else world
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    for name, value in (("--dp-replicate", replicate), ("--dp-shard", shard)):
+        if value is not None and value not in divisors:
+            raise UsageError(f"{name} {value} does not divide the {world} data-parallel ranks; "
+                             f"accepted: {', '.join(map(str, divisors))}")
+    replicate = replicate or world // shard  # type: ignore[operator]
+    shard = shard or world // replicate
+    if replicate * shard != world:
+        raise UsageError(f"--dp-replicate {replicate} x --dp-shard {shard} = {replicate * shard} must equal "
+                         f"the {world} data-parallel ranks")
+    return replicate, shard
 
 
 @dataclass(frozen=True)
@@ -33,26 +138,21 @@ class Topology:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    dp: int = 1
-    """Data-parallel degree: how many ranks split each global batch."""
-    tp: int = 1
-    """Tensor-parallel degree: ranks that split each layer's weights and see the same data."""
-    pp: int = 1
-    """Pipeline-parallel degree: ranks that each hold consecutive layers."""
+    dims: ParallelDims = ParallelDims()
     mesh: DeviceMesh | None = None
-    """The named ("pp", "dp", "tp") mesh; None in a single process."""
+    """The named mesh over the dimensions of size > 1; None in a single process."""
 
     @classmethod
     def single(cls, device: torch.device) -> "Topology":
         return cls(device=device)
 
     @classmethod
-    def from_env(cls, cfg: Config) -> "Topology":
+    def from_env(cls, cfg: Config, dims: ParallelDims | None = None) -> "Topology":
         """Join the process group that torchrun / TorchElastic set up for this rank.
 
         Each rank takes cuda:LOCAL_RANK on GPUs (NCCL) or the CPU (gloo). The process-group
         timeout bounds every collective, so a dead or stuck peer fails the job instead of
-        hanging it.
+        hanging it. ``dims`` replaces the layout's degrees (a sweep's ranks each train models of their own).
         """
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -65,14 +165,13 @@ class Topology:
         elif "OMP_NUM_THREADS" not in os.environ:
             # W ranks on one machine share its cores; more threads than cores thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dp, tp, pp = degrees(cfg, world)
+        dims = dims or ParallelDims.resolve(layout(cfg.parallel), world, local_world)
         if not dist.is_initialized():
             timeout = timedelta(seconds=cfg.parallel.timeout)
             dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
                                     store=_attempt_store(rank, world, timeout))
-        mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-        return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dp=dp, tp=tp, pp=pp,
-                   mesh=mesh)
+        return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dims=dims,
+                   mesh=dims.build_mesh(device.type))
 
     def close(self) -> None:
         """Leave the process group together: a rank that tears down gloo while a peer is still
@@ -92,8 +191,20 @@ class Topology:
         return self.world_size > 1
 
     @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
     def dp_rank(self) -> int:
-        """This rank's position along the data-parallel dimension: which shard of each batch it takes.
+        """This rank's position along the data-parallel dimensions: which shard of each batch it takes.
         Tensor-parallel peers (and the stages of one pipeline) share it, so they see the same data."""
         return (self.rank // self.tp) % self.dp
 
@@ -118,24 +229,14 @@ class Topology:
     def dp_enabled(self) -> bool:
         return self.dp > 1
 
+    def dp_mesh(self) -> DeviceMesh:
+        """The data-parallel part of the mesh: 1-D ("dp_shard") for FSDP, 2-D for HSDP."""
+        assert self.mesh is not None
+        return self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
 
-def degrees(cfg: Config, world: int) -> tuple[int, int, int]:
-    """(dp, tp, pp) for ``world`` ranks: --dp defaults to world / (tp x pp); the product must be world.
-
-    ``--strategy tp`` or ``pp`` without its degree gives all ranks (not taken by --dp) to it.
-    """
-    p = cfg.parallel
-    tp, pp = p.tp, p.pp
-    if p.strategy == "tp" and tp == 1:
-        tp = world // ((p.dp or 1) * pp)
-    if p.strategy == "pp" and pp == 1:
-        pp = world // ((p.dp or 1) * tp)
-    dp = p.dp if p.dp is not None else world // (tp * pp)
-    if dp * tp * pp != world or dp < 1:
-        raise UsageError(f"--dp {p.dp if p.dp is not None else dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} "
-                         f"does not match the {world} ranks (--nnodes x --nproc-per-node); "
-                         "the degrees must multiply to the world size")
-    return dp, tp, pp
+    def comm_device(self) -> torch.device:
+        """Where small tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
 def _attempt_store(rank: int, world: int, timeout: timedelta):
@@ -152,8 +253,3 @@ def _attempt_store(rank: int, world: int, timeout: timedelta):
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
     return dist.PrefixStore(f"gpupar/attempt-{attempt}", store)
-
-
-def launched_by_torchrun() -> bool:
-    """True inside a rank started by torchrun / TorchElastic (it sets these variables)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ

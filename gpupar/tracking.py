@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -69,10 +68,9 @@ def open_tracker(cfg: Config, run_dir: Path, topo: Topology) -> "Tracker":
 
 def memory_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA allocator peak on a GPU, the process's peak RSS otherwise."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+    from gpupar.memory import peak_bytes
+
+    return peak_bytes(device)[0] / 2**20
 
 
 class Tracker:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 from gpupar.weights import load_weights
-from gpupar.config import Config, to_toml
+from gpupar.config import Config, ParallelConfig, layout
 from gpupar.devices import pick_device
-from gpupar.run import default_run_dir, train_from_config
+from gpupar.errors import UsageError
+from gpupar.job import default_run_dir, train_from_config
 from gpupar.topology import Topology
 
 
@@ -34,6 +35,7 @@ class Verdict:
     param_gaps: dict[str, float]  # parameter name -> max|delta| / max|reference|
     max_abs_param_delta: float
     rtol: float
+    label: str = "strategy"  # what ran, e.g. "ddp(dp=2)"
 
     @property
     def first_diverging_step(self) -> int | None:
@@ -74,14 +76,22 @@ def compare(ref_dir: Path, run_dir: Path, rtol: float) -> Verdict:
     return Verdict(steps, gaps, max_abs, rtol)
 
 
-def run_verify(cfg: Config, launch_strategy: Callable[[Config], None], rtol: float | None = None,
-               log: Callable[[str], None] = print) -> Verdict:
-    """Train the reference here, the strategy through ``launch_strategy``, then compare."""
+def run_verify(cfg: Config, rtol: float | None = None, log: Callable[[str], None] = print) -> Verdict:
+    """Check the layout, train the reference here and the strategy where ``launch.run`` puts
+    it (its ranks, or this process), then compare."""
+    from gpupar import launch
+
+    lay = layout(cfg.parallel)
+    if lay.process == "one-device":
+        raise UsageError("gpupar verify compares a parallel layout with one device: pass --strategy ddp "
+                         "(or another), or --dp/--tp/--pp")
+    dims = launch.check(cfg)  # before the reference trains: a bad layout costs nothing
+    label = dims.describe(cfg.parallel.schedule if dims.pp > 1 else "") if lay.ranks else lay.process
     root = default_run_dir(cfg)
     rtol = default_rtol(cfg) if rtol is None else rtol
 
     reference = copy.deepcopy(cfg)
-    reference.parallel.strategy, reference.parallel.nproc_per_node = "single", None
+    reference.parallel = ParallelConfig()
     reference.train.run_dir, reference.train.save_step_losses = str(root / "reference"), True
     reference.train.progress = False
     log("Training the single-device reference ...")
@@ -90,16 +100,16 @@ def run_verify(cfg: Config, launch_strategy: Callable[[Config], None], rtol: flo
     strategy = copy.deepcopy(cfg)
     strategy.train.run_dir, strategy.train.save_step_losses = str(root / "strategy"), True
     strategy.train.progress = False
-    log(f"Training with --strategy {cfg.parallel.strategy} ...")
-    Path(strategy.train.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(strategy.train.run_dir) / "verify.toml").write_text(to_toml(strategy))
-    launch_strategy(strategy)
-    return compare(root / "reference", root / "strategy", rtol)
+    log(f"Training with {label} ...")
+    launch.run(strategy, "train", lambda topo: train_from_config(strategy, topo, log=lambda _: None))
+    verdict = compare(root / "reference", root / "strategy", rtol)
+    verdict.label = label
+    return verdict
 
 
-def report(verdict: Verdict, label: str, max_rows: int = 12) -> str:
+def report(verdict: Verdict, max_rows: int = 12) -> str:
     """The table (step, reference loss, strategy loss, relative gap, max |dparam|) and the verdict."""
-    n = len(verdict.steps)
+    n, label = len(verdict.steps), verdict.label
     shown = sorted({0, n - 1, *range(0, n, max(1, n // (max_rows - 2)))} |
                    ({verdict.first_diverging_step - 1} if verdict.first_diverging_step else set()))
     lines = [f"{'step':>6}  {'reference loss':>16}  {label + ' loss':>16}  {'rel. gap':>9}  {'max |dparam|':>12}"]

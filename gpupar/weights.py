@@ -149,21 +149,3 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         torch.save(obj, clean)  # re-serialised from plain values: safe for the stock loader
         clean.seek(0)
         super().load_bytes(read_item, clean)
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full, unsharded state dict that a single-device model loads, on rank 0.
-
-    Collective for sharded models: every rank must call it. FSDP keeps each parameter as a
-    DTensor shard; ``get_model_state_dict`` all-gathers them one at a time into CPU memory
-    on rank 0 (other ranks get an empty dict), so no rank ever holds the whole model on its
-    device at once. DDP / DataParallel wrappers lose their ``module.`` prefix; a plain
-    module's own state dict is returned as is.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return getattr(model, "module", model).state_dict()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from gpupar.config import Config, ParallelConfig
 from gpupar.errors import UsageError
 from gpupar.launch import first_slurm_host, plan
-from gpupar.run import train_from_config
+from gpupar.job import train_from_config
 from gpupar.topology import Topology
 from gpupar.verify import compare, report
 

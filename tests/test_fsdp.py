@@ -10,12 +10,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from gpupar.weights import full_state_dict
+from gpupar.parallelize import full_state_dict
 from gpupar.config import Config, ParallelConfig
 from gpupar.errors import UsageError
 from gpupar.models import SimpleNN, mlp
 from gpupar.parallel.fsdp import apply_fsdp, hsdp_degrees, pick_blocks
-from gpupar.run import train_from_config
+from gpupar.job import train_from_config
 from gpupar.topology import Topology
 
 from harness import gpupar
@@ -87,7 +87,7 @@ def test_full_state_dict_of_sharded_ddp_and_plain_models_loads_into_one_device_m
         sharded = apply_fsdp(build(), init_device_mesh("cpu", (1,)), ParallelConfig())
         assert isinstance(next(sharded.parameters()), DTensor)
         for wrapped in (sharded, DistributedDataParallel(build()), build()):
-            state = full_state_dict(wrapped)
+            state = full_state_dict(wrapped, Topology(torch.device("cpu")))
             assert not any(isinstance(v, DTensor) for v in state.values())
             fresh = mlp(10, 16, 3, 1)
             fresh.load_state_dict(state)  # strict: the names and shapes of a single-device model

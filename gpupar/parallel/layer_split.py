@@ -18,7 +18,7 @@ from torch import nn
 
 from gpupar.devices import pick_device
 from gpupar.errors import UsageError
-from gpupar.parallel.pipeline import layer_units, stage_starts
+from gpupar.parallel.pipeline import stage_starts
 
 
 def parse_devices(text: str) -> list[torch.device]:
@@ -29,10 +29,11 @@ def parse_devices(text: str) -> list[torch.device]:
     return [pick_device(name) for name in names]
 
 
-def apply_layer_split(model: nn.Module, devices: list[torch.device], split_points: str | None = None) -> nn.Module:
-    """Put consecutive layer groups of ``model`` on ``devices`` (balanced by parameter count)."""
-    units = layer_units(model)
-    starts = stage_starts(model, len(devices), split_points, flag="--devices") + [len(units)]
+def apply_layer_split(model: nn.Module, devices: list[torch.device], units: list[list[str]],
+                      split_points: str | None = None) -> nn.Module:
+    """Put consecutive layer groups of ``model`` (``units``, as the pipeline names them) on
+    ``devices``, balanced by parameter count."""
+    starts = stage_starts(model, units, len(devices), split_points, flag="--devices") + [len(units)]
     for k, device in enumerate(devices):
         for unit in units[starts[k]:starts[k + 1]]:
             for name in unit:

@@ -31,15 +31,15 @@ from gpupar.errors import UsageError
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
-    """The model as an ordered list of layers, each a list of top-level module names.
+    """An ``nn.Sequential`` as an ordered list of layers, each a list of its children's names.
 
-    The built-in GPT says itself (blocks, with the embeddings and head attached to the first
-    and last). Otherwise each child with parameters starts a layer and parameter-free
-    children (activations, dropout) join the layer before them: an mlp of L Linear layers
-    has L layers.
+    Each child with parameters starts a layer and parameter-free children (activations,
+    dropout) join the layer before them: an mlp of L Linear layers has L layers. Other
+    models say their own layers through their spec (``gpupar.models.ModelSpec.pipeline_units``).
     """
-    if hasattr(model, "layer_units"):
-        return model.layer_units()
+    if not isinstance(model, nn.Sequential):
+        raise UsageError(f"--pp and layer-split cut an nn.Sequential or a model whose spec names its layers; "
+                         f"{type(model).__name__} is neither (wrap its layers in an nn.Sequential)")
     units: list[list[str]] = []
     for name, child in model.named_children():
         has_params = any(True for _ in child.parameters())
@@ -78,9 +78,9 @@ def balanced_starts(sizes: list[int], stages: int) -> list[int]:
     return starts[::-1]
 
 
-def stage_starts(model: nn.Module, stages: int, split_points: str | None, flag: str = "--pp") -> list[int]:
+def stage_starts(model: nn.Module, units: list[list[str]], stages: int, split_points: str | None,
+                 flag: str = "--pp") -> list[int]:
     """Where each stage begins (layer indices): the user's --split-points, or balanced by parameters."""
-    units = layer_units(model)
     if stages > len(units):
         raise UsageError(f"{flag} asks for {stages} stages but {type(model).__name__} has only {len(units)} "
                          f"layers; use at most {len(units)} (or more --layers)")
@@ -109,37 +109,37 @@ def stage_module(model: nn.Module, keep: list[str], drop: list[str]) -> nn.Modul
     return stage
 
 
-def split_model(model: nn.Module, pp: int, pp_rank: int, options: ParallelConfig) -> list[tuple[int, nn.Module]]:
-    """This rank's stages as (stage index, module): one, or ``stages_per_rank`` round-robin ones
-    (stage s lives on pp rank s % pp) with the interleaved schedule."""
-    if not (isinstance(model, nn.Sequential) or hasattr(model, "layer_units")):
-        raise UsageError(f"--pp splits an nn.Sequential or the built-in gpt; {type(model).__name__} is neither "
-                         "(wrap its layers in an nn.Sequential)")
+def stage_names(model: nn.Module, units: list[list[str]], pp: int, options: ParallelConfig) -> list[list[str]]:
+    """The module names each pipeline stage keeps, for all ``pp x stages_per_rank`` stages
+    (stage s lives on pp rank s % pp with the interleaved schedule)."""
     per_rank = options.stages_per_rank if options.schedule == "interleaved-1f1b" else 1
     stages = pp * per_rank
-    units = layer_units(model)
-    starts = stage_starts(model, stages, options.split_points) + [len(units)]
-    mine = []
-    for s in range(pp_rank, stages, pp):
-        keep = [name for unit in units[starts[s]:starts[s + 1]] for name in unit]
-        drop = [name for unit in units for name in unit if name not in keep]
-        mine.append((s, stage_module(model, keep, drop)))
-    return mine
+    starts = stage_starts(model, units, stages, options.split_points) + [len(units)]
+    return [[name for unit in units[starts[s]:starts[s + 1]] for name in unit] for s in range(stages)]
+
+
+def split_model(model: nn.Module, units: list[list[str]], pp: int, pp_rank: int,
+                options: ParallelConfig) -> list[tuple[int, nn.Module]]:
+    """This rank's stages as (stage index, module): one, or ``stages_per_rank`` round-robin ones."""
+    every = stage_names(model, units, pp, options)
+    names = [name for unit in units for name in unit]
+    return [(s, stage_module(model, keep, [n for n in names if n not in keep]))
+            for s, keep in enumerate(every) if s % pp == pp_rank]
 
 
 class Pipeline(nn.Module):
     """This rank's stage modules and the schedule that runs them.
 
-    ``parameters()`` are this rank's (the optimizer steps those); ``train_step`` runs one
+    ``parameters()`` are this rank's (the optimizer steps those); ``forward_backward`` runs one
     batch through the whole pipeline and returns the batch's mean loss on every rank.
     """
 
     def __init__(self, stages: list[tuple[int, nn.Module]], num_stages: int, device: torch.device,
-                 pp_group: dist.ProcessGroup, options: ParallelConfig):
+                 pp_group: dist.ProcessGroup, options: ParallelConfig, comm_device: torch.device):
         super().__init__()
         self.stages = nn.ModuleList(module for _, module in stages)
         self.stage_ids = [s for s, _ in stages]
-        self.num_stages, self.device, self.pp_group = num_stages, device, pp_group
+        self.num_stages, self.device, self.pp_group, self.comm_device = num_stages, device, pp_group, comm_device
         self.microbatches = options.microbatches or 2 * dist.get_world_size(pp_group)
         self.schedule_name = options.schedule
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
@@ -148,7 +148,7 @@ class Pipeline(nn.Module):
         self._schedule, self._loss_fn = None, None
 
     def forward(self, *args):
-        raise RuntimeError("a pipeline-parallel model runs through Pipeline.train_step, not forward")
+        raise RuntimeError("a pipeline-parallel model runs through Pipeline.forward_backward, not forward")
 
     def _schedule_for(self, loss_fn: nn.Module):
         if self._schedule is not None and self._loss_fn is loss_fn:
@@ -169,8 +169,13 @@ class Pipeline(nn.Module):
         self._schedule, self._loss_fn = cls(first, m, loss_fn=microbatch_loss, **extra), loss_fn
         return self._schedule
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> float:
-        """Forward and backward of one batch (x on the first stage, y on the last); the mean loss."""
+    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
+                         amp=None, scaler=None) -> float:
+        """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
+        every stage's forwards and backwards in its order, and leaves this rank's stage
+        gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
+        rank returns the batch's mean loss. (fp32 only, and --grad-accum 1: the launcher checks.)"""
+        (x, y), = micro_batches  # the micro-batches are the schedule's
         check_microbatches(len(x), self.microbatches)
         schedule = self._schedule_for(loss_fn)
         losses: list[torch.Tensor] = []
@@ -180,7 +185,7 @@ class Pipeline(nn.Module):
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike.
         loss = torch.tensor([sum(float(l.detach()) for l in losses)], dtype=torch.float64,
-                            device=self.device if self.device.type == "cuda" else "cpu")
+                            device=self.comm_device)
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss.item()
 

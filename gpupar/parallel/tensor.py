@@ -24,19 +24,11 @@ from gpupar.errors import UsageError
 Plan = dict[str, ParallelStyle]
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan | None = None) -> nn.Module:
-    """Shard ``model`` over the 1-D ``tp_mesh`` by ``plan``; without one, the built-in GPT gets
-    its per-block plan and any other model gets consecutive Linear pairs (``auto_plan``).
-
-    A user plan (Python API) is a dict of module name -> ``ColwiseParallel()`` /
-    ``RowwiseParallel()`` (or any ``ParallelStyle``), exactly as ``parallelize_module`` takes it.
-    """
-    from gpupar.gpt import GPT
-
-    tp = tp_mesh.size()
-    if plan is None:
-        plan = gpt_plan(model, tp) if isinstance(model, GPT) else auto_plan(model)
-    check_divisible(model, plan, tp)
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
+    """Shard ``model`` over the 1-D ``tp_mesh`` by ``plan``: a dict of module name ->
+    ``ColwiseParallel()`` / ``RowwiseParallel()`` (or any ``ParallelStyle``), exactly as
+    ``parallelize_module`` takes it. The model's spec gives the plan (``auto_plan`` by default)."""
+    check_divisible(model, plan, tp_mesh.size())
     return parallelize_module(model, tp_mesh, plan)
 
 
@@ -65,21 +57,6 @@ def auto_plan(model: nn.Module) -> Plan:
     return plan
 
 
-def gpt_plan(model: nn.Module, tp: int) -> Plan:
-    """Per block: attention q/k/v colwise (whole heads per rank), its output rowwise; the MLP's
-    up projection colwise and its down projection rowwise. Two all-reduces per block forward.
-    Embeddings, norms and the vocabulary head stay whole (sequence parallel is not used)."""
-    if model.heads % tp:
-        raise UsageError(f"--tp {tp} must divide --heads {model.heads}: each rank holds whole attention heads")
-    plan: Plan = {}
-    for i in model.blocks:
-        for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
-            plan[f"blocks.{i}.{name}"] = ColwiseParallel()
-        for name in ("attn.out", "mlp.down"):
-            plan[f"blocks.{i}.{name}"] = RowwiseParallel()
-    return plan
-
-
 def check_divisible(model: nn.Module, plan: Plan, tp: int) -> None:
     """A colwise layer's output width and a rowwise layer's input width must divide by tp."""
     for name, style in plan.items():
@@ -88,7 +65,11 @@ def check_divisible(model: nn.Module, plan: Plan, tp: int) -> None:
             continue
         if isinstance(style, ColwiseParallel) and layer.out_features % tp:
             raise UsageError(f"--tp {tp} does not divide the {layer.out_features} output features of {name!r} "
-                             "(sharded by columns); choose a --hidden that tp divides")
+                             f"(sharded by columns); choose a --hidden that tp divides ({_divisors(layer.out_features)})")
         if isinstance(style, RowwiseParallel) and layer.in_features % tp:
             raise UsageError(f"--tp {tp} does not divide the {layer.in_features} input features of {name!r} "
-                             "(sharded by rows); choose a --hidden that tp divides")
+                             f"(sharded by rows); choose a --hidden that tp divides ({_divisors(layer.in_features)})")
+
+
+def _divisors(width: int) -> str:
+    return "--tp " + ", ".join(str(d) for d in range(2, min(width, 64) + 1) if width % d == 0) + " divide it"

@@ -2,27 +2,13 @@
 
 "Which strategy should I use, and what did I gain?" Each (strategy, world size) pair trains
 the same model on the same global batch in fresh processes, through gpupar's own training
-loop (``loop.fit``), and reports the median step time, samples/s (tokens/s for gpt),
+loop (``loop.fit``), and reports the median step time, samples/s (tokens/s for sequence models),
 per-rank peak memory, the model FLOP/s and MFU, and the scaling efficiency against world 1.
 A pair that fails or is not supported is reported as skipped, with the reason; it never
 stops the run.
 
-Timing. A warm-up step or more first (allocator, kernels, DDP's first bucket rebuild). On a
-GPU each step's end is a CUDA event, read after one synchronisation at the end, so timing
-adds no host sync per step; the timed window opens and closes with a barrier after a
-device sync, so every rank's clock covers the same work. The slowest rank sets each step's
-time (max over ranks), and the median over steps resists outliers.
-
-FLOPs. ``torch.utils.flop_counter.FlopCounterMode`` counts one forward and backward of the
-whole global batch on the unwrapped model (on the meta device when it can, so nothing is
-computed). These are the model FLOPs of MFU as Chowdhery et al. define it (PaLM, 2022,
-appendix B): work the model needs, not what a strategy adds (recomputation, communication).
-For Linear layers that is ~6 x weights x samples (Kaplan et al., 2020): 2 for forward, 4 for
-the two backward matmuls. The peak is the device's dense peak for the run's precision, from
-the table below, times the number of GPUs. On CPU every rank runs a short matmul probe with
-its own threads just before training, all ranks at once, and the peak is their sum: what
-this combination's cores can do at that moment (a shared, busy machine under-reads a peak
-measured once beforehand, and MFU would pass 100%).
+The driver writes each combination's config, starts its ranks (``gpupar bench-worker``),
+reads their result and derives throughput, MFU and scaling (``add_derived``).
 """
 
 from __future__ import annotations
@@ -32,8 +18,6 @@ import json
 import os
 import platform
 import re
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -41,29 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from gpupar.config import Config, load_toml, to_toml
+from gpupar.bench.flops import count_step_flops, gpu_peak_tflops
+from gpupar.config import Config, to_toml
 from gpupar.errors import TrainingError, UsageError
 
 STRATEGIES = ("single", "ddp", "fsdp", "tp", "pp")
-
-# Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets:
-# (name fragment, bf16/fp16 tensor cores, fp32 without TF32). The first fragment that
-# appears in the device name wins, so the more specific names come first.
-GPU_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0, 51.0),
-    ("H100", 989.0, 67.0),  # SXM / HBM3
-    ("H200", 989.0, 67.0),
-    ("GH200", 989.0, 67.0),
-    ("A100", 312.0, 19.5),
-    ("L40S", 362.0, 91.6),
-    ("L4", 121.0, 30.3),
-    ("A10", 125.0, 31.2),
-    ("V100", 125.0, 15.7),  # fp16 only; no bf16 tensor cores
-    ("T4", 65.0, 8.1),
-)
-
 
 @dataclass
 class BenchSpec:
@@ -80,12 +47,8 @@ class BenchSpec:
     threads_per_rank: int | None = None  # CPU: OMP threads in each rank (default: cores / ranks)
     command: str = ""
 
-
-# --- the training config of one combination --------------------------------------------------
-
 def global_batch(base: Config) -> int:
     return base.train.batch_size or base.data.samples
-
 
 def strategy_config(base: Config, strategy: str, world: int, steps: int, warmup: int) -> Config:
     """The training config that runs ``strategy`` on ``world`` ranks; UsageError when it cannot.
@@ -117,169 +80,14 @@ def strategy_config(base: Config, strategy: str, world: int, steps: int, warmup:
     cfg.train.log_every, cfg.train.progress, cfg.train.save_step_losses = warmup + steps, False, False
     return cfg.validate()
 
-
 def _set_degree(cfg: Config, name: str, world: int) -> None:
     """Tensor / pipeline parallel over all ranks: ``--tp W`` / ``--pp W``."""
     setattr(cfg.parallel, name, world)
     cfg.parallel.strategy, cfg.parallel.nproc_per_node = name, world
 
-
 def check_runnable(strategy: str, world: int, device: torch.device) -> None:
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise UsageError(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
-
-
-# --- FLOPs and peaks --------------------------------------------------------------------------
-
-def count_step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> int:
-    """FLOPs of one forward and backward of ``model`` on the batch ``x`` (optimizer excluded).
-
-    Runs on the meta device when the model allows it (shapes only, no arithmetic); falls
-    back to a real step on a copy of the model.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count(m, xs, ys) -> int:
-        with FlopCounterMode(display=False) as counter:
-            loss_fn(m(xs), ys).backward()
-        return int(counter.get_total_flops())
-
-    try:
-        return count(copy.deepcopy(model).to("meta"), x.to("meta"), y.to("meta"))
-    except Exception:  # a user model doing data-dependent Python on values
-        return count(copy.deepcopy(model), x, y)
-
-
-def gpu_peak_tflops(name: str, precision: str) -> float | None:
-    for fragment, half, fp32 in GPU_PEAK_TFLOPS:
-        if fragment.lower() in name.lower():
-            return half if precision in ("bf16", "fp16") else fp32
-    return None
-
-
-def cpu_matmul_probe(precision: str, seconds: float = 0.5, n: int = 1024) -> float:
-    """Best observed TFLOP/s of an n x n matmul with all of this process's threads."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    a @ b  # warm-up
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best / 1e12
-
-
-# --- inside each rank ---------------------------------------------------------------------------
-
-class StepTimer:
-    """``fit``'s per-step hook: marks the end of the warm-up and of every timed step."""
-
-    def __init__(self, topo, warmup: int, steps: int):
-        self.topo, self.warmup, self.last = topo, warmup, warmup + steps
-        self.cuda = topo.device.type == "cuda"
-        self.marks: list[tuple[float, object]] = []  # (perf_counter, CUDA event or None)
-        self.window_s = 0.0
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.topo.device)
-        if self.topo.distributed:
-            dist.barrier()  # every rank opens and closes the window together
-
-    def __call__(self, step: int) -> None:
-        if not self.warmup <= step <= self.last:
-            return
-        if step == self.warmup:
-            self._sync()
-        event = None
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-        self.marks.append((time.perf_counter(), event))
-        if step == self.last:
-            self._sync()
-            self.window_s = time.perf_counter() - self.marks[0][0]
-
-    def step_seconds(self) -> list[float]:
-        if self.cuda:
-            return [a[1].elapsed_time(b[1]) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])]
-
-
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
-    """This process's peak memory: allocated tensors on a GPU, resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "peak CUDA memory allocated"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-    return kib * 1024, "peak process RSS"
-
-
-def gather_result(topo, timer: StepTimer, probe_tflops: float | None) -> dict:
-    """Every rank's step times and memory; the slowest rank sets each step's time."""
-    mine = {"step_s": timer.step_seconds(), "window_s": timer.window_s, "threads": torch.get_num_threads(),
-            "memory": peak_memory_bytes(topo.device), "probe": probe_tflops}
-    everyone = [mine]
-    if topo.distributed:
-        everyone = [None] * topo.world_size
-        dist.all_gather_object(everyone, mine)
-    per_step = [max(r["step_s"][i] for r in everyone) for i in range(len(mine["step_s"]))]
-    return {"step_s": per_step, "median_step_s": statistics.median(per_step),
-            "window_s": max(r["window_s"] for r in everyone),
-            "memory_per_rank_bytes": [r["memory"][0] for r in everyone], "memory_kind": mine["memory"][1],
-            "threads_per_rank": mine["threads"], "device": str(topo.device),
-            "cpu_probe_tflops": sum(r["probe"] for r in everyone) if probe_tflops is not None else None}
-
-
-def bench_worker(config_path: str, result_path: str, steps: int, warmup: int, peer: str | None = None) -> None:
-    """One rank of one combination: train through gpupar's loop (or a peer's), write the result.
-
-    A failure is written to RESULT.rankN.err (one line) before it propagates, so the
-    bench can name the reason in its table.
-    """
-    from gpupar.devices import pick_device
-    from gpupar.topology import Topology, launched_by_torchrun
-
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        cfg = load_toml(config_path)
-        topo = Topology.from_env(cfg) if launched_by_torchrun() else Topology.single(pick_device(cfg.train.device))
-        if topo.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(topo.device)
-        probe = None
-        if topo.device.type == "cpu":
-            if topo.distributed:
-                dist.barrier()  # all ranks probe at once: they share the machine's cores
-            probe = cpu_matmul_probe(cfg.train.precision, seconds=0.3)
-        timer = StepTimer(topo, warmup, steps)
-        if peer is None:
-            _train_gpupar(cfg, topo, timer)
-        else:
-            from gpupar.bench_peers import train_peer
-
-            train_peer(peer, cfg, topo, timer)
-        result = gather_result(topo, timer, probe)
-        if topo.is_main:
-            Path(result_path).write_text(json.dumps(result))
-        topo.close()
-    except BaseException as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        Path(f"{result_path}.rank{rank}.err").write_text(f"{type(exc).__name__}: {first}"[:300])
-        raise
-
-
-def _train_gpupar(cfg: Config, topo, timer: StepTimer) -> None:
-    from gpupar.loop import as_samples, fit, make_loss, make_optimizer
-    from gpupar.parallelize import parallelize
-    from gpupar.run import load_problem
-
-    problem = load_problem(cfg)
-    train_set, _ = as_samples((problem.X, problem.y), cfg)
-    model = parallelize(problem.model, topo, cfg)
-    fit(model, train_set, cfg, topo, make_loss(cfg), make_optimizer(model, cfg), log=lambda _: None, on_step=timer)
-
-
-# --- the driver ---------------------------------------------------------------------------------
 
 def run_combination(cfg: Config, out_dir: Path, steps: int, warmup: int, peer: str | None = None,
                     threads: int | None = None) -> dict:
@@ -320,7 +128,6 @@ def run_combination(cfg: Config, out_dir: Path, steps: int, warmup: int, peer: s
         return json.loads(result.read_text())
     return {"skipped": _failure_reason(out_dir, failure)}
 
-
 def _failure_reason(out_dir: Path, failure: str | None) -> str:
     """The first failing rank's own message (the launcher names that rank); its peers only
     report a closed connection."""
@@ -332,11 +139,9 @@ def _failure_reason(out_dir: Path, failure: str | None) -> str:
         return errors[0].read_text().strip()
     return failure or "no result written"
 
-
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "failed without a message"
-
 
 def environment(device: torch.device, command: str) -> dict:
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "torch": torch.__version__,
@@ -347,7 +152,6 @@ def environment(device: torch.device, command: str) -> dict:
         env["cuda"] = torch.version.cuda
     return env
 
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -357,12 +161,11 @@ def _cpu_model() -> str:
         pass
     return platform.processor() or "unknown"
 
-
 def run_bench(spec: BenchSpec, log=print) -> dict:
     """Every combination of spec.strategies x spec.world_sizes, then the peers; returns bench.json's dict."""
     from gpupar.devices import pick_device
+    from gpupar.job import load_problem
     from gpupar.loop import make_loss
-    from gpupar.run import load_problem
 
     base = spec.base
     device = pick_device(base.train.device)
@@ -377,7 +180,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
 
     # Model FLOPs of one step of the global batch, counted once: every strategy does this work.
     problem = load_problem(strategy_config(base, "single", 1, spec.steps, spec.warmup))
-    flops = count_step_flops(problem.model, problem.X[:batch], problem.y[:batch], make_loss(base))
+    flops = count_step_flops(problem.model, problem.X[:batch], problem.y[:batch], make_loss(base, problem.spec))
     precision = base.train.precision
     if spec.peak_tflops:
         peak, peak_source = spec.peak_tflops, "--peak-tflops"
@@ -390,7 +193,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
 
     env = environment(device, spec.command)
     env.update(peak_tflops_per_device=peak, peak_source=peak_source)
-    seq_len = base.model.seq_len if base.model.name == "gpt" else None
+    seq_len = problem.spec.tokens_per_sample if problem.spec.tokens_per_sample > 1 else None
     rows = []
     for strategy in spec.strategies:
         for world in spec.world_sizes:
@@ -428,16 +231,14 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
     add_derived(summary, device.type)
     return summary
 
-
 def _check_peer_installed(peer: str) -> None:
-    from gpupar.bench_peers import PEERS, missing_reason
+    from gpupar.bench.peers import PEERS, missing_reason
 
     if peer not in PEERS:
         raise UsageError(f"--peers: {peer!r} is not one of: {', '.join(PEERS)}")
     reason = missing_reason(peer)
     if reason:
         raise UsageError(reason)
-
 
 def add_derived(summary: dict, device_type: str) -> None:
     """Throughput, FLOP/s, MFU and scaling efficiency from the raw step times (in place)."""
@@ -479,3 +280,34 @@ def add_derived(summary: dict, device_type: str) -> None:
             row["step_vs_gpupar"] = row["median_step_s"] / gpupar_ddp[world]["median_step_s"]
         if world in raw:
             row["step_vs_raw_torch"] = row["median_step_s"] / raw[world]["median_step_s"]
+
+
+def main(base: Config, args) -> None:
+    """`gpupar bench`: run the grid, print the report, write bench.json, report.md and the plots."""
+    import shlex
+
+    from gpupar.bench.report import _pyplot, markdown, update_markdown, write_outputs
+    from gpupar.sweep import parse_list
+
+    _pyplot()  # fail now, not after the runs, when matplotlib is missing
+    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    spec = BenchSpec(base=base, strategies=comma_list(args.strategies, "--strategies"),
+                     world_sizes=parse_list(args.world_sizes, int, "--world-sizes"),
+                     steps=args.steps, warmup=args.warmup, out=out,
+                     peers=comma_list(args.peers, "--peers") if args.peers else [],
+                     peak_tflops=args.peak_tflops, threads_per_rank=args.threads_per_rank,
+                     command="gpupar " + shlex.join(args.command_line))
+    summary = run_bench(spec)
+    files = write_outputs(summary, out)
+    print(markdown(summary), end="")
+    if args.update_markdown:
+        update_markdown(Path(args.update_markdown), args.label, markdown(summary))
+    print(f"Wrote {', '.join(str(f) for f in files)}")
+
+
+def comma_list(text: str, name: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{name} {text!r}: expected a comma-separated list")
+    return items
+
