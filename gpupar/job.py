@@ -110,8 +110,8 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
         microbatches = cfg.parallel.microbatches or 2 * dims.pp
     check_divisible(batch, cfg.train.grad_accum, dims.dp, n_train, microbatches, cfg.train.batch_size is None)
     if lay.process == "layer-split":
-        stage_starts(model, pipeline_units(model, spec), len(parse_devices(cfg.parallel.devices)),
-                     cfg.parallel.split_points, flag="--devices")
+        devices = parse_devices(cfg.parallel.devices)
+        stage_starts(model, pipeline_units(model, spec), len(devices), cfg.parallel.split_points, flag="--devices")
     stages = [model]
     if dims.pp > 1:
         units = pipeline_units(model, spec)

@@ -14,10 +14,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from gpupar.config import Config
 from gpupar.errors import UsageError
-from gpupar.gpt import GPT
-from gpupar.models import mlp
+from gpupar.gpt import GPT, tp_plan
+from gpupar.models import ModelSpec, mlp
 from gpupar.parallel.pipeline import split_model
-from gpupar.parallel.tensor import apply_tp
+from gpupar.parallel.tensor import apply_tp, auto_plan
 from gpupar.parallelize import full_state_dict, parallelize
 from gpupar.topology import Topology
 
@@ -32,13 +32,14 @@ def main() -> None:
     cfg.parallel.tp = 2
     cfg.validate()
     topo = Topology.from_env(cfg)
-    assert (topo.dp, topo.tp, topo.pp) == (1, 2, 1) and topo.mesh.mesh_dim_names == ("pp", "dp", "tp")
+    assert (topo.dp, topo.tp, topo.pp) == (1, 2, 1) and topo.mesh.mesh_dim_names == ("tp",)  # dims > 1 only
     assert topo.dp_rank == 0 and topo.tp_rank == topo.rank  # tp peers share one data shard
     ok("mesh")
 
     # Automatic pairing on an mlp of 4 Linear layers: (0 colwise, 2 rowwise), (4 colwise, 6 rowwise).
     torch.manual_seed(0)
-    model = apply_tp(mlp(10, 32, 4, 1), topo.mesh["tp"])
+    model = mlp(10, 32, 4, 1)
+    model = apply_tp(model, topo.mesh["tp"], auto_plan(model))
     w0, w2, w6 = model[0].weight, model[2].weight, model[6].weight
     assert isinstance(w0, DTensor) and w0.placements == (Shard(0),) and w0.to_local().shape == (16, 10)
     assert w2.placements == (Shard(1),) and w2.to_local().shape == (32, 16)
@@ -47,7 +48,8 @@ def main() -> None:
 
     # The GPT's per-block plan: q/k/v and mlp.up by columns, attn.out and mlp.down by rows.
     torch.manual_seed(0)
-    gpt = apply_tp(GPT(vocab=16, hidden=32, layers=2, heads=4, seq_len=8), topo.mesh["tp"])
+    gpt = GPT(vocab=16, hidden=32, layers=2, heads=4, seq_len=8)
+    gpt = apply_tp(gpt, topo.mesh["tp"], tp_plan(gpt, 2))
     torch.manual_seed(0)
     reference = GPT(vocab=16, hidden=32, layers=2, heads=4, seq_len=8)
     block = gpt.blocks["1"]
@@ -68,7 +70,9 @@ def main() -> None:
     # A user plan through the Python API: shard only the first layer's columns and the second's rows.
     torch.manual_seed(0)
     user = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
-    user = parallelize(user, topo, cfg, tp_plan={"0": ColwiseParallel(), "2": RowwiseParallel()})
+    spec = ModelSpec("user", lambda n_in, n_out: user, tp_plan=lambda m, tp: {"0": ColwiseParallel(),
+                                                                               "2": RowwiseParallel()})
+    user = parallelize(user, topo, cfg, spec).model
     assert isinstance(user[0].weight, DTensor) and not isinstance(user[3].weight, DTensor)
     ok("user-plan")
 
@@ -76,7 +80,8 @@ def main() -> None:
     for bad, message in ((lambda: GPT(vocab=16, hidden=30, layers=1, heads=3, seq_len=8), "must divide --heads 3"),
                          (lambda: mlp(10, 33, 2, 1), "does not divide the 33 output features")):
         try:
-            apply_tp(bad(), topo.mesh["tp"])
+            model = bad()
+            apply_tp(model, topo.mesh["tp"], tp_plan(model, 2) if isinstance(model, GPT) else auto_plan(model))
         except UsageError as exc:
             assert message in str(exc), exc
         else:
@@ -86,7 +91,8 @@ def main() -> None:
     # Pipeline split keeps the whole model's names: rank 0 has the embeddings, rank 1 the head.
     cfg.parallel.schedule = "interleaved-1f1b"
     torch.manual_seed(0)
-    stages = split_model(GPT(vocab=16, hidden=32, layers=4, heads=4, seq_len=8), 2, topo.rank, cfg.parallel)
+    gpt = GPT(vocab=16, hidden=32, layers=4, heads=4, seq_len=8)
+    stages = split_model(gpt, GPT.layer_units(gpt), 2, topo.rank, cfg.parallel)
     assert [s for s, _ in stages] == [topo.rank, topo.rank + 2]  # round-robin: stage s on rank s % pp
     names = [set(module.state_dict()) for _, module in stages]
     if topo.rank == 0:

@@ -22,29 +22,42 @@ from gpupar.gpt import GPT, synthetic_tokens
 from gpupar.models import mlp
 from gpupar.parallel.pipeline import balanced_starts, layer_units, stage_starts
 from gpupar.parallel.tensor import auto_plan, check_divisible
-from gpupar.topology import degrees
+from gpupar.config import layout
+from gpupar.topology import ParallelDims
 
 from harness import TESTS, gpupar
 
-PASS = re.compile(r"PASS: (\S+) matches the single-device reference within (\S+) relative")
+PASS = re.compile(r"PASS: (.+?) matches the single-device reference within (\S+) relative")
 EPOCH = re.compile(r"^Epoch \[(\d+)/(\d+)\], Loss: (\d+\.\d+)", re.M)
 
 
 # ---- no ranks needed ---------------------------------------------------------------------
 
-def test_degrees_default_dp_and_reject_bad_products():
+def dims(world: int, per_node: int | None = None, **parallel) -> ParallelDims:
     cfg = Config()
-    cfg.parallel.tp = 2
-    cfg.validate()
-    assert cfg.parallel.strategy == "tp"  # --tp alone implies tensor parallel
-    assert degrees(cfg, 4) == (2, 2, 1)  # dp = world / (tp x pp)
-    cfg.parallel.dp = 3
-    with pytest.raises(UsageError, match=r"--dp 3 x --tp 2 x --pp 1 = 6 does not match the 4 ranks"):
-        degrees(cfg, 4)
-    cfg = Config()
-    cfg.parallel.tp, cfg.parallel.pp = 2, 2
-    with pytest.raises(UsageError, match="tensor and pipeline parallel together are not supported"):
-        cfg.validate()
+    for name, value in parallel.items():
+        setattr(cfg.parallel, name, value)
+    return ParallelDims.resolve(layout(cfg.validate().parallel), world, per_node or world)
+
+
+def test_strategy_is_shorthand_for_degrees_and_what_runs_is_named():
+    assert dims(4, strategy="ddp") == ParallelDims(dp_replicate=4)
+    assert dims(4, strategy="fsdp") == ParallelDims(dp_shard=4)
+    assert dims(8, 4, strategy="hsdp") == ParallelDims(dp_replicate=2, dp_shard=4)  # shard within a node
+    assert dims(4, strategy="tp") == ParallelDims(tp=4) and dims(4, strategy="pp", dp=2) == ParallelDims(2, 1, 2, 1)
+    assert dims(4, tp=2) == ParallelDims(dp_shard=2, tp=2)  # dp takes the rest, sharded beside tp
+    assert dims(4, tp=2).describe() == "fsdp(dp=2) x tp(2)"
+    assert dims(8, tp=2, pp=2).describe("1f1b") == "pp(2, 1f1b) x fsdp(dp=2) x tp(2)"
+    assert dims(8, strategy="hsdp", tp=2, dp_replicate=2).describe() == "hsdp(replicate=2, shard=2) x tp(2)"
+    assert dims(2, strategy="ddp").describe() == "ddp(dp=2)" and dims(2, dp=2).ddp_enabled
+    with pytest.raises(UsageError, match=r"--dp 3 x --tp 2 x --pp 1 cannot fill the 4 ranks"):
+        dims(4, dp=3, tp=2)
+    with pytest.raises(UsageError, match="--strategy ddp with --tp 2: DDP cannot hold tensor-parallel"):
+        dims(4, strategy="ddp", tp=2)
+    with pytest.raises(UsageError, match="--strategy hsdp with --dp-shard 1 beside --tp/--pp only replicates"):
+        dims(4, strategy="hsdp", tp=2, dp_shard=1)
+    with pytest.raises(UsageError, match="--strategy layer-split runs in one process and takes no --dp/--tp/--pp"):
+        dims(4, strategy="layer-split", devices="cpu,cpu", tp=2)
 
 
 def test_balanced_split_by_parameter_count_and_user_split_points():
@@ -54,13 +67,14 @@ def test_balanced_split_by_parameter_count_and_user_split_points():
     assert balanced_starts([1, 1, 1, 1, 1, 10], 3)[-1] == 5  # the heavy layer alone at the end
     model = mlp(10, 32, 4, 1)
     assert layer_units(model) == [["0", "1"], ["2", "3"], ["4", "5"], ["6"]]  # activations ride along
-    assert stage_starts(model, 2, "3") == [0, 3]
+    units = layer_units(model)
+    assert stage_starts(model, units, 2, "3") == [0, 3]
     with pytest.raises(UsageError, match="--pp asks for 5 stages but Sequential has only 4 layers"):
-        stage_starts(model, 5, None)
+        stage_starts(model, units, 5, None)
     with pytest.raises(UsageError, match=r"--split-points '3,1': need 2 increasing layer indices in 1..3"):
-        stage_starts(model, 3, "3,1")
+        stage_starts(model, units, 3, "3,1")
     gpt = GPT(layers=3)
-    assert layer_units(gpt) == [["tok_emb", "pos_emb", "blocks.0"], ["blocks.1"], ["blocks.2", "norm", "head"]]
+    assert GPT.layer_units(gpt) == [["tok_emb", "pos_emb", "blocks.0"], ["blocks.1"], ["blocks.2", "norm", "head"]]
 
 
 def test_auto_plan_pairs_consecutive_linears_and_checks_divisibility():
@@ -105,7 +119,8 @@ def test_layer_split_verify_is_exact_and_bad_devices_are_refused(gpupar_cli, tmp
 def test_layer_split_puts_consecutive_layers_on_the_devices_given():
     from gpupar.parallel.layer_split import apply_layer_split
 
-    model = apply_layer_split(mlp(10, 8, 4, 1), [torch.device("cpu")] * 2, split_points="1")
+    model = mlp(10, 8, 4, 1)
+    model = apply_layer_split(model, [torch.device("cpu")] * 2, layer_units(model), split_points="1")
     hooked = [name for name, m in model.named_children() if m._forward_pre_hooks]
     assert hooked == ["0", "1", "2", "3", "4", "5", "6"]  # every layer moves its own input
     assert model(torch.rand(5, 10)).shape == (5, 1)
@@ -127,22 +142,22 @@ def test_verify_pipeline_every_schedule_world2(tmp_path, schedule):
                      "--layers", 4, "--hidden", 32, "--batch-size", 200, "--shuffle", "--epochs", 3,
                      "--nproc-per-node", 2, "--run-dir", tmp_path / "v", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert PASS.search(proc.stdout).groups() == ("pp", "1e-05")
+    assert PASS.search(proc.stdout).groups() == (f"pp(2, {schedule})", "1e-05")
 
 
 def test_verify_tensor_parallel_world2(tmp_path):
     proc, _ = gpupar("verify", "--tp", 2, "--epochs", 40, "--nproc-per-node", 2, "--run-dir", tmp_path / "v",
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert PASS.search(proc.stdout).groups() == ("tp", "1e-04")  # the default tolerance with --tp
+    assert PASS.search(proc.stdout).groups() == ("tp(2)", "1e-04")  # the default tolerance with --tp
     got = json.loads((tmp_path / "v/strategy/step_losses.json").read_text())
     ref = json.loads((tmp_path / "v/reference/step_losses.json").read_text())
     assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-5  # the loss itself agrees tightly
 
 
 @pytest.mark.parametrize("flags,label", [
-    (["--pp", 4, "--schedule", "gpipe", "--microbatches", 4, "--layers", 4], "pp"),
-    (["--tp", 4, "--layers", 2], "tp"),
+    (["--pp", 4, "--schedule", "gpipe", "--microbatches", 4, "--layers", 4], "pp(4, gpipe)"),
+    (["--tp", 4, "--layers", 2], "tp(4)"),
 ])
 def test_verify_pipeline_and_tensor_parallel_world4(tmp_path, flags, label):
     proc, _ = gpupar("verify", *flags, "--model", "mlp", "--hidden", 32, "--batch-size", 200, "--epochs", 3,
@@ -156,7 +171,7 @@ def test_verify_dp2_x_tp2_gpt_world4(tmp_path):
                      "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4,
                      "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert PASS.search(proc.stdout).groups() == ("tp", "1e-04")
+    assert PASS.search(proc.stdout).groups() == ("fsdp(dp=2) x tp(2)", "1e-04")
 
 
 def test_verify_dp2_x_pp2_world4(tmp_path):
@@ -164,7 +179,7 @@ def test_verify_dp2_x_pp2_world4(tmp_path):
                      "--layers", 4, "--hidden", 32, "--batch-size", 100, "--epochs", 2, "--nproc-per-node", 4,
                      "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert PASS.search(proc.stdout).groups() == ("pp", "1e-05")
+    assert PASS.search(proc.stdout).groups() == ("pp(2, 1f1b) x fsdp(dp=2)", "1e-05")
 
 
 def test_gpt_trains_with_pp2_and_saves_the_whole_model(tmp_path):
@@ -183,6 +198,8 @@ def test_gpt_trains_with_pp2_and_saves_the_whole_model(tmp_path):
 def test_pipeline_usage_errors_before_launch(gpupar_cli, tmp_path):
     code, _, err = gpupar_cli("train", "--pp", 2, "--microbatches", 3, "--batch-size", 100, "--nproc-per-node", 2,
                               "--run-dir", tmp_path / "r")
-    assert code == 2 and "--microbatches 3 must divide each rank's batch of 100 samples" in err
+    assert code == 2 and "--batch-size 100 must be divisible by --grad-accum (1) x data-parallel ranks (1) x " \
+                         "--microbatches (3) = 3; try --batch-size 99" in err
     code, _, err = gpupar_cli("train", "--dp", 3, "--tp", 2, "--nproc-per-node", 4, "--run-dir", tmp_path / "r")
-    assert code == 2 and "does not match the 4 ranks" in err
+    assert code == 2 and "cannot fill the 4 ranks" in err
+    assert not (tmp_path / "r").exists()
