@@ -236,9 +236,6 @@ def layout(p: ParallelConfig) -> Layout:
             raise UsageError("--strategy layer-split needs --devices, for example cpu,cpu or cuda:0,cuda:1")
         return Layout("dataparallel" if s == "dp" else "layer-split")
     if s == "single" and not (model_parallel or data_parallel):
-        if (p.nproc_per_node or 1) > 1:
-            raise UsageError(f"--nproc-per-node {p.nproc_per_node} needs a multi-process --strategy, "
-                             "for example ddp")
         return Layout("one-device")
     if s == "ddp" and model_parallel:
         given = " ".join(f"--{name} {getattr(p, name)}" for name in ("tp", "pp") if getattr(p, name) > 1)

@@ -229,7 +229,7 @@ def test_reshard_ddp2_to_single_and_back_and_export(tmp_path):
     # DDP W=2 -> single: loading the final checkpoint gives DDP's weights exactly ...
     proc, _ = gpupar("train", *DDP_FLAGS, "--resume", ddp / "checkpoints/step-40", "--run-dir", tmp_path / "a",
                      cwd=tmp_path)
-    assert proc.returncode == 0 and "saved by ddp on 2 rank(s)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "saved by ddp(dp=2) on 2 rank(s)" in proc.stdout, proc.stderr
     assert_bitwise_equal(weights(tmp_path / "a"), weights(ddp))
     # ... and training continues from step 20 on one device to the same result as DDP.
     proc, _ = gpupar("train", *DDP_FLAGS, "--resume", ddp / "checkpoints/step-20", "--run-dir", tmp_path / "b",
@@ -275,7 +275,7 @@ def test_sigkilled_worker_restarts_and_resumes_to_the_same_weights(tmp_path, mon
     run = tmp_path / "R"
     proc, _ = gpupar("train", *DDP_FLAGS, *ddp, "--max-restarts", 1, "--run-dir", run, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "Resumed from" in proc.stdout and "step-10 at step 10 (saved by ddp on 2 rank(s))" in proc.stdout
+    assert "Resumed from" in proc.stdout and "step-10 at step 10 (saved by ddp(dp=2) on 2 rank(s))" in proc.stdout
     assert_bitwise_equal(weights(run), weights(tmp_path / "plain"))
 
     monkeypatch.setenv("TEST_KILL_ALWAYS", "1")  # dies again after every restart
@@ -295,7 +295,7 @@ def test_reshard_ddp2_to_fsdp4_to_single_and_tp2_to_single(tmp_path):
     # DDP W=2 -> FSDP W=4: continue from step 20 with every tensor now sharded four ways.
     proc, _ = gpupar("train", *DDP_FLAGS, "--strategy", "fsdp", "--nproc-per-node", 4, "--checkpoint-every", 20,
                      "--resume", ddp / "checkpoints/step-20", "--run-dir", fsdp, cwd=tmp_path)
-    assert proc.returncode == 0 and "saved by ddp on 2 rank(s)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "saved by ddp(dp=2) on 2 rank(s)" in proc.stdout, proc.stderr
     _close(weights(fsdp), weights(ddp))  # same data and order; fp32 reduction order only
     # FSDP W=4 -> single: the sharded step-40 checkpoint loads into one plain model exactly.
     proc, _ = gpupar("train", *DDP_FLAGS, "--resume", fsdp / "checkpoints/step-40", "--run-dir", tmp_path / "s",

@@ -39,7 +39,7 @@ def test_self_launch_prints_once_and_matches_single_device(tmp_path):
     epochs = EPOCH.findall(proc.stdout)
     assert [int(e) for e, _, _ in epochs] == [20, 40, 60, 80, 100]  # one set of logs, from rank 0 only
     assert float(epochs[-1][2]) < 0.1
-    assert proc.stdout.count("Using device: cpu x 2 ranks (ddp)") == 1
+    assert proc.stdout.count("Using device: cpu x 2 ranks: ddp(dp=2)") == 1
     ref, got = _single_reference(tmp_path), load_file(str(tmp_path / "ddp" / "model.safetensors"))
     for name in ref:  # fp32 all-reduce of 2 half-batch means vs one mean: summation order only
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
@@ -53,8 +53,8 @@ def test_verify_ddp_passes_with_minibatches_shuffle_and_accumulation(tmp_path, w
     proc, _ = gpupar("verify", "--strategy", "ddp", "--nproc-per-node", world, *extra,
                      "--run-dir", tmp_path / "v", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "step    reference loss          ddp loss   rel. gap  max |dparam|" in proc.stdout
-    assert "PASS: ddp matches the single-device reference within 1e-05 relative" in proc.stdout
+    assert f"step    reference loss    ddp(dp={world}) loss   rel. gap  max |dparam|" in proc.stdout
+    assert f"PASS: ddp(dp={world}) matches the single-device reference within 1e-05 relative" in proc.stdout
     ref = json.loads((tmp_path / "v/reference/step_losses.json").read_text())
     got = json.loads((tmp_path / "v/strategy/step_losses.json").read_text())
     assert len(ref) == len(got) > 10
@@ -69,7 +69,8 @@ def test_verify_reports_the_first_diverging_step_and_parameter(tmp_path):
     verdict = compare(tmp_path / "reference", tmp_path / "strategy", rtol=1e-5)
     assert not verdict.passed and verdict.first_diverging_step == 3
     assert verdict.worst_parameter[0] == "b"
-    text = report(verdict, "ddp")
+    verdict.label = "ddp"
+    text = report(verdict)
     assert "FAIL: ddp differs from the reference (first diverging step 3" in text
 
 
@@ -91,7 +92,7 @@ def test_two_nodes_on_loopback(tmp_path):
     outputs = [node.communicate(timeout=180) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     logs = "".join(out for out, _ in outputs)
-    assert logs.count("Using device: cpu x 2 ranks (ddp)") == 1  # one global rank 0 over both nodes
+    assert logs.count("Using device: cpu x 2 ranks: ddp(dp=2)") == 1  # one global rank 0 over both nodes
     assert EPOCH.findall(logs) == [("20", "20", "11.5065")]
 
 
@@ -189,7 +190,7 @@ def test_cpu_ddp_needs_nproc_and_single_refuses_nproc(gpupar_cli, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the default is the GPU count")
     code, _, err = gpupar_cli("train", "--strategy", "ddp")
-    assert code == 2 and "--strategy ddp on CPU needs --nproc-per-node N" in err
+    assert code == 2 and "ranks on CPU need --nproc-per-node N" in err
     code, _, err = gpupar_cli("train", "--nproc-per-node", 2)
     assert code == 2 and "--nproc-per-node 2 needs a multi-process --strategy" in err
 

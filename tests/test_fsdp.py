@@ -14,9 +14,9 @@ from gpupar.parallelize import full_state_dict
 from gpupar.config import Config, ParallelConfig
 from gpupar.errors import UsageError
 from gpupar.models import SimpleNN, mlp
-from gpupar.parallel.fsdp import apply_fsdp, hsdp_degrees, pick_blocks
+from gpupar.parallel.fsdp import apply_fsdp, pick_blocks
 from gpupar.job import train_from_config
-from gpupar.topology import Topology
+from gpupar.topology import Topology, hsdp_degrees
 
 from harness import gpupar
 
@@ -50,19 +50,19 @@ def test_hsdp_degrees():
     assert hsdp_degrees(4, 2, 2, 4) == (2, 2)
     assert hsdp_degrees(8, None, None, 4) == (2, 4)  # shard within a node of 4, replicate across 2 nodes
     assert hsdp_degrees(4, None, 1, 4) == (4, 1) and hsdp_degrees(4, 4, None, 4) == (4, 1)
-    with pytest.raises(UsageError, match=r"--dp-replicate 1 x --dp-shard 2 = 2 must equal the world size 4"):
+    with pytest.raises(UsageError, match=r"--dp-replicate 1 x --dp-shard 2 = 2 must equal the 4 data-parallel ranks"):
         hsdp_degrees(4, 1, 2, 4)
-    with pytest.raises(UsageError, match="--dp-shard 3 does not divide the world size 4 .*accepted: 1, 2, 4"):
+    with pytest.raises(UsageError, match="--dp-shard 3 does not divide the 4 data-parallel ranks; accepted: 1, 2, 4"):
         hsdp_degrees(4, None, 3, 4)
 
 
 def test_bad_sharding_flags_fail_before_any_rank_starts(gpupar_cli, tmp_path):
     code, _, err = gpupar_cli("train", "--strategy", "hsdp", "--dp-replicate", 3, "--dp-shard", 2,
                               "--nproc-per-node", 4, "--run-dir", tmp_path / "r")
-    assert code == 2 and "--dp-replicate 3 does not divide the world size 4" in err
+    assert code == 2 and "--dp-replicate 3 does not divide the 4 data-parallel ranks" in err
     code, _, err = gpupar_cli("verify", "--strategy", "hsdp", "--dp-replicate", 1, "--dp-shard", 2,
                               "--nproc-per-node", 4, "--run-dir", tmp_path / "v")
-    assert code == 2 and "= 2 must equal the world size 4" in err
+    assert code == 2 and "= 2 must equal the 4 data-parallel ranks" in err
     assert not (tmp_path / "v").exists()  # rejected before the reference trained
     code, _, err = gpupar_cli("train", "--strategy", "fsdp", "--dp-shard", 2, "--nproc-per-node", 2)
     assert code == 2 and "--dp-shard needs --strategy hsdp (got fsdp)" in err
@@ -142,8 +142,9 @@ def test_fsdp_trains_reports_memory_and_saves_weights_predict_loads(gpupar_cli, 
 def test_verify_fsdp_and_hsdp_match_one_device(tmp_path, world, extra):
     proc, _ = gpupar("verify", "--nproc-per-node", world, *extra, "--run-dir", tmp_path / "v", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    strategy, rtol = extra[1], (2e-2 if "bf16" in extra else 1e-5)
-    assert f"PASS: {strategy} matches the single-device reference within {rtol:.0e} relative" in proc.stdout
+    label = f"fsdp(dp={world})" if extra[1] == "fsdp" else "hsdp(replicate=2, shard=2)"  # what ran
+    rtol = 2e-2 if "bf16" in extra else 1e-5
+    assert f"PASS: {label} matches the single-device reference within {rtol:.0e} relative" in proc.stdout
     ref = json.loads((tmp_path / "v/reference/step_losses.json").read_text())
     got = json.loads((tmp_path / "v/strategy/step_losses.json").read_text())
     assert len(ref) == len(got) >= 15

@@ -169,6 +169,6 @@ def test_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 120
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     for expected in ("Using device: cpu", "Epoch [100/100], Loss:", "DDP through notebook_launch: final loss",
-                     "PASS: ddp matches the single-device reference", "Wrote the loss curve to runs/single/loss.png"):
+                     "PASS: ddp(dp=2) matches the single-device reference", "Wrote the loss curve to runs/single/loss.png"):
         assert expected in text, text[-4000:]
     assert (tmp_path / "runs/single/tensorboard").is_dir()

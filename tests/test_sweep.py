@@ -28,7 +28,7 @@ from gpupar.fused import FusedOptimizer, fuse
 from gpupar.loop import as_samples
 from gpupar.models import build_model
 from gpupar.sweep import Member, chunks, grid, parse_list, parse_seeds, run_sweep, shard, train_chunk
-from gpupar.topology import Topology
+from gpupar.topology import ParallelDims, Topology
 
 RTOL = 1e-5
 CPU = torch.device("cpu")
@@ -223,7 +223,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
     try:
         cfg = Config()
         cfg.train.epochs, cfg.data.val_fraction = 10, 0.2
-        topo = Topology(device=CPU, rank=rank, world_size=world, dp=world)
+        topo = Topology(device=CPU, rank=rank, world_size=world, dims=ParallelDims(dp_replicate=world))
         sweep = run_sweep(cfg, grid(list(range(5)), [0.01], [50]), topo, log=lambda _: None)
         queue.put((rank, [(r.member.index, r.val_loss) for r in sweep.results], sweep.best.state is not None))
     finally:

@@ -9,6 +9,7 @@ time (max over ranks), and the median over steps resists outliers.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time

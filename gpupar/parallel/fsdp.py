@@ -21,12 +21,11 @@ node) and only the gradient all-reduce crosses groups.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 try:  # public since torch 2.6
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -35,37 +34,8 @@ except ImportError:  # pragma: no cover - older 2.x builds
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError
-from gpupar.topology import Topology
 
 TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-def fsdp_mesh(topo: Topology, options: ParallelConfig) -> DeviceMesh:
-    """The data-parallel mesh: 1-D ``("dp_shard",)`` for fsdp, 2-D ``("dp_replicate", "dp_shard")`` for hsdp."""
-    device_type = topo.device.type
-    if options.strategy != "hsdp":
-        return init_device_mesh(device_type, (topo.world_size,), mesh_dim_names=("dp_shard",))
-    replicate, shard = hsdp_degrees(topo.world_size, options.dp_replicate, options.dp_shard,
-                                    int(os.environ.get("LOCAL_WORLD_SIZE", topo.world_size)))
-    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-
-
-def hsdp_degrees(world: int, replicate: int | None, shard: int | None, local_world: int) -> tuple[int, int]:
-    """(R, S) with R * S == world. Unset degrees follow the other one; with neither set,
-    shard within a node (S = ranks per node) and replicate across nodes."""
-    if replicate is None and shard is None:
-        shard = local_world if world % local_world == 0 else world
-    divisors = [d for d in range(1, world + 1) if world % d == 0]
-    for name, value in (("--dp-replicate", replicate), ("--dp-shard", shard)):
-        if value is not None and value not in divisors:
-            raise UsageError(f"{name} {value} does not divide the world size {world} (the number of ranks); "
-                             f"accepted: {', '.join(map(str, divisors))}")
-    replicate = replicate or world // shard  # type: ignore[operator]
-    shard = shard or world // replicate
-    if replicate * shard != world:
-        raise UsageError(f"--dp-replicate {replicate} x --dp-shard {shard} = {replicate * shard} must equal "
-                         f"the world size {world} (the number of ranks)")
-    return replicate, shard
 
 
 def pick_blocks(model: nn.Module, blocks: str = "auto", min_params: int = 100_000) -> list[nn.Module]:
