@@ -13,13 +13,14 @@ import sys
 from typing import Any, Callable, Sequence
 
 from gpupar.config import Config, field_type, flag, load_toml, merge, sections, to_toml
-from gpupar.errors import TrainingError, UsageError
+from gpupar.errors import TrainingError, UsageError, stdout_closed
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit code 2, never the usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = message.replace(", 'bench-worker'", "")  # internal: not in the list of commands
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
@@ -244,9 +245,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gpupar.predict import model_config_for, predict_rows, write_predictions
+    from gpupar.predict import check_request, model_config_for, predict_rows, write_predictions
 
     cfg = config_from_args(args)
+    check_request(args.out, args.batch_size)
     if cfg.parallel.nproc_per_node and cfg.parallel.nproc_per_node > 1:
         cfg.parallel.strategy = "ddp"
     if _needs_launch(cfg):
@@ -350,13 +352,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from gpupar.models import hidden_width
     from gpupar.sweep import grid, parse_list, parse_seeds, run_sweep, table, write_outputs
     from gpupar.topology import launched_by_torchrun
+    from gpupar.weights import check_weights_out
 
     cfg = config_from_args(args)
     if "data.val_fraction" not in vars(args) and cfg.data.val_fraction == 0.0:
         cfg.data.val_fraction = 0.2  # a sweep ranks its models by validation loss
-    members = grid(parse_seeds(args.seeds), parse_list(args.sweep_lr, float, "--lr") if args.sweep_lr else
-                   [cfg.optim.lr], parse_list(args.sweep_hidden, int, "--hidden") if args.sweep_hidden else
-                   [hidden_width(cfg.model)])
+    members = grid(parse_seeds(args.seeds), parse_list(args.sweep_lr, float, "--lr") if args.sweep_lr is not None
+                   else [cfg.optim.lr], parse_list(args.sweep_hidden, int, "--hidden")
+                   if args.sweep_hidden is not None else [hidden_width(cfg.model)])
+    if args.export_best is not None:  # a bad path fails now, not after the training
+        check_weights_out(args.export_best, "--export-best")
     if args.max_fused is not None and args.max_fused < 1:
         raise UsageError(f"--max-fused {args.max_fused} must be a positive integer")
     run_dir = Path(cfg.train.run_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
@@ -435,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpupar: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gpupar runs | head -1`: the reader has gone
+        return stdout_closed()
     except Exception as exc:
         if not _rank_tag() or os.environ.get("GPUPAR_DEBUG"):
             raise
