@@ -163,6 +163,9 @@ class Config:
         for name, value in (("weight_decay", self.optim.weight_decay), ("noise", self.data.noise)):
             if not (value >= 0 and math.isfinite(value)):
                 raise UsageError(f"{flag(name)} {value} must be a finite number >= 0")
+        for name, value in (("lr", self.optim.lr), ("weight_decay", self.optim.weight_decay)):
+            if value > FLOAT32_MAX:  # the optimizers compute in float32: a larger factor overflows
+                raise UsageError(f"{flag(name)} {value} is too large; accepted: at most {FLOAT32_MAX:.4g}")
         if self.model.name == "gpt":
             for name in ("heads", "vocab", "seq_len"):
                 if getattr(self.model, name) < 1:
@@ -209,6 +212,7 @@ class Config:
         return self
 
 
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_SEED = 2**32 - 1  # as numpy's seeds; x 1_000_003 + epoch (the shuffle seed) still fits torch's 64 bits
 
 

@@ -87,6 +87,7 @@ def test_data_rows_are_counted_from_1_in_every_message(gpupar, tmp_path):
     (("--seed", "99999999999999999999999"), ("--seed 99999999999999999999999", "0 to 4294967295")),
     (("--seed", "-1"), ("--seed -1", "0 to 4294967295")),
     (("--weight-decay", "-1"), ("--weight-decay -1.0", ">= 0")),
+    (("--lr", "1e300"), ("--lr 1e+300 is too large", "at most 3.403e+38")),
     (("--model", "gpt", "--heads", "0"), ("--heads 0", "positive integer")),
     (("--model", "gpt", "--vocab", "0"), ("--vocab 0", "positive integer")),
     (("--model", "gpt", "--seq-len", "0"), ("--seq-len 0", "positive integer")),
