@@ -75,16 +75,22 @@ def _check_width(X: torch.Tensor, state: dict[str, torch.Tensor], cfg: Config, d
     surface as a weight-shape mismatch: blame the data, naming both widths."""
     if cfg.model.name not in ("simple-nn", "mlp"):
         return
-    first = next((v for k, v in state.items() if v.dim() == 2 and k.endswith("weight")), None)
+    first = next((state[k] for k in layer_order(state) if state[k].dim() == 2 and k.endswith("weight")), None)
     if first is not None and X.dim() == 2 and X.shape[1] != first.shape[1]:
         target = f" after dropping the target {cfg.data.target!r}" if cfg.data.target else ""
         raise UsageError(f"--data {data}: rows have {X.shape[1]} feature columns{target}, but the model in "
                          f"--weights {weights} was trained on {first.shape[1]}")
 
 
+def layer_order(state: dict[str, torch.Tensor]) -> list[str]:
+    """Parameter names in layer order: safetensors sorts them as text, which puts an mlp's
+    "10.weight" before "2.weight"; numbers compare as numbers here."""
+    return sorted(state, key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")])
+
+
 def _out_features(state: dict[str, torch.Tensor]) -> int:
     """The output width: rows of the last 2-D weight (the final Linear layer of the built-ins)."""
-    matrices = [v for k, v in state.items() if v.dim() == 2 and k.endswith("weight")]
+    matrices = [state[k] for k in layer_order(state) if state[k].dim() == 2 and k.endswith("weight")]
     if not matrices:
         raise UsageError("--weights: no Linear weight found to infer the output width")
     return matrices[-1].shape[0]

@@ -162,6 +162,19 @@ def test_predict_csv_of_the_wrong_width_blames_the_data(gpupar, run, tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_predict_with_a_deep_mlp_finds_its_first_and_last_layer(gpupar, tmp_path):
+    """safetensors sorts names as text ("10.weight" < "2.weight"): widths come from layer order."""
+    run_dir = tmp_path / "mlp"
+    assert gpupar(*TRAIN, "--model", "mlp", "--layers", 7, "--hidden", 8, "--run-dir", run_dir)[0] == 0
+    (tmp_path / "x.csv").write_text("a,b,c,d,e,f,g,h,i,j\n" + ",".join(["0.5"] * 10) + "\n")
+    code, out, err = gpupar("predict", "--weights", run_dir / "model.safetensors", "--data", tmp_path / "x.csv",
+                            "--out", tmp_path / "p.csv")
+    assert code == 0, err
+    (tmp_path / "y.csv").write_text("a,b\n1,2\n")
+    one_line_error(gpupar("predict", "--weights", run_dir / "model.safetensors", "--data", tmp_path / "y.csv",
+                          "--out", tmp_path / "p.csv"), "rows have 2 feature columns", "trained on 10")
+
+
 def test_export_and_export_best_refuse_a_directory_or_another_suffix(gpupar, run, tmp_path):
     ckpt = run / "checkpoints" / "step-2"
     target = tmp_path / "dir"
