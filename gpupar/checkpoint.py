@@ -40,7 +40,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from gpupar.weights import SafeLoadPlanner, SafeReader, read_dcp_metadata, save_weights
+from gpupar.weights import SafeLoadPlanner, SafeReader, check_weights_out, read_dcp_metadata, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError
 from gpupar.memory import local_shard
@@ -153,7 +153,7 @@ class Checkpointer:
                 self.log(f"No complete checkpoint in {self.root}; starting from step 0")
             return Position()
         where = f"--resume {path}"
-        trainer = _read_json(path / "trainer.json", where)
+        trainer = check_trainer(_read_json(path / "trainer.json", where), path / "trainer.json")
         try:
             metadata = read_dcp_metadata(path)
         except Exception as exc:
@@ -175,7 +175,8 @@ class Checkpointer:
         if scheduler is not None and trainer.get("scheduler"):
             scheduler.load_state_dict(trainer["scheduler"])
         rng_file = path / "rng" / f"rank-{self.topo.rank}.json"
-        set_rng_state(_read_json(rng_file if rng_file.is_file() else path / "rng" / "rank-0.json", where))
+        rng_file = rng_file if rng_file.is_file() else path / "rng" / "rank-0.json"
+        restore_rng(_read_json(rng_file, where), rng_file)
 
         position = Position(**trainer["position"])
         if self.topo.is_main:
@@ -218,6 +219,7 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
     """Gather the full model weights of a checkpoint (any strategy, any world size) into one
     safetensors file, in this one process."""
     where = f"--checkpoint {checkpoint}"
+    check_weights_out(out, "--out")  # before the gather: a bad --out must not waste it
     if not checkpoint.is_dir():
         raise UsageError(f"{where}: no such checkpoint directory; expected RUN/checkpoints/step-N")
     if not (checkpoint / ".metadata").is_file():
@@ -252,6 +254,40 @@ def rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def check_trainer(trainer, file: Path) -> dict:
+    """``trainer.json`` as resume needs it, or one line naming the file and what was expected."""
+    expected = ('expected {"position": {"step": N, "epoch": E, "batch": B}, ...} with counts >= 0, '
+                "as gpupar writes it")
+    position = trainer.get("position") if isinstance(trainer, dict) else None
+    if not isinstance(position, dict) or set(position) != {"step", "epoch", "batch"}:
+        got = type(trainer).__name__ if not isinstance(trainer, dict) else f"position {position!r}"
+        raise UsageError(f"corrupt checkpoint file {file}: got {_short(got)}; {expected}")
+    for key, value in position.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UsageError(f"corrupt checkpoint file {file}: position.{key} is {_short(repr(value))}; {expected}")
+    if not isinstance(trainer.get("scheduler"), (dict, type(None))):
+        raise UsageError(f"corrupt checkpoint file {file}: scheduler is {_short(repr(trainer['scheduler']))}; "
+                         "expected the LR scheduler's state (an object) or null")
+    return trainer
+
+
+def restore_rng(state, file: Path) -> None:
+    """Set every RNG from ``rng/rank-R.json``, or name the file and what it should hold."""
+    expected = 'expected {"torch": ..., "python": [...], "numpy": [...]} as gpupar writes it'
+    if not isinstance(state, dict) or not {"torch", "python", "numpy"} <= set(state):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise UsageError(f"corrupt checkpoint file {file}: got {_short(repr(got))}; {expected}")
+    try:
+        set_rng_state(state)
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as exc:  # binascii.Error is a ValueError
+        raise UsageError(f"corrupt checkpoint file {file}: the RNG states do not load ({_first_line(exc)}); "
+                         f"{expected}") from None
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def set_rng_state(state: dict) -> None:

@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from gpupar.config import to_toml
-from gpupar.errors import TrainingError, UsageError
+from gpupar.errors import TrainingError, UsageError, stdout_closed
 from gpupar.flags import OneLineParser, add_config_flags, add_sweep_flags, config_from_args, number
 
 PEER_FAILED = 3  # a worker's exit code when only a collective with a failed peer broke
@@ -201,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpupar: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gpupar runs | head -1`: the reader has gone
+        return stdout_closed()
     except Exception as exc:
         if not _rank_tag() or os.environ.get("GPUPAR_DEBUG"):
             raise

@@ -160,11 +160,24 @@ class Config:
                 raise UsageError(f"{flag(name)} {value} must be a positive integer")
         if not (self.optim.lr > 0 and math.isfinite(self.optim.lr)):
             raise UsageError(f"--lr {self.optim.lr} must be a positive finite number")
+        if not (0 <= self.train.seed <= MAX_SEED):  # torch.manual_seed and the shuffle seed must not overflow
+            raise UsageError(f"--seed {self.train.seed} is out of range; accepted: 0 to {MAX_SEED} (2**32 - 1)")
+        for name, value in (("weight_decay", self.optim.weight_decay), ("noise", self.data.noise)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"{flag(name)} {value} must be a finite number >= 0")
+        for name, value in (("lr", self.optim.lr), ("weight_decay", self.optim.weight_decay)):
+            if value > FLOAT32_MAX:  # the optimizers compute in float32: a larger factor overflows
+                raise UsageError(f"{flag(name)} {value} is too large; accepted: at most {FLOAT32_MAX:.4g}")
+        if self.model.name == "gpt":
+            for name in ("heads", "vocab", "seq_len"):
+                if getattr(self.model, name) < 1:
+                    raise UsageError(f"{flag(name)} {getattr(self.model, name)} must be a positive integer "
+                                     "(--model gpt)")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise UsageError(f"--val-fraction {self.data.val_fraction} must be in [0, 1)")
         if self.optim.warmup_steps < 0:
             raise UsageError(f"--warmup-steps {self.optim.warmup_steps} must be >= 0")
-        if self.optim.clip_grad_norm is not None and self.optim.clip_grad_norm <= 0:
+        if self.optim.clip_grad_norm is not None and not 0 < self.optim.clip_grad_norm < math.inf:
             raise UsageError(f"--clip-grad-norm {self.optim.clip_grad_norm} must be > 0")
         if self.parallel.max_restarts < 0:
             raise UsageError(f"--max-restarts {self.parallel.max_restarts} must be >= 0")
@@ -254,6 +267,10 @@ def layout(p: ParallelConfig) -> Layout:
     return Layout("ranks", dp_mode, dp, tp, pp, p.dp_replicate, p.dp_shard)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_SEED = 2**32 - 1  # as numpy's seeds; x 1_000_003 + epoch (the shuffle seed) still fits torch's 64 bits
+
+
 def flag(f: dataclasses.Field | str) -> str:
     """The CLI flag of a field (or of a field name): ``--batch-size`` for ``batch_size``."""
     if isinstance(f, str):
@@ -306,7 +323,10 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     if not path.is_file():
         raise UsageError(f"--config {path}: file not found")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--config {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}); TOML files must be UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--config {path}: invalid TOML ({exc})") from None
     return merge(cfg or Config(), raw, str(path))

@@ -8,3 +8,19 @@ class UsageError(Exception):
 
 class TrainingError(Exception):
     """Training stopped for a reason the user must see (a non-finite loss, a failed rank)."""
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (``gpupar runs | head -1``): stop quietly, exit 0.
+
+    stdout is pointed at /dev/null first, or the interpreter's final flush of the lines
+    still buffered would raise BrokenPipeError again on the way out.
+    """
+    import os
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (stdout captured in-process)
+        pass
+    return 0

@@ -18,6 +18,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit code 2, never the usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = message.replace(", 'bench-worker'", "")  # internal: not in the list of commands
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 

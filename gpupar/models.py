@@ -109,9 +109,22 @@ def load_factory(path: str):
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise UsageError(f"--model {path!r}: module {module_name!r} has no callable {attr!r}")
+    try:
+        required = [p.name for p in inspect.signature(factory).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):  # no signature to read (some builtins): calling it will tell
+        required = []
+    if required:
+        raise UsageError(f"--model {path!r}: {attr}() needs arguments ({', '.join(required)}); gpupar calls the "
+                         "factory with none, so give them defaults or wrap it in a function without arguments")
 
     def build() -> nn.Module:
-        model = factory()
+        try:
+            model = factory()
+        except Exception as exc:  # the user's code failed: say where, in one line
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UsageError(f"--model {path!r}: the factory {attr}() raised {type(exc).__name__}"
+                             + (f": {first}" if first else "")) from None
         if not isinstance(model, nn.Module):
             raise UsageError(f"--model {path!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
         return model

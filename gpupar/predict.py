@@ -13,6 +13,7 @@ from gpupar.weights import load_into, load_weights
 from gpupar.config import Config, load_toml
 from gpupar.data import load_file
 from gpupar.errors import UsageError
+from gpupar.files import atomic_write, check_out_path
 from gpupar.models import build_model
 from gpupar.topology import Topology
 
@@ -23,6 +24,14 @@ def model_config_for(weights: Path) -> Config:
     return load_toml(saved) if saved.is_file() else Config()
 
 
+def check_request(out: str, batch_size: int) -> None:
+    """The flags that decide what is written, checked before anything is read or written:
+    a bad one must not leave an empty or truncated file over an existing one."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be a positive integer (rows per forward pass)")
+    check_out_path(out, "--out")
+
+
 def predict_rows(weights: str, data: str, topo: Topology, batch_size: int = 4096,
                  cfg: Config | None = None) -> torch.Tensor | None:
     """Predictions for every row of ``data``; rank 0 gets them all in input order, others None.
@@ -30,14 +39,23 @@ def predict_rows(weights: str, data: str, topo: Topology, batch_size: int = 4096
     Each rank predicts one contiguous block of rows (``tensor_split``: sizes differ by at most
     one), and rank 0 concatenates the blocks in rank order, which is the input order.
     """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be a positive integer (rows per forward pass)")
     path = Path(weights)
     state = load_weights(path)
     cfg = cfg or model_config_for(path)
     X, _ = load_file(data, cfg.data.target, need_target=False)
     out_features = _out_features(state)
+    _check_width(X, state, cfg, data, weights)
     model = build_model(cfg.model, X.shape[1], out_features, cfg.train.seed)
     load_into(model, state, f"--weights {weights}")
     model = model.to(topo.device).eval()
+    with torch.no_grad():
+        try:
+            model(X[:1].to(topo.device))
+        except RuntimeError as exc:  # a user model that does not take rows of this width
+            raise UsageError(f"--data {data}: the model of --weights {weights} does not accept rows of shape "
+                             f"{list(X.shape[1:])} ({str(exc).strip().splitlines()[0]})") from None
 
     block = torch.tensor_split(torch.arange(len(X)), topo.world_size)[topo.rank]
     outputs = []
@@ -53,26 +71,46 @@ def predict_rows(weights: str, data: str, topo: Topology, batch_size: int = 4096
     return torch.cat(blocks) if topo.is_main else None
 
 
+def _check_width(X: torch.Tensor, state: dict[str, torch.Tensor], cfg: Config, data: str, weights: str) -> None:
+    """A built-in model takes its input width from the data, so rows of the wrong width would
+    surface as a weight-shape mismatch: blame the data, naming both widths."""
+    if cfg.model.name not in ("simple-nn", "mlp"):
+        return
+    first = next((state[k] for k in layer_order(state) if state[k].dim() == 2 and k.endswith("weight")), None)
+    if first is not None and X.dim() == 2 and X.shape[1] != first.shape[1]:
+        target = f" after dropping the target {cfg.data.target!r}" if cfg.data.target else ""
+        raise UsageError(f"--data {data}: rows have {X.shape[1]} feature columns{target}, but the model in "
+                         f"--weights {weights} was trained on {first.shape[1]}")
+
+
+def layer_order(state: dict[str, torch.Tensor]) -> list[str]:
+    """Parameter names in layer order: safetensors sorts them as text, which puts an mlp's
+    "10.weight" before "2.weight"; numbers compare as numbers here."""
+    return sorted(state, key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")])
+
+
 def _out_features(state: dict[str, torch.Tensor]) -> int:
     """The output width: rows of the last 2-D weight (the final Linear layer of the built-ins)."""
-    matrices = [v for k, v in state.items() if v.dim() == 2 and k.endswith("weight")]
+    matrices = [state[k] for k in layer_order(state) if state[k].dim() == 2 and k.endswith("weight")]
     if not matrices:
         raise UsageError("--weights: no Linear weight found to infer the output width")
     return matrices[-1].shape[0]
 
 
 def write_predictions(preds: torch.Tensor, out: str, task: str) -> None:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        if task == "classification":
-            writer.writerow(["class"])
-            writer.writerows([[int(c)] for c in preds.argmax(dim=1).tolist()])
-        else:
-            writer.writerow(["prediction"] if preds.shape[1] == 1 else
-                            [f"prediction_{i}" for i in range(preds.shape[1])])
-            writer.writerows([[repr(float(v)) for v in row] for row in preds.tolist()])
+    """The predictions as CSV, written atomically (an existing file is replaced whole or not at all)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            if task == "classification":
+                writer.writerow(["class"])
+                writer.writerows([[int(c)] for c in preds.argmax(dim=1).tolist()])
+            else:
+                writer.writerow(["prediction"] if preds.shape[1] == 1 else
+                                [f"prediction_{i}" for i in range(preds.shape[1])])
+                writer.writerows([[repr(float(v)) for v in row] for row in preds.tolist()])
+
+    atomic_write(check_out_path(out, "--out"), write)
 
 
 def main(cfg: Config, weights: str, data: str, out: str, batch_size: int) -> None:
@@ -81,6 +119,7 @@ def main(cfg: Config, weights: str, data: str, out: str, batch_size: int) -> Non
     from gpupar import launch
     from gpupar.topology import ParallelDims
 
+    check_request(out, batch_size)
     ranks = cfg.parallel.nproc_per_node or 1
     if ranks > 1 and not launch.launched_by_torchrun():
         launch.run_workers(cfg, ["predict", "--weights", weights, "--data", data, "--out", out,

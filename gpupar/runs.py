@@ -3,13 +3,17 @@
 Both read only what ``gpupar train`` leaves in a run directory: ``summary.json`` (written
 when a run finishes), ``config.toml`` (written when it starts) and ``metrics.jsonl`` (one
 record per logged epoch). A directory with a config but no summary is a run that failed
-or is still going; it is listed with its status instead of figures.
+or is still going; it is listed with its status instead of figures. A sweep directory
+(``best.json``, written when ``gpupar sweep`` finishes) is listed as one row with its best
+model's loss. A file that cannot be read marks its run "unreadable" and the others are
+still listed: one damaged directory must not hide the rest.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -27,15 +31,16 @@ class RunRow:
     world_size: str
     final_loss: str
     wall_time: str
-    status: str  # finished, or "no summary" (failed or still running)
+    status: str  # finished, "no summary" (failed or still running), "sweep of N models" or "unreadable: ..."
 
 
 def find_runs(root: Path) -> list[Path]:
     """Every run directory under ``root`` (a directory with config.toml or summary.json)."""
     if not root.is_dir():
         raise UsageError(f"--run-root {root}: no such directory (train something first: gpupar train)")
-    dirs = {p.parent for name in ("config.toml", "summary.json") for p in root.rglob(name)}
-    return sorted(dirs)
+    dirs = {p.parent for name in ("config.toml", "summary.json", "best.json") for p in root.rglob(name)}
+    # best/ inside a sweep (its best model and that model's config) is part of the sweep's row
+    return sorted(d for d in dirs if not (d.name == "best" and (d.parent / "best.json").is_file()))
 
 
 def _started(run_dir: Path) -> float:
@@ -44,17 +49,39 @@ def _started(run_dir: Path) -> float:
 
 
 def run_row(run_dir: Path, root: Path) -> RunRow:
+    """One run's row; a run whose files cannot be read is a row that says which file and why."""
+    try:
+        return _sweep_row(run_dir, root) if (run_dir / "best.json").is_file() else _run_row(run_dir, root)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, tomllib.TOMLDecodeError) as exc:
+        name = str(run_dir.relative_to(root))
+        date = time.strftime("%Y-%m-%d %H:%M", time.localtime(run_dir.stat().st_mtime))
+        return RunRow(name, date, "?", "?", "-", "-", "-", f"unreadable: {_first_line(exc)}")
+
+
+def _sweep_row(run_dir: Path, root: Path) -> RunRow:
+    best = _read_json(run_dir / "best.json")
+    config = _read_toml(run_dir / "config.toml")
+    loss = best["val_loss"] if best.get("val_loss") is not None else best["train_loss"]
+    date = time.strftime("%Y-%m-%d %H:%M", time.localtime((run_dir / "best.json").stat().st_mtime))
+    ranks = config.get("parallel", {}).get("nproc_per_node", 1)
+    return RunRow(str(run_dir.relative_to(root)), date, str(config.get("model", {}).get("name", "?")), "sweep",
+                  str(ranks), f"{float(loss):.4f}", f"{float(best.get('wall_time_s', math.nan)):.2f} s",
+                  f"sweep of {best.get('models', '?')} models (best: seed {best.get('seed', '?')}, "
+                  f"lr {best.get('lr', '?')}, hidden {best.get('hidden', '?')})")
+
+
+def _run_row(run_dir: Path, root: Path) -> RunRow:
     summary = _read_json(run_dir / "summary.json")
     config = _read_toml(run_dir / "config.toml")
-    model = summary.get("model") or config.get("model", {}).get("name", "?")
-    strategy = summary.get("strategy") or config.get("parallel", {}).get("strategy", "?")
+    model = str(summary.get("model") or config.get("model", {}).get("name", "?"))
+    strategy = str(summary.get("strategy") or config.get("parallel", {}).get("strategy", "?"))
     date = summary.get("finished", "").replace("T", " ")[:16] or time.strftime("%Y-%m-%d %H:%M",
                                                                                  time.localtime(_started(run_dir)))
     if not summary:
         return RunRow(str(run_dir.relative_to(root)), date, model, strategy, "-", "-", "-", "no summary")
-    loss = summary.get("final_loss", math.nan)
+    loss = float(summary.get("final_loss", math.nan))
     return RunRow(str(run_dir.relative_to(root)), date, model, strategy, str(summary.get("world_size", "?")),
-                  f"{loss:.4f}", f"{summary.get('wall_time_s', math.nan):.2f} s", "finished")
+                  f"{loss:.4f}", f"{float(summary.get('wall_time_s', math.nan)):.2f} s", "finished")
 
 
 def runs_table(root: Path) -> str:
@@ -70,11 +97,33 @@ def runs_table(root: Path) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The loss records of ``metrics.jsonl``; lines that cannot be read (a run killed while
+    writing leaves a truncated last line) are skipped with a note on stderr, not fatal."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UsageError(f"{run_dir}: no metrics.jsonl (is it a gpupar run directory that finished?)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "event" not in r]  # per-rank memory rows are not loss records
+    records, bad = [], []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = "bad"
+        if record is None:
+            continue
+        if not isinstance(record, dict) or ("event" not in record and not _is_loss_record(record)):
+            bad.append(number)
+        elif "event" not in record:  # per-rank memory rows are not loss records
+            records.append(record)
+    if bad:
+        print(f"gpupar: note: skipped {len(bad)} unreadable line(s) of {path} (first: line {bad[0]})",
+              file=sys.stderr)
+    return records
+
+
+def _is_loss_record(record: dict) -> bool:
+    numbers = (int, float)
+    return (isinstance(record.get("step"), numbers) and isinstance(record.get("loss"), numbers)
+            and isinstance(record.get("val_loss", 0.0), numbers))
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -94,12 +143,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         raise UsageError(f"gpupar report {run_dir}: no such run directory (list them with gpupar runs)")
     records = read_metrics(run_dir)
     if not records:
-        raise UsageError(f"{run_dir}/metrics.jsonl is empty: nothing to plot")
+        raise UsageError(f"{run_dir}/metrics.jsonl holds no readable loss records: nothing to plot")
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     step_losses = run_dir / "step_losses.json"  # every step, with --save-step-losses
-    if step_losses.is_file():
-        per_step = json.loads(step_losses.read_text())
+    per_step = _read_json_or_empty(step_losses)
+    if isinstance(per_step, list) and per_step and all(isinstance(v, (int, float)) for v in per_step):
         ax.plot(range(1, len(per_step) + 1), per_step, linewidth=1, alpha=0.5, label="training loss (every step)")
     ax.plot(steps, [r["loss"] for r in records], marker="o", linewidth=2,
             label="training loss (mean since the previous point)")
@@ -109,7 +158,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     losses = [r[k] for r in records for k in ("loss", "val_loss") if k in r and r[k] > 0]
     if losses and max(losses) / min(losses) > 20:
         ax.set_yscale("log")
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json_or_empty(run_dir / "summary.json")
+    summary = summary if isinstance(summary, dict) else {}
     title = f"{run_dir.name}: {summary.get('model', '')} ({summary.get('strategy', '')}"
     if "world_size" in summary:
         title += f", {summary['world_size']} rank{'s' if summary['world_size'] != 1 else ''}"
@@ -128,14 +178,34 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object, {} when the file is absent; a damaged file raises, naming it."""
+    if not path.is_file():
+        return {}
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path.name}: {_first_line(exc)}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path.name} holds a {type(obj).__name__}, not an object")
+    return obj
+
+
+def _read_json_or_empty(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, OSError):
         return {}
 
 
 def _read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text()) if path.is_file() else {}
-    except tomllib.TOMLDecodeError:
+    if not path.is_file():
         return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path.name}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

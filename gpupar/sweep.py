@@ -29,8 +29,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from gpupar.files import atomic_write_text
 from gpupar.weights import save_weights
-from gpupar.config import Config, to_toml
+from gpupar.config import MAX_SEED, Config, to_toml
 from gpupar.data import Samples, epoch_batches
 from gpupar.errors import UsageError
 from gpupar.fused import FusedOptimizer, check_vmappable, clip_per_model, evaluate, fuse, train_step
@@ -50,17 +51,30 @@ class Member:
     hidden: int
 
 
+MAX_MODELS = 100_000  # a grid larger than this is a typo (0-999999999999), not a sweep
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0-63' -> 0..63, '1,2,5' -> [1, 2, 5], '0-3,8' -> [0, 1, 2, 3, 8]."""
+    """'0-63' -> 0..63, '1,2,5' -> [1, 2, 5], '0-3,8' -> [0, 1, 2, 3, 8].
+
+    The count is checked before a range is expanded, so a typo fails at once, not with
+    a MemoryError after filling the memory.
+    """
     seeds: list[int] = []
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
         try:
-            seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+            bounds = (int(lo), int(hi)) if dash else (int(lo), int(lo))
         except ValueError:
             raise UsageError(f"--seeds {text!r}: expected integers and ranges like 0-63 or 1,2,5") from None
-        if dash and int(hi) < int(lo):
+        if bounds[1] < bounds[0]:
             raise UsageError(f"--seeds {text!r}: range {part.strip()} is empty (write low-high)")
+        if len(seeds) + bounds[1] - bounds[0] + 1 > MAX_MODELS:
+            raise UsageError(f"--seeds {text!r}: more than {MAX_MODELS} seeds; a sweep trains at most "
+                             f"{MAX_MODELS} models")
+        if bounds[1] > MAX_SEED:
+            raise UsageError(f"--seeds {text!r}: seed {bounds[1]} is out of range; accepted: 0 to {MAX_SEED}")
+        seeds += range(bounds[0], bounds[1] + 1)
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise UsageError(f"--seeds {text!r}: seeds must be distinct non-negative integers")
     return seeds
@@ -81,6 +95,10 @@ def parse_list(text: str, kind: type, name: str) -> list:
 
 def grid(seeds: list[int], lrs: list[float], hiddens: list[int]) -> list[Member]:
     """The cross product, width-major so that models of one shape are neighbours."""
+    size = len(seeds) * len(lrs) * len(hiddens)
+    if size > MAX_MODELS:
+        raise UsageError(f"the grid of {len(seeds)} seeds x {len(lrs)} learning rates x {len(hiddens)} widths "
+                         f"is {size} models; a sweep trains at most {MAX_MODELS}")
     return [Member(i, s, lr, h) for i, (h, lr, s) in enumerate(itertools.product(hiddens, lrs, seeds))]
 
 
@@ -299,21 +317,20 @@ def table(results: list[Result]) -> str:
 def write_outputs(sweep: SweepResult, cfg: Config, run_dir: Path, export_best: str | None = None) -> list[Path]:
     """sweep.jsonl (one model a line, best first), best.json, config.toml, best/ and the export."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    with (run_dir / "sweep.jsonl").open("w") as fh:
-        for r in sweep.results:
-            fh.write(json.dumps(r.row()) + "\n")
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    atomic_write_text(run_dir / "sweep.jsonl", "".join(json.dumps(r.row()) + "\n" for r in sweep.results))
     best = sweep.best
-    (run_dir / "best.json").write_text(json.dumps({**best.row(), "wall_time_s": sweep.wall_time,
-                                                   "models": len(sweep.results)}, indent=2) + "\n")
+    atomic_write_text(run_dir / "best.json", json.dumps({**best.row(), "wall_time_s": sweep.wall_time,
+                                                         "models": len(sweep.results)}, indent=2) + "\n")
     written = [run_dir / "sweep.jsonl", run_dir / "best.json"]
-    targets = [run_dir / "best" / "model.safetensors"] + ([Path(export_best)] if export_best else [])
-    for path in targets:
-        written.append(export_model(best, cfg, path))
+    targets = [(run_dir / "best" / "model.safetensors", "--run-dir")]
+    targets += [(Path(export_best), "--export-best")] if export_best else []
+    for path, flag_name in targets:
+        written.append(export_model(best, cfg, path, flag_name))
     return written
 
 
-def export_model(best: Result, cfg: Config, path: Path) -> Path:
+def export_model(best: Result, cfg: Config, path: Path, flag_name: str = "--export-best") -> Path:
     """The best model as a normal single model: weights at ``path`` and its config.toml beside them.
 
     ``gpupar predict --weights path`` rebuilds the model from that config.toml (the width
@@ -322,8 +339,8 @@ def export_model(best: Result, cfg: Config, path: Path) -> Path:
     own = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden=best.member.hidden),
                               optim=dataclasses.replace(cfg.optim, lr=best.member.lr),
                               train=dataclasses.replace(cfg.train, seed=best.member.seed))
-    save_weights(best.state, path)
-    path.parent.joinpath("config.toml").write_text(to_toml(own))
+    save_weights(best.state, path, flag_name)
+    atomic_write_text(path.parent / "config.toml", to_toml(own))
     return path
 
 
@@ -332,13 +349,16 @@ def main(cfg: Config, args) -> None:
     (each rank trains its own models: no layout, only its share of the grid)."""
     from gpupar import launch
     from gpupar.models import hidden_width
+    from gpupar.weights import check_weights_out
     from gpupar.topology import ParallelDims
 
     if "data.val_fraction" not in vars(args) and cfg.data.val_fraction == 0.0:
         cfg.data.val_fraction = 0.2  # a sweep ranks its models by validation loss
-    members = grid(parse_seeds(args.seeds), parse_list(args.sweep_lr, float, "--lr") if args.sweep_lr else
-                   [cfg.optim.lr], parse_list(args.sweep_hidden, int, "--hidden") if args.sweep_hidden else
-                   [hidden_width(cfg.model)])
+    members = grid(parse_seeds(args.seeds), parse_list(args.sweep_lr, float, "--lr") if args.sweep_lr is not None
+                   else [cfg.optim.lr], parse_list(args.sweep_hidden, int, "--hidden")
+                   if args.sweep_hidden is not None else [hidden_width(cfg.model)])
+    if args.export_best is not None:  # a bad path fails now, not after the training
+        check_weights_out(args.export_best, "--export-best")
     if args.max_fused is not None and args.max_fused < 1:
         raise UsageError(f"--max-fused {args.max_fused} must be a positive integer")
     run_dir = Path(cfg.train.run_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import io
-import os
 import pickle
 import re
 from pathlib import Path
@@ -28,17 +27,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpupar.errors import UsageError
+from gpupar.files import atomic_write, check_out_path
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write a full state dict to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, flag: str = "--out") -> Path:
+    """Write a full state dict to ``path`` atomically (temp file in its directory + rename)."""
+    path = check_out_path(path, flag)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "writer": "gpupar"})
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "writer": "gpupar"}))
+
+
+def check_weights_out(path: str | Path, flag: str) -> Path:
+    """An output path for weights that ``gpupar predict --weights`` can read back: a file
+    (not a directory) ending in .safetensors. Called before the work that produces them."""
+    return check_out_path(path, flag, suffix=".safetensors")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -67,8 +69,13 @@ def refusal(exc: BaseException) -> str:
     match = re.search(r"GLOBAL ([\w.]+)", text)
     if match:
         return f"it references {match.group(1)}, which could run code"
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    # torch's own text advises re-running with weights_only=False, which would run the code:
+    # keep only its reason ("WeightsUnpickler error: ...") or a line without that advice.
+    match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    if match:
+        return match.group(1).strip()
+    lines = [line for line in text.strip().splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0] if lines else f"{type(exc).__name__} (not a plain tensor file)"
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -133,3 +133,13 @@ def even_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4),
                          MeanOverOutputs())
+
+
+def raises():
+    """A factory with a bug: gpupar must name it and the exception in one line."""
+    raise KeyError("no_such_layer")
+
+
+def needs_args(in_features, width=8):
+    """A factory that needs an argument gpupar cannot give."""
+    return nn.Linear(in_features, width)
