@@ -174,6 +174,16 @@ def test_verify_dp2_x_tp2_gpt_world4(tmp_path):
     assert PASS.search(proc.stdout).groups() == ("fsdp(dp=2) x tp(2)", "1e-04")
 
 
+def test_verify_3d_tp2_x_pp2_gpt_world4(tmp_path):
+    """Tensor and pipeline parallel together: each pipeline stage is sharded over its tp pair."""
+    proc, _ = gpupar("verify", "--model", "gpt", "--tp", 2, "--pp", 2, "--layers", 2, "--hidden", 32,
+                     "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4,
+                     "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Using device: cpu x 4 ranks: pp(2, 1f1b) x tp(2)" in proc.stdout
+    assert PASS.search(proc.stdout).groups() == ("pp(2, 1f1b) x tp(2)", "1e-04")
+
+
 def test_verify_dp2_x_pp2_world4(tmp_path):
     proc, _ = gpupar("verify", "--dp", 2, "--pp", 2, "--schedule", "1f1b", "--microbatches", 2, "--model", "mlp",
                      "--layers", 4, "--hidden", 32, "--batch-size", 100, "--epochs", 2, "--nproc-per-node", 4,
