@@ -21,11 +21,14 @@ node) and only the gradient all-reduce crosses groups.
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 try:  # public since torch 2.6
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -93,11 +96,18 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, options: ParallelConfig, prec
             # Sharded parameters, gradients and optimizer state live in (pinned) CPU memory;
             # the optimizer step runs on the CPU. Each block is copied to the GPU to run.
             offload = {"offload_policy": CPUOffloadPolicy()}
-    for block in pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params):
+    blocks = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
+    for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
                     mp_policy=mp_policy, **offload)
     # The root takes the remaining parameters. FSDP never reshards the root after forward:
     # backward starts with it, so its parameters would be gathered again at once.
     fully_shard(model, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
                 mp_policy=mp_policy, **offload)
+    # FSDP2 warns when a unit returns a view, since an in-place op on it would skip a hook. A
+    # tensor-parallel layer's output is one (DTensor.to_local), and the root's output goes only
+    # to the loss: for those units the warning is noise on every rank. Other units keep it.
+    for unit in [model, *(b for b in blocks if any(isinstance(p, DTensor) for p in b.parameters()))]:
+        warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \({re.escape(type(unit).__name__)}\) "
+                                "returned a view tensor")
     return model
