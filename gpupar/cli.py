@@ -193,10 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command_line = argv
         return args.func(args)
     except UsageError as exc:
-        print(f"gpupar{_rank_tag()}: error: {exc}", file=sys.stderr)
+        print(f"gpupar{rank_tag()}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
-        print(f"gpupar{_rank_tag()}: training failed: {exc}", file=sys.stderr)
+        print(f"gpupar{rank_tag()}: training failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("gpupar: interrupted", file=sys.stderr)
@@ -204,19 +204,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `gpupar runs | head -1`: the reader has gone
         return stdout_closed()
     except Exception as exc:
-        if not _rank_tag() or os.environ.get("GPUPAR_DEBUG"):
+        if not rank_tag() or os.environ.get("GPUPAR_DEBUG"):
             raise
         # A worker's crash: one line, so the launcher's report of the failing rank stays readable.
         first = (str(exc).strip().splitlines() or [""])[0]
         if "gloo" in first or "NCCL" in first:  # a collective broke: the cause is another rank
-            print(f"gpupar{_rank_tag()}: failed: {type(exc).__name__}: {first} (a peer rank died or is stuck; "
+            print(f"gpupar{rank_tag()}: failed: {type(exc).__name__}: {first} (a peer rank died or is stuck; "
                   "see its message)", file=sys.stderr)
             return PEER_FAILED
-        print(f"gpupar{_rank_tag()}: failed: {type(exc).__name__}: {first}", file=sys.stderr)
+        print(f"gpupar{rank_tag()}: failed: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
 
 
-def _rank_tag() -> str:
+def rank_tag() -> str:
     """' [rank N]' inside a launched worker, so every message says where it came from."""
     return f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""
 

@@ -300,7 +300,7 @@ def test_reshard_ddp2_to_fsdp4_to_single_and_tp2_to_single(tmp_path):
     # FSDP W=4 -> single: the sharded step-40 checkpoint loads into one plain model exactly.
     proc, _ = gpupar("train", *DDP_FLAGS, "--resume", fsdp / "checkpoints/step-40", "--run-dir", tmp_path / "s",
                      cwd=tmp_path)
-    assert proc.returncode == 0 and "saved by fsdp on 4 rank(s)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "saved by fsdp(dp=4) on 4 rank(s)" in proc.stdout, proc.stderr
     assert_bitwise_equal(weights(tmp_path / "s"), weights(fsdp))
     # TP 2 -> single: DTensor shards of a tensor-parallel run, loaded whole.
     tp_flags = ("--epochs", 40, "--checkpoint-every", 20)
@@ -308,5 +308,5 @@ def test_reshard_ddp2_to_fsdp4_to_single_and_tp2_to_single(tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc, _ = gpupar("train", *tp_flags, "--resume", tp / "checkpoints/step-40", "--run-dir", tmp_path / "t",
                      cwd=tmp_path)
-    assert proc.returncode == 0 and "saved by tp on 2 rank(s)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "saved by tp(2) on 2 rank(s)" in proc.stdout, proc.stderr
     assert_bitwise_equal(weights(tmp_path / "t"), weights(tp))
