@@ -26,6 +26,7 @@ from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
 from gpupar.parallel.fsdp import apply_fsdp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
 from gpupar.parallel.pipeline import Pipeline, layer_units, split_model
+from gpupar.parallel.sync_bn import apply_sync_bn
 from gpupar.parallel.tensor import apply_tp, auto_plan
 from gpupar.step import StepFn, forward_backward
 from gpupar.topology import Topology
@@ -60,7 +61,11 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec) 
     # 2. Tensor parallel: shard each stage's layers across the "tp" ranks.
     if dims.tp > 1:
         stages = [(s, apply_tp(m, topo.mesh["tp"], tp_plan(m, dims.tp, spec))) for s, m in stages]
-    # 3. Data parallel: FSDP / HSDP where parameters are sharded, DDP for whole replicas.
+    # 3. Data parallel: BatchNorm over the global batch (--sync-bn; only in pure data-parallel
+    #    layouts, where the data-parallel group is the world: preflight checks), then FSDP /
+    #    HSDP where parameters are sharded, DDP for whole replicas.
+    if cfg.parallel.sync_bn and dims.dp > 1:
+        stages = [(s, apply_sync_bn(m, None, topo.device)) for s, m in stages]
     if dims.fsdp_enabled:
         stages = [(s, apply_fsdp(m, topo.dp_mesh(), cfg.parallel, cfg.train.precision)) for s, m in stages]
     elif dims.ddp_enabled:  # the layout allows DDP only without tp and pp: one stage
