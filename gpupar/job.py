@@ -168,7 +168,8 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         disable_dropout(problem.model)
     if cfg.verify.nudge_init:  # verify's rounding-noise reference
         nudge_weights(problem.model)
-    parallel = parallelize(problem.model, topo, cfg, problem.spec)
+    inputs = train_set.take(slice(None))[0] if topo.pp > 1 else None  # a pipeline may trace the forward
+    parallel = parallelize(problem.model, topo, cfg, problem.spec, inputs)
     model = parallel.model
     step = parallel.step
     if cfg.verify.first_grads:

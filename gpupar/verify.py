@@ -82,7 +82,7 @@ def run_verify(cfg: Config, rtol: float | None = None, log: Callable[[str], None
     if calibrated:
         log("Training the rounding-noise reference (initial weights one ulp off) ...")
         noise = run_config("noise", True)
-        noise.verify.nudge_init, noise.verify.first_grads = True, False
+        noise.verify.nudge_init = True
         train_from_config(noise, here, log=lambda _: None)
     strategy = run_config("strategy", False)
     log(f"Training with {label} ...")
