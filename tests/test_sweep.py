@@ -24,7 +24,7 @@ from gpupar.weights import load_into, load_weights
 from gpupar.config import Config, load_toml
 from gpupar.data import synthetic_regression
 from gpupar.errors import UsageError
-from gpupar.fused import FusedOptimizer, fuse
+from gpupar.fused import FusedOptimizer, clip_per_model, fuse, train_step
 from gpupar.loop import as_samples
 from gpupar.models import build_model
 from gpupar.sweep import Member, chunks, grid, parse_list, parse_seeds, run_sweep, shard, train_chunk
@@ -91,6 +91,28 @@ def test_fused_optimizer_matches_torch(kind, wd):
     for i, m in enumerate(singles):
         for name, p in f.state_dict(i).items():
             torch.testing.assert_close(p, m.state_dict()[name], rtol=0, atol=0)
+
+
+def test_fused_step_reads_nothing_back(monkeypatch):
+    """The steady-state step (forward, backward, clipping, Adam) never asks for a value: on a
+    GPU each such read (.item(), .tolist(), bool(), float()) would stall the host every step."""
+    cfg = Config()
+    X, y = synthetic_regression(seed=42)
+    f = fuse([build_model(cfg.model, 10, 1, s) for s in range(3)], CPU)
+    opt = FusedOptimizer(f, [0.01, 0.02, 0.03], cfg)
+
+    def refuse(*_, **__):
+        raise AssertionError("a value was read back inside the fused step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for _ in range(2):
+        train_step(f, X, y, "mse")
+        clip_per_model(f, 1.0)
+        opt.step(0.5)
+        opt.zero_grad()
+    monkeypatch.undo()
+    assert torch.isfinite(f.flat).all()
 
 
 def _alone(cfg: Config, member: Member, X, y, in_features: int, out_features: int):
