@@ -186,13 +186,19 @@ def train_step(f: Fused, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> to
         losses.sum().backward()  # d(sum)/d(model m) = d loss_m / d model m: the models stay apart
         return losses.detach()
     grad = torch.zeros_like(f.flat)
-    losses = torch.zeros(f.M, dtype=f.flat.dtype, device=f.flat.device)
     layers, xa = _plan(f, x, grad)
-    rows, scale = _tile_rows(f, len(x)), None
+    rows, scale, losses = _tile_rows(f, len(x)), None, 0
+    # MSE by hand: d/d out of sum (out - y)² / divisor = 2 (out - y) / divisor, as mse_loss_backward;
+    # the residuals of all tiles are kept, [M, out, n], and squared and summed once after the loop.
+    resid = x.new_empty(f.M, layers[-1][1].shape[1], len(x)) if loss_name == "mse" else None
     for start in range(0, len(x), rows):
         acts = _linear_forward(layers, xa[:, start:start + rows], keep=True)
-        tile_losses, g = _loss_grad(loss_name, acts[-1], y[start:start + rows], divisor)
-        losses += tile_losses
+        if resid is not None:
+            d = torch.sub(acts[-1], y[start:start + rows].t(), out=resid[:, :, start:start + rows])
+            g = d * (2 / divisor)  # [M, out, r]
+        else:
+            tile_losses, g = _loss_grad(loss_name, acts[-1], y[start:start + rows], divisor)
+            losses = losses + tile_losses
         scale = _linear_backward(layers, acts, g)
     W1a, b1, g_first, _ = layers[0]  # [M*H, in+1], [M, H, 1], [in+1, M*H]
     M, H = b1.shape[:2]
@@ -202,7 +208,7 @@ def train_step(f: Fused, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> to
     f.view(f"{name}.weight", grad).copy_(g_first[:-1].t().view(M, H, -1))  # [M, H, in]
     f.view(f"{name}.bias", grad).copy_(g_first[-1].view(M, H))
     f.flat.grad = grad
-    return losses
+    return (resid * resid).sum((1, 2)) / divisor if resid is not None else losses
 
 
 @torch.no_grad()
@@ -257,10 +263,7 @@ def _plan(f: Fused, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[
 
 
 def _loss_grad(name: str, out: torch.Tensor, y: torch.Tensor, divisor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of each model [M] on a tile and its gradient wrt out [M, out, r] (same layout)."""
-    if name == "mse":  # d/d out of sum (out - y)² / divisor = 2 (out - y) / divisor, as mse_loss_backward
-        d = out - y.t()  # [M, out, r]
-        return (d * d).sum((1, 2)) / divisor, d * (2 / divisor)
+    """Loss of each model [M] on a tile and its gradient wrt out [M, out, r] (same layout), by autograd."""
     out = out.transpose(1, 2).detach().requires_grad_(True)  # [M, r, out]
     losses = loss_sums(name, out, y) / divisor
     (g,) = torch.autograd.grad(losses.sum(), out)
