@@ -191,13 +191,13 @@ def train_step(f: Fused, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> to
     # MSE by hand: d/d out of sum (out - y)² / divisor = 2 (out - y) / divisor, as mse_loss_backward;
     # the residuals of all tiles are kept, [M, out, n], and squared and summed once after the loop.
     resid = x.new_empty(f.M, layers[-1][1].shape[1], len(x)) if loss_name == "mse" else None
-    for start in range(0, len(x), rows):
-        acts = _linear_forward(layers, xa[:, start:start + rows], keep=True)
+    tiles = zip(xa.split(rows, 1), y.split(rows), resid.split(rows, 2) if resid is not None else y.split(rows))
+    for xt, yt, rt in tiles:  # [in+1, r], [r, out], [M, out, r]
+        acts = _linear_forward(layers, xt, keep=True)
         if resid is not None:
-            d = torch.sub(acts[-1], y[start:start + rows].t(), out=resid[:, :, start:start + rows])
-            g = d * (2 / divisor)  # [M, out, r]
+            g = torch.sub(acts[-1], yt.t(), out=rt) * (2 / divisor)  # [M, out, r]
         else:
-            tile_losses, g = _loss_grad(loss_name, acts[-1], y[start:start + rows], divisor)
+            tile_losses, g = _loss_grad(loss_name, acts[-1], yt, divisor)
             losses = losses + tile_losses
         scale = _linear_backward(layers, acts, g)
     W1a, b1, g_first, _ = layers[0]  # [M*H, in+1], [M, H, 1], [in+1, M*H]
