@@ -14,8 +14,9 @@ matrix products differs (tested to 1e-5 relative on the losses).
 Three ways to run the forward and backward, fastest first:
 
 * ``linear``: the built-in Linear/ReLU chains (simple-nn, mlp), by hand. On a 2-core CPU
-  the step is bound by passes over the [models, width, samples] activations, not by
-  FLOPs, so the layout minimises those passes: activations are feature-major ``[M, width,
+  the two first-layer products (narrow: in+1 = 11) run near the sgemm rate and the rest
+  of the step is passes over the [models, width, samples] activations, so the layout
+  minimises those passes: activations are feature-major ``[M, width,
   r]`` (each model's slice a plain row-major matrix for ``bmm``, sample sums contiguous);
   the first layer reads the same input for every model and is ONE matrix product
   ``[M*H, in+1] @ [in+1, r]`` with the bias folded in as a row of ones (which also gives
