@@ -14,18 +14,15 @@ matrix products differs (tested to 1e-5 relative on the losses).
 Three ways to run the forward and backward, fastest first:
 
 * ``linear``: the built-in Linear/ReLU chains (simple-nn, mlp), by hand. On a 2-core CPU
-  the two first-layer products (narrow: in+1 = 11) run near the sgemm rate and the rest
-  of the step is passes over the [models, width, samples] activations, so the layout
-  minimises those passes: activations are feature-major ``[M, width,
-  r]`` (each model's slice a plain row-major matrix for ``bmm``, sample sums contiguous);
-  the first layer reads the same input for every model and is ONE matrix product
-  ``[M*H, in+1] @ [in+1, r]`` with the bias folded in as a row of ones (which also gives
-  the bias gradient inside the weight-gradient product); ReLU runs in place; samples go
-  through in tiles of about a megabyte so they stay in L2; the backward is written out
-  (no autograd graph; MSE's gradient by hand, other losses by one autograd call on the
-  small output). A Linear with one output sends back an outer product ``g ⊗ w``; it is
-  carried as ``(g broadcast, scale w)`` through the ReLU and the scale applied to the
-  small weight gradient, which saves a full pass over the activations.
+  the two narrow first-layer products (in+1 = 11) run near the sgemm rate; the rest of the
+  step is passes over the activations, which the layout keeps few: activations are
+  feature-major ``[M, width, r]`` (each model's slice a row-major matrix for ``bmm``); the
+  first layer is ONE product ``[M*H, in+1] @ [in+1, r]`` for all models, its bias folded
+  in as a row of ones (so the bias gradient comes out of the weight-gradient product);
+  ReLU runs in place; samples go in tiles of about a megabyte (L2) through reused
+  buffers; the backward is written out (MSE's gradient by hand, other losses by autograd
+  on the small output only). A Linear with one output sends back an outer product
+  ``g ⊗ w``, carried as (g broadcast, scale w) through the ReLU, which commutes with it.
 * ``vmap``: any other model through ``torch.func.functional_call`` under ``vmap``.
 * ``loop``: a model that vmap refuses (in-place buffer updates, data-dependent control
   flow) runs its M copies one after another inside each step: still one optimizer, only
@@ -75,6 +72,7 @@ class Fused:
     kind: str  # 'linear', 'vmap' or 'loop'
     M: int
     chain: list[str] = field(default_factory=list)  # 'linear:NAME' / 'relu', for kind 'linear'
+    scratch: dict = field(default_factory=dict, repr=False)  # the 'linear' path's reused activation buffers
 
     def view(self, name: str, source: torch.Tensor | None = None) -> torch.Tensor:
         b = self.blocks[name]
@@ -194,13 +192,13 @@ def train_step(f: Fused, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> to
     resid = x.new_empty(f.M, layers[-1][1].shape[1], len(x)) if loss_name == "mse" else None
     tiles = zip(xa.split(rows, 1), y.split(rows), resid.split(rows, 2) if resid is not None else y.split(rows))
     for xt, yt, rt in tiles:  # [in+1, r], [r, out], [M, out, r]
-        acts = _linear_forward(layers, xt, keep=True)
+        acts = _linear_forward(layers, xt, f.scratch, keep=True)
         if resid is not None:
             g = torch.sub(acts[-1], yt.t(), out=rt) * (2 / divisor)  # [M, out, r]
         else:
             tile_losses, g = _loss_grad(loss_name, acts[-1], yt, divisor)
             losses = losses + tile_losses
-        scale = _linear_backward(layers, acts, g)
+        scale = _linear_backward(layers, acts, g, f.scratch)
     W1a, b1, g_first, _ = layers[0]  # [M*H, in+1], [M, H, 1], [in+1, M*H]
     M, H = b1.shape[:2]
     if scale is not None:  # the first layer's true gradient is g_first * scale, scale [M, H, 1]
@@ -221,7 +219,7 @@ def evaluate(f: Fused, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> torc
             return loss_sums(loss_name, _autograd_forward(f, x), y)
         layers, xa = _plan(f, x)
         rows = _tile_rows(f, len(x))
-        return sum(loss_sums(loss_name, _linear_forward(layers, xa[:, s:s + rows])[-1].transpose(1, 2),
+        return sum(loss_sums(loss_name, _linear_forward(layers, xa[:, s:s + rows], f.scratch)[-1].transpose(1, 2),
                              y[s:s + rows]) for s in range(0, len(x), rows))
     finally:
         f.base.train()
@@ -240,13 +238,10 @@ Layer = tuple  # (W, b [M, out, 1], grad of W, grad of b), or None for a ReLU
 
 
 def _plan(f: Fused, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[list[Layer | None], torch.Tensor]:
-    """Each step's tensors, looked up once per step, not once per tile; and the input as
-    columns with a row of ones, xa [in+1, n].
-
-    The first Linear of all models is one matrix with its bias as a last column, W1a [M*H,
-    in+1], so that W1a @ xa = x W1ᵀ + b1 for every model in one product; its gradient is
-    gathered transposed, [in+1, M*H], by ``_linear_backward`` and written out by train_step.
-    """
+    """Each step's tensors, looked up once per step, not per tile; the input as columns with a
+    row of ones, xa [in+1, n]. The first Linear of all models is one matrix with the bias as a
+    last column, W1a [M*H, in+1]: W1a @ xa = x W1ᵀ + b1 for every model in one product; its
+    gradient is gathered transposed, [in+1, M*H], and written out by train_step."""
     layers: list[Layer | None] = []
     for k, step in enumerate(f.chain):
         if step == "relu":
@@ -271,26 +266,40 @@ def _loss_grad(name: str, out: torch.Tensor, y: torch.Tensor, divisor: int) -> t
     return losses.detach(), g.transpose(1, 2)
 
 
-def _linear_forward(layers: list[Layer | None], xa: torch.Tensor, keep: bool = False) -> list[torch.Tensor]:
-    """Activations [M, width, r] after each Linear/ReLU (only the last unless ``keep``).
+def _buffer(scratch: dict, key: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``key``'s shape (its last item), reused by every tile and step: a fresh
+    megabyte-sized tensor per tile costs page faults (measured: a 2-core step 10-50% slower)."""
+    if key not in scratch:
+        scratch[key] = like.new_empty(key[-1])
+    return scratch[key]
+
+
+def _linear_forward(layers: list[Layer | None], xa: torch.Tensor, scratch: dict,
+                    keep: bool = False) -> list[torch.Tensor]:
+    """Activations [M, width, r] after each Linear/ReLU (only the last unless ``keep``), in
+    ``scratch`` buffers: valid until the next tile.
 
     ReLU runs in place: the backward needs a Linear's input and a ReLU's output, never the
     pre-activation a ReLU overwrites.
     """
     acts: list[torch.Tensor] = [xa]  # [in+1, r]
-    h = None
-    for layer in layers:
+    h, r = None, xa.shape[1]
+    for k, layer in enumerate(layers):
         if layer is None:
             h = h.relu_()
-        elif h is None:  # shared input: [M*H, in+1] @ [in+1, r] for all models at once
-            h = torch.mm(layer[0], xa).view(*layer[1].shape[:2], -1)
-        else:  # [M, out, 1] + [M, out, in] @ [M, in, r]
-            h = torch.baddbmm(layer[1], layer[0], h)
+        else:
+            M, out = layer[1].shape[:2]
+            buf = _buffer(scratch, ("act", k, (M, out, r)), xa)  # [M, out, r]
+            if h is None:  # shared input: [M*H, in+1] @ [in+1, r] for all models at once
+                h = torch.mm(layer[0], xa, out=buf.view(M * out, r)).view(M, out, r)
+            else:  # [M, out, 1] + [M, out, in] @ [M, in, r]
+                h = torch.baddbmm(layer[1], layer[0], h, out=buf)
         acts.append(h) if keep else None
     return acts if keep else [h]
 
 
-def _linear_backward(layers: list[Layer | None], acts: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor | None:
+def _linear_backward(layers: list[Layer | None], acts: list[torch.Tensor], g: torch.Tensor,
+                     scratch: dict) -> torch.Tensor | None:
     """Backpropagate g [M, out, r] through the chain, adding into each layer's gradients; the
     first layer's (transposed, [in+1, M*H]) is to be multiplied by the returned scale.
 
@@ -301,7 +310,8 @@ def _linear_backward(layers: list[Layer | None], acts: list[torch.Tensor], g: to
     scale = None
     for k in range(len(layers) - 1, -1, -1):
         if layers[k] is None:
-            g = torch.ops.aten.threshold_backward(g, acts[k + 1], 0)  # zero where the ReLU output was 0
+            out = _buffer(scratch, ("grad", k, acts[k + 1].shape), g)  # zero where the ReLU output was 0
+            g = torch.ops.aten.threshold_backward.grad_input(g, acts[k + 1], 0, grad_input=out)
             continue
         W, _, gW, gb = layers[k]
         h_in = acts[k]
