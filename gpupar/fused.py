@@ -268,7 +268,7 @@ def _loss_grad(name: str, out: torch.Tensor, y: torch.Tensor, divisor: int) -> t
 
 def _buffer(scratch: dict, key: tuple, like: torch.Tensor) -> torch.Tensor:
     """A buffer of ``key``'s shape (its last item), reused by every tile and step: a fresh
-    megabyte-sized tensor per tile costs page faults (measured: a 2-core step 10-50% slower)."""
+    megabyte-sized tensor per tile cost up to ~45% of a step (measured; likely page faults)."""
     if key not in scratch:
         scratch[key] = like.new_empty(key[-1])
     return scratch[key]
