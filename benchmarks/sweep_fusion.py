@@ -201,10 +201,10 @@ def main():
     print(f"largest relative difference of final losses: {worst:.2e}")
     print(f"load average: start {load_start[0]:.2f}, end {load_end[0]:.2f}: {validity}")
     if worst > 1e-5:
-        print(f"WARNING: fused and sequential final losses differ by {worst:.1e} relative (expected ~1e-6)")
+        sys.exit(f"error: fused and sequential final losses differ by {worst:.1e} relative (expected ~1e-6)")
     print("markdown row (BENCHMARKS.md):")
     print(f"| {datetime.datetime.now():%Y-%m-%d %H:%M} | {cpu_model()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads | {load_start[0]:.2f} → {load_end[0]:.2f} | "
+          f"{torch.__version__}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''} | {load_start[0]:.2f} → {load_end[0]:.2f} | "
           f"{s_min:.2f} / {s_med:.2f} s | {f_min:.2f} / {f_med:.2f} s | **{s_med / f_med:.2f}×** "
           f"({s_min / f_min:.2f}×) | {worst:.1e} | {validity} |")
     if args.profile:
