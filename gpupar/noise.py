@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from gpupar.step import StepFn
 from gpupar.topology import Topology
@@ -73,6 +72,8 @@ def record_first_grads(step: StepFn, model: nn.Module, topo: Topology, path: Pat
 def full_grads(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
     """The gradients under the unparallelised parameter names, on rank 0 (None elsewhere):
     DTensor shards gathered, DDP's ``module.`` dropped, pipeline stages gathered to rank 0."""
+    from torch.distributed.tensor import DTensor  # imported only by the runs that need it
+
     modules = list(model.stages) if hasattr(model, "stages") else [model]
     grads: dict[str, torch.Tensor] = {}
     for module in modules:
