@@ -26,8 +26,8 @@ from gpupar.memory import format_memory_report, gather_memory_report
 from gpupar.noise import disable_dropout, nudge_weights, record_first_grads
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
 from gpupar.parallel.layer_split import parse_devices
-from gpupar.parallel.pipeline import stage_module, stage_names, stage_starts
-from gpupar.parallelize import full_state_dict, parallelize, pipeline_units, tp_plan
+from gpupar.parallel.pipeline import stage_module, stage_names, stage_starts, trace_stages, traceable
+from gpupar.parallelize import full_state_dict, micro_batch_size, parallelize, pipeline_units, tp_plan
 from gpupar.topology import ParallelDims, Topology
 from gpupar.tracking import open_tracker
 from gpupar.weights import save_weights
@@ -115,8 +115,12 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
     if dims.pp > 1:
         units = pipeline_units(model, spec)
         names = [name for unit in units for name in unit]
-        stages = [stage_module(model, keep, [n for n in names if n not in keep])
-                  for keep in stage_names(model, units, dims.pp, cfg.parallel)]
+        every = stage_names(model, units, dims.pp, cfg.parallel)
+        stages = [stage_module(model, keep, [n for n in names if n not in keep]) for keep in every]
+        if traceable(model, spec.pipeline_units is not None):  # its stages will be cut from its traced forward
+            rows = micro_batch_size(cfg, dims, n_train)
+            trace_stages(model, every, torch.zeros(rows, *problem.X.shape[1:], dtype=problem.X.dtype,
+                                                   device=_device_of(model)))
     if dims.tp > 1:
         from gpupar.parallel.tensor import check_divisible as check_tp_divisible
 

@@ -93,6 +93,10 @@ def test_unsplittable_model_is_one_line_before_launch(gpupar_cli, tmp_path):
     code, _, err = gpupar_cli("train", "--pp", 2, "--nproc-per-node", 2, "--run-dir", tmp_path / "r")
     assert code == 2 and err.count("\n") == 1 and "SimpleNN has no nn.ModuleList of blocks" in err
     assert not (tmp_path / "r").exists()
+    code, _, err = gpupar_cli("train", "--pp", 2, "--nproc-per-node", 2, "--model", "user_models:branchy",
+                              "--run-dir", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and "--pp: cannot trace Branchy's forward" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_batchnorm_trains_and_verify_with_sync_bn_passes_under_ddp(gpupar_cli, tmp_path):

@@ -190,3 +190,19 @@ def batchnorm_mlp():
 def dropout_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+
+class Branchy(ResidualMLP):
+    """A forward whose control flow depends on the data: torch.export cannot trace it for --pp."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        if h.sum() > 0:
+            h = h * 2
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def branchy():
+    return Branchy()

@@ -18,8 +18,11 @@ stage only) to every rank.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
 
 import torch
 import torch.distributed as dist
@@ -155,19 +158,40 @@ def split_model(model: nn.Module, units: list[list[str]], pp: int, pp_rank: int,
     of the model without the other stages' modules."""
     every = stage_names(model, units, pp, options)
     if example is not None:
-        from torch.distributed.pipelining import SplitPoint, pipeline
-
-        split_spec = {names[0]: SplitPoint.BEGINNING for names in every[1:]}
-        try:
-            pipe = pipeline(model, mb_args=(example,), split_spec=split_spec)
-        except Exception as exc:  # the forward is not traceable (data-dependent control flow, ...)
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise UsageError(f"--pp: cannot trace {type(model).__name__}'s forward to cut it into stages "
-                             f"({type(exc).__name__}: {first}); wrap its layers in an nn.Sequential") from None
+        pipe = trace_stages(model, every, example)
         return [(s, pipe.get_stage_module(s)) for s in range(len(every)) if s % pp == pp_rank]
     names = [name for unit in units for name in unit]
     return [(s, stage_module(model, keep, [n for n in names if n not in keep]))
             for s, keep in enumerate(every) if s % pp == pp_rank]
+
+
+def trace_stages(model: nn.Module, every: list[list[str]], example: torch.Tensor):
+    """Trace ``model``'s forward on ``example`` and cut it where each stage's first module begins.
+    The launcher runs it once, on the meta device where the model can run there, so an untraceable
+    forward is one line before launch."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    split_spec = {names[0]: SplitPoint.BEGINNING for names in every[1:]}
+    # torch.export prints and logs the graph it could not capture, many lines; the one-line
+    # error says it. (A logging filter, not a level: torch reads the level and prints instead.)
+    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch.export", "torch._export",
+                                                    "torch.fx.experimental.symbolic_shapes")]
+    for log in loggers:
+        log.addFilter(_drop_all)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return pipeline(model, mb_args=(example,), split_spec=split_spec)
+    except Exception as exc:  # data-dependent control flow, an op torch.export cannot capture, ...
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"--pp: cannot trace {type(model).__name__}'s forward to cut it into stages "
+                         f"({type(exc).__name__}: {first}); wrap its layers in an nn.Sequential") from None
+    finally:
+        for log in loggers:
+            log.removeFilter(_drop_all)
+
+
+def _drop_all(record: logging.LogRecord) -> bool:
+    return False
 
 
 class Pipeline(nn.Module):
