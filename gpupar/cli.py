@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Sequence
 
 from gpupar.config import to_toml
-from gpupar.errors import TrainingError, UsageError, stdout_closed
+from gpupar.errors import Interrupted, TrainingError, UsageError, stdout_closed
 from gpupar.flags import OneLineParser, add_config_flags, add_sweep_flags, config_from_args, number
 
 PEER_FAILED = 3  # a worker's exit code when only a collective with a failed peer broke
@@ -187,20 +188,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
+    # SIGTERM stops the launcher like Ctrl-C (a rank is stopped by its launcher); put back after.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if _sigterm_is_ours() else None
     try:
         _require_torch()
         args = parser.parse_args(argv)
         args.command_line = argv
         return args.func(args)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        if not rank_tag():
+            print("gpupar: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except UsageError as exc:
         print(f"gpupar{rank_tag()}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
         print(f"gpupar{rank_tag()}: training failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("gpupar: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `gpupar runs | head -1`: the reader has gone
         return stdout_closed()
     except Exception as exc:
@@ -214,6 +218,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return PEER_FAILED
         print(f"gpupar{rank_tag()}: failed: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_is_ours() -> bool:
+    import threading
+
+    return not rank_tag() and threading.current_thread() is threading.main_thread()
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 def rank_tag() -> str:

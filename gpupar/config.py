@@ -70,6 +70,8 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     log_every: int = opt(20, "print and record the loss every N epochs")
     run_dir: str | None = opt(None, "where to write config, metrics and weights; none = runs/<timestamp>")
+    overwrite: bool = opt(False, "replace the run already in --run-dir (its config, metrics, weights and "
+                          "checkpoints are removed first); without it such a directory is refused")
     progress: bool = opt(True, "show a progress bar when stderr is a terminal")
     save_step_losses: bool = opt(False, "write every step's loss to step_losses.json (gpupar verify reads it)")
 

@@ -143,3 +143,25 @@ def raises():
 def needs_args(in_features, width=8):
     """A factory that needs an argument gpupar cannot give."""
     return nn.Linear(in_features, width)
+
+
+class TermsItself(nn.Module):
+    """Sends SIGTERM to its own process at its 3rd forward pass, like `kill PID` mid-training."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+
+        self.calls += 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.fc(x)
+
+
+def terms_itself():
+    return TermsItself()
