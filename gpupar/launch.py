@@ -189,9 +189,10 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
         run_id=os.environ.get("SLURM_JOB_ID") or (f"gpupar-{lp.endpoint}" if lp.nnodes > 1
                                                    else f"gpupar-{uuid.uuid4().hex[:8]}"),
         rdzv_backend="c10d", rdzv_endpoint=lp.endpoint,
-        rdzv_configs={"rank": lp.node_rank, "join_timeout": max(cfg.parallel.timeout, 30.0)},
+        rdzv_configs={"rank": lp.node_rank, "join_timeout": max(cfg.parallel.timeout, 30.0),
+                      **hosts_store(lp.endpoint)},
         max_restarts=cfg.parallel.max_restarts, monitor_interval=0.1, start_method="spawn",
-        local_addr=lp.local_addr,
+        local_addr=lp.local_addr or route_source(lp.endpoint),
     )
     handed = {"GPUPAR_LAUNCHER_PID": str(os.getpid()), **({"GPUPAR_RUN_ID": run_id} if run_id else {})}
     loopback = lp.nnodes == 1 and lp.local_addr == "127.0.0.1"
@@ -243,6 +244,34 @@ def root_cause(failures: dict) -> tuple[int, object]:
         return 2 if code != 3 else 3
 
     return min(failures.items(), key=lambda kv: (kind(kv[1].exitcode), kv[1].timestamp, kv[0]))
+
+
+def hosts_store(endpoint: str) -> dict:
+    """``{"is_host": True}`` on the node whose address the endpoint is: it serves the rendezvous
+    store. TorchElastic guesses from the hostname, and guesses wrong where the hostname resolves
+    to 127.0.0.1 or another interface's address; empty where the endpoint is not resolvable."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        address = socket.getaddrinfo(host, None)[0][4][0]
+    except OSError:
+        return {}
+    source = route_source(endpoint)
+    return {} if source is None else {"is_host": source == address}
+
+
+def route_source(endpoint: str) -> str | None:
+    """This host's address on the route to the rendezvous ``host:port``: the address the other
+    nodes can reach this one at. TorchElastic would otherwise advertise whatever the hostname
+    resolves to, which on many machines is 127.0.0.1 (the first node's store then looks local
+    to every node). A UDP connect sends nothing; it only picks the route."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        family = socket.getaddrinfo(host, None)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None  # unresolvable here: TorchElastic's default
 
 
 def loopback_interface() -> str | None:
