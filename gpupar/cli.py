@@ -125,12 +125,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gpupar.checkpoint import export_weights
+    from gpupar.files import atomic_write
 
     out = export_weights(Path(args.checkpoint), Path(args.out))
     # predict rebuilds the model from the config.toml beside the weights: copy the run's.
     run_config = Path(args.checkpoint).resolve().parent.parent / "config.toml"
     if run_config.is_file() and not (out.parent / "config.toml").exists():
-        shutil.copyfile(run_config, out.parent / "config.toml")
+        atomic_write(out.parent / "config.toml", lambda tmp: shutil.copyfile(run_config, tmp))
     print(f"Wrote the full weights of {args.checkpoint} to {out}")
     return 0
 
@@ -225,7 +226,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _sigterm_is_ours() -> bool:
     import threading
-
     return not rank_tag() and threading.current_thread() is threading.main_thread()
 
 

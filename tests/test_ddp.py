@@ -145,16 +145,21 @@ def test_ddp_across_two_network_namespaces_equals_one_node(tmp_path, two_hosts):
     # rank 0 times out waiting for the stuck rank 1, which the launcher then stops: rank 1 is named.
     ("user_models:hangs_on_rank1", 5, "rank 1 failed (signal SIGTERM; its peers timed out waiting for it")])
 def test_a_failing_or_hanging_rank_ends_the_job_and_is_named(tmp_path, model, timeout, failing):
-    proc, seconds = gpupar("train", "--strategy", "ddp", "--nproc-per-node", 2, "--model", model,
-                           "--timeout", timeout, "--run-dir", tmp_path / "r", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert f"gpupar: training failed: {failing}" in proc.stderr
-    if "hangs" in model:  # rank 0 waits on the stuck rank 1 for --timeout, then the job ends
-        assert "Timed out" in proc.stderr and seconds < timeout + 45
-    else:
-        assert "gpupar [rank 1]: failed: RuntimeError: injected failure on rank 1" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "r/model.safetensors").exists()
+    """Was wrong about once in 6 runs (a SIGABRT at rank exit, the launcher naming rank 0):
+    GPUPAR_STRESS=20 repeats the failing case 20 times in a row (about 8 s each here)."""
+    repeats = int(os.environ.get("GPUPAR_STRESS", "1")) if "fails" in model else 1
+    for attempt in range(repeats):
+        run = tmp_path / f"r{attempt}"
+        proc, seconds = gpupar("train", "--strategy", "ddp", "--nproc-per-node", 2, "--model", model,
+                               "--samples", 64, "--timeout", timeout, "--run-dir", run, cwd=tmp_path)
+        assert proc.returncode == 1, (attempt, proc.stderr)
+        assert f"gpupar: training failed: {failing}" in proc.stderr, (attempt, proc.stderr)
+        if "hangs" in model:  # rank 0 waits on the stuck rank 1 for --timeout, then the job ends
+            assert "Timed out" in proc.stderr and seconds < timeout + 45
+        else:  # the raising rank exits 1 with its own message, not SIGABRT
+            assert "gpupar [rank 1]: failed: RuntimeError: injected failure on rank 1" in proc.stderr, attempt
+        assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr, (attempt, proc.stderr)
+        assert not (run / "model.safetensors").exists()
 
 
 def test_preflight_catches_ranks_with_different_models(tmp_path):

@@ -129,6 +129,28 @@ def test_sigterm_stops_the_run_with_143_and_keeps_no_half_checkpoint(gpupar, tmp
     assert signal.getsignal(signal.SIGTERM) is not None  # main() put the previous handler back
 
 
+def test_the_root_cause_rank_is_named_whatever_the_timing():
+    """TorchElastic's failure timestamps have one second's resolution and it stops the other
+    ranks itself: the rank that raised must win over one stopped (SIGTERM) or whose collective
+    broke (exit 3) in the same second or earlier; a SIGKILLed rank over the launcher's SIGTERM."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from gpupar.launch import root_cause
+
+    def failure(rank: int, code: int, when: int) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")
+        f.timestamp = when
+        return f
+
+    sigterm, sigkill = -signal.SIGTERM, -signal.SIGKILL
+    cases = [({0: (sigterm, 5), 1: (1, 5)}, 1), ({0: (sigterm, 4), 1: (1, 5)}, 1), ({0: (3, 4), 1: (1, 5)}, 1),
+             ({0: (3, 5), 1: (sigkill, 5)}, 1), ({0: (143, 4), 1: (sigkill, 5)}, 1), ({0: (3, 5), 1: (sigterm, 5)}, 1),
+             ({0: (1, 5), 1: (1, 5)}, 0), ({0: (2, 6), 1: (1, 5)}, 1)]
+    for failures, expected in cases:
+        rank, _ = root_cause({r: failure(r, code, when) for r, (code, when) in failures.items()})
+        assert rank == expected, failures
+
+
 def _listening(pids: list[int]) -> list[str]:
     """The local addresses the processes ``pids`` listen on (TCP, IPv4 and IPv6)."""
     inodes = set()
