@@ -40,24 +40,18 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from gpupar.weights import SafeLoadPlanner, SafeReader, check_weights_out, read_dcp_metadata, save_weights
+from gpupar.loop import Position
+from gpupar.safe_dcp import SafeLoadPlanner, SafeReader, read_dcp_metadata
+from gpupar.weights import check_weights_out, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError
 from gpupar.memory import local_shard
+from gpupar.rundir import run_id_of
 from gpupar.topology import Topology
 
 FORMAT = 1
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"step-(\d+)")
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where training stands: optimizer steps done, and the next batch to take."""
-
-    step: int = 0
-    epoch: int = 0  # the epoch to continue in (0-based)
-    batch: int = 0  # batches of that epoch already consumed
 
 
 # --- finding checkpoints --------------------------------------------------------------------
@@ -190,15 +184,6 @@ class Checkpointer:
             self.log(f"Resumed from {path} at step {position.step} (saved by {trainer.get('strategy')} on "
                      f"{trainer.get('world_size')} rank(s)){note}")
         return position
-
-
-def run_id_of(checkpoint: Path) -> str | None:
-    """The id of the run that saved ``checkpoint`` (None for one without, or unreadable)."""
-    try:
-        run_id = json.loads((checkpoint / "trainer.json").read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return run_id if isinstance(run_id, str) and run_id.isalnum() else None
 
 
 def commit(tmp: Path, final: Path) -> None:

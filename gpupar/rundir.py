@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -96,8 +97,6 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
     if earlier and resume is not None and checkpoint is None:
         raise UsageError(f"--resume {resume}: {path} holds a run ({', '.join(earlier)}) but no complete checkpoint "
                          "to continue from; pass --overwrite to replace it, or another --run-dir")
-    from gpupar.checkpoint import run_id_of
-
     run_id = (run_id_of(checkpoint) if checkpoint else None) or uuid.uuid4().hex[:12]
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -133,6 +132,15 @@ def _lock(path: Path, create: bool) -> int:
     if not create:
         os.close(fd)  # only a probe: the real lock is taken once the directory is accepted
     return fd
+
+
+def run_id_of(checkpoint: Path) -> str | None:
+    """The id of the run that saved ``checkpoint`` (None for one without, or unreadable)."""
+    try:
+        run_id = json.loads((checkpoint / "trainer.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id.isalnum() else None
 
 
 def _resumed_checkpoint(resume: str | None, path: Path) -> Path | None:
