@@ -29,7 +29,7 @@ class Context:
     cfg: Config
     model: nn.Module
     spec: object
-    x: torch.Tensor  # one sample's input, meta
+    x: torch.Tensor  # one sample's input (real, on the CPU)
     y: torch.Tensor
     batch: int
     flops: int  # one forward + backward of the whole global batch
@@ -44,15 +44,20 @@ class Context:
         problem = load_problem(cfg, meta=True)
         n_train = len(split_validation(len(problem.X), cfg.data.val_fraction, cfg.train.seed)[0])
         batch = cfg.train.batch_size or n_train
-        x, y = problem.X[:1].to("meta"), problem.y[:1].to("meta")
+        x, y = problem.X[:1].clone(), problem.y[:1].clone()
         model = problem.model.to("meta")
         loss = make_loss(cfg, problem.spec)
         flops = count_step_flops(model, x.expand(batch, *x.shape[1:]), y.expand(batch, *y.shape[1:]), loss)
         return cls(cfg, model, problem.spec, x, y, batch, flops)
 
 
-def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int) -> tuple[nn.Module, list[str]]:
-    """Stage ``stage`` of the model with its TP layers at local width (meta), and the rowwise layer names."""
+PROBE_ON_CPU_BYTES = 64 << 20
+
+
+def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
+                device: str = "meta") -> tuple[nn.Module, list[str]]:
+    """Stage ``stage`` of the model with its TP layers at local width, and the rowwise layer names.
+    On the CPU its values are uninitialised: the probe needs only what the kernels allocate."""
     from gpupar.parallel.pipeline import stage_module, stage_names
     from gpupar.parallelize import pipeline_units, tp_plan
 
@@ -81,6 +86,8 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int) -> tu
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf,
                     nn.Linear(n_in, n_out, bias=layer.bias is not None, device="meta", dtype=layer.weight.dtype))
+    if device != "meta":
+        model = model.to_empty(device=device)
     return model, rowwise
 
 
@@ -106,12 +113,12 @@ def persistent(model: nn.Module, cfg: Config, dims: ParallelDims, shard_index: i
     return {"params": param_bytes, "grads": grad_bytes, "optimizer": optim}
 
 
-def _chain_input(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, mb: int) -> torch.Tensor:
-    """The input of pipeline stage ``stage`` for a micro-batch of ``mb`` samples (meta)."""
-    x = ctx.x.expand(mb, *ctx.x.shape[1:])
+def _chain_input(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, mb: int, device: str) -> torch.Tensor:
+    """The input of pipeline stage ``stage`` for a micro-batch of ``mb`` samples."""
+    x = ctx.x.expand(mb, *ctx.x.shape[1:]).contiguous().to(device)
     with torch.no_grad():
         for s in range(stage):
-            x = local_model(ctx, cfg, ParallelDims(dims.pp, 1, 1, 1), s)[0](x)
+            x = local_model(ctx, cfg, ParallelDims(dims.pp, 1, 1, 1), s, device)[0](x)
     return x
 
 
@@ -122,14 +129,18 @@ def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, 
     from gpupar.plan_probe import probe_step
 
     model, rowwise = local_model(ctx, cfg, dims, stage)
+    size = sum(t.numel() * t.element_size() for t in model.parameters())
+    device = "cpu" if size <= PROBE_ON_CPU_BYTES else "meta"
+    model = model.to_empty(device=device) if device == "cpu" else model
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
-    x = _chain_input(ctx, cfg, dims, stage, mb)
+    x = _chain_input(ctx, cfg, dims, stage, mb, device)
     if x.is_floating_point():
         x = x.detach().requires_grad_(stage > 0)
     last = stage == dims.pp - 1
     loss_fn = make_loss(cfg, ctx.spec) if last else (lambda out, _: out.sum())
     amp = autocast_for(torch.device("cpu"), cfg.train.precision)
-    probe = probe_step(model, x, ctx.y.expand(mb, *ctx.y.shape[1:]), loss_fn, amp, grads_scale)
+    y = ctx.y.expand(mb, *ctx.y.shape[1:]).contiguous().to(device)
+    probe = probe_step(model, x, y, loss_fn, amp, grads_scale)
     out_bytes = 0
     with torch.no_grad():
         out = model(x)
@@ -172,7 +183,10 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
             pers = {k: 0 for k in pers}
         optim_temp = 2 * max((t.numel() * t.element_size() for t in model.parameters()), default=0)
         peak = pers["params"] + pers["optimizer"] + comm + max(activations, pers["grads"] + optim_temp)
-        per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak})
+        # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).
+        transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm)
+        per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak,
+                         "transient": transient})
         if worst is None or peak > worst["peak"]:
             worst = per_rank[-1]
     runtime = int(worst["peak"] * FRAGMENTATION) + (GPU_RUNTIME_BYTES if device_type == "cuda" else 0)

@@ -2,8 +2,10 @@
 
 Activation probe. One forward and backward of a rank's local model (its pipeline stage,
 with tensor-parallel layers at their local width, with activation checkpointing as
-planned) on the meta device: shapes only, no arithmetic, no memory, so the real
-micro-batch size costs nothing. A ``TorchDispatchMode`` sees every op's outputs and follows
+planned) at its real micro-batch size: on the CPU when the local model is small (<= 64 MiB
+of parameters; real kernels, so attention saves what the fused kernel saves), otherwise
+on the meta device (shapes only, no arithmetic, no memory; attention then takes the math
+path and the probe over-counts its saved scores, which errs on the safe side). A ``TorchDispatchMode`` sees every op's outputs and follows
 their storages (by weak reference) until they die. That gives the bytes alive when forward
 ends (what autograd and checkpointing keep for backward: saved tensors, checkpointed block
 inputs, selective checkpointing's cached outputs) and the peak during forward and backward
@@ -46,8 +48,9 @@ class StepProbe:
 class _Liveness(TorchDispatchMode):
     """Follows the storages of every op's outputs: bytes alive now, and the most ever alive."""
 
-    def __init__(self):
+    def __init__(self, exclude: set[int]):
         super().__init__()
+        self.exclude = exclude  # storages that existed before (parameters, inputs): views of them cost nothing
         self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
         self.peak = 0
         self.ops = 0
@@ -62,8 +65,10 @@ class _Liveness(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not getattr(t, "_is_param", False):
+            if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
+                if storage._cdata in self.exclude:
+                    continue
                 self.alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
         self.peak = max(self.peak, self.live_bytes())
         return out
@@ -75,7 +80,8 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
     the same device: meta for shapes only). A parameter's gradient counts as ``grads_scale``
     of its size from the moment it is accumulated (1 / S under FSDP, which reduce-scatters it
     at once), and is then dropped from the probe."""
-    tracker = _Liveness()
+    before = [*model.parameters(), *model.buffers(), x, y]
+    tracker = _Liveness({t.untyped_storage()._cdata for t in before})
 
     def accumulated(p: torch.Tensor) -> None:
         tracker.grads += int(p.numel() * p.element_size() * grads_scale)
