@@ -155,7 +155,11 @@ def worker(out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     if world > 1:
-        dist.destroy_process_group()
+        dist.barrier()
+    # As gpupar's ranks do: finalizing torch's C++ threads can abort a finished process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def predict(entry: dict, machine) -> dict:

@@ -158,7 +158,9 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
     for rank in range(dims.world):
         stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
         if stage not in probes:
-            probes[stage] = activation_probe(ctx, cfg, dims, stage, mb, 1.0 / dims.dp_shard)
+            # DDP's gradients are views of its buckets (counted below): the step allocates none.
+            grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
+            probes[stage] = activation_probe(ctx, cfg, dims, stage, mb, grads_scale)
         probe, model, rowwise, out_bytes = probes[stage]
         pers = persistent(model, cfg, dims, shard_index)
         # Micro-batches whose activations a stage holds at once: GPipe all M, 1F1B at most p - stage.
@@ -174,15 +176,16 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
             units = pick_blocks(model, p.fsdp_blocks, p.fsdp_min_params)
             unit_bytes = [sum(t.numel() * t.element_size() for t in u.parameters()) for u in units] or [0]
             root = full_local - sum(unit_bytes)
-            # the running unit and the prefetched next one, gathered; the root stays gathered;
-            # the running unit's unsharded gradients before their reduce-scatter
-            comm = 2 * max(unit_bytes) + root + max(unit_bytes + [root])
+            # the running unit, gathered, and the root, which stays gathered (the unsharded
+            # gradient before its reduce-scatter is already in the probe, one tensor at a time)
+            comm = max(unit_bytes) + root
         if dims.pp > 1:  # receive buffers for every micro-batch: inputs forward, output grads backward
             comm += 2 * m * out_bytes
         if p.cpu_offload:
             pers = {k: 0 for k in pers}
         optim_temp = 2 * max((t.numel() * t.element_size() for t in model.parameters()), default=0)
-        peak = pers["params"] + pers["optimizer"] + comm + max(activations, pers["grads"] + optim_temp)
+        grads_held = 0 if dims.ddp_enabled else pers["grads"]  # DDP's live in its buckets (comm)
+        peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp)
         # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).
         transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm)
         per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak,
