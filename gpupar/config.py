@@ -108,6 +108,13 @@ class ParallelConfig:
     split_points: str | None = opt(None, "pipeline/layer-split stage starts as layer indices, e.g. 2,5; "
                                          "none = balanced by parameter count")
     devices: str | None = opt(None, "devices for --strategy layer-split, in layer order, e.g. cuda:0,cuda:1")
+    activation_checkpointing: str = opt("none", "recompute activations in backward, per block: full keeps only "
+                                        "each block's input, selective also keeps matmul and attention outputs",
+                                        ("none", "full", "selective"))
+    plan: str | None = opt(None, "auto: let gpupar plan pick the fastest layout that fits (with --nproc-per-node "
+                           "ranks) and run it", ("auto",))
+    device_memory: str | None = opt(None, "memory per rank for --plan auto, e.g. 80GiB; none = the device's "
+                                    "(on CPU: RAM / ranks)")
 
 
 @dataclass
