@@ -40,7 +40,9 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from gpupar.weights import SafeLoadPlanner, SafeReader, check_weights_out, read_dcp_metadata, save_weights
+from gpupar.loop import Position
+from gpupar.safe_dcp import SafeLoadPlanner, SafeReader, read_dcp_metadata
+from gpupar.weights import check_weights_out, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError
 from gpupar.memory import local_shard
@@ -49,15 +51,6 @@ from gpupar.topology import Topology
 FORMAT = 1
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"step-(\d+)")
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where training stands: optimizer steps done, and the next batch to take."""
-
-    step: int = 0
-    epoch: int = 0  # the epoch to continue in (0-based)
-    batch: int = 0  # batches of that epoch already consumed
 
 
 # --- finding checkpoints --------------------------------------------------------------------

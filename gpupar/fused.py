@@ -13,12 +13,16 @@ matrix products differs (tested to 1e-5 relative on the losses).
 
 Three ways to run the forward and backward, fastest first:
 
-* ``linear``: the built-in Linear/ReLU chains (simple-nn, mlp), by hand. A 2-core CPU is
-  memory-bound here, not compute-bound, so the layout is chosen to avoid copies and
-  passes over memory: the first layer reads the same input for every model and is ONE
-  matrix product ``x [n, in] @ W1ᵀ [in, M*H]``; samples go through in tiles of about a
-  megabyte of activations so they stay in cache; the backward is written out (no
-  autograd graph), with the loss's own gradient the only autograd call.
+* ``linear``: the built-in Linear/ReLU chains (simple-nn, mlp), by hand. On a 2-core CPU
+  the two narrow first-layer products (in+1 = 11) run near the sgemm rate; the rest of the
+  step is passes over the activations, which the layout keeps few: activations are
+  feature-major ``[M, width, r]`` (each model's slice a row-major matrix for ``bmm``); the
+  first layer is ONE product ``[M*H, in+1] @ [in+1, r]`` for all models, its bias folded
+  in as a row of ones (so the bias gradient comes out of the weight-gradient product);
+  ReLU runs in place; samples go in tiles of about a megabyte (L2) through reused
+  buffers; the backward is written out (MSE's gradient by hand, other losses by autograd
+  on the small output only). A Linear with one output sends back an outer product
+  ``g ⊗ w``, carried as (g broadcast, scale w) through the ReLU, which commutes with it.
 * ``vmap``: any other model through ``torch.func.functional_call`` under ``vmap``.
 * ``loop``: a model that vmap refuses (in-place buffer updates, data-dependent control
   flow) runs its M copies one after another inside each step: still one optimizer, only
@@ -44,17 +48,14 @@ TILE_BYTES = 1 << 20  # activations per sample tile in the 'linear' path: about 
 
 @dataclass
 class Block:
-    """Where one parameter of all M models lives in ``flat``.
+    """Where one parameter of all M models lives in ``flat``: ``shape`` is ``[M, *its shape]``.
 
-    ``shape`` is the fused shape, with the model dimension at ``model_axis``; ``transposed``
-    says that each model's slice is the transpose of its ``nn.Module`` parameter (the
-    Linear weights of the 'linear' path are stored as Wᵀ, ready for the matrix products).
+    Every path stores a parameter as ``nn.Module`` does (a Linear weight as [out, in]), so
+    model m's slice is its own parameter, unchanged.
     """
 
     offset: int
     shape: tuple[int, ...]
-    model_axis: int = 0
-    transposed: bool = False
 
     @property
     def numel(self) -> int:
@@ -71,6 +72,7 @@ class Fused:
     kind: str  # 'linear', 'vmap' or 'loop'
     M: int
     chain: list[str] = field(default_factory=list)  # 'linear:NAME' / 'relu', for kind 'linear'
+    scratch: dict = field(default_factory=dict, repr=False)  # the 'linear' path's reused activation buffers
 
     def view(self, name: str, source: torch.Tensor | None = None) -> torch.Tensor:
         b = self.blocks[name]
@@ -79,9 +81,7 @@ class Fused:
     def state_dict(self, m: int) -> dict[str, torch.Tensor]:
         """Model m as a normal single model's state dict (names and order as ``base.state_dict()``)."""
         own = {k: v[m] for k, v in self.fixed.items()}
-        for name, b in self.blocks.items():
-            t = self.view(name).select(b.model_axis, m)
-            own[name] = t.t() if b.transposed else t
+        own.update({name: self.view(name)[m] for name in self.blocks})
         return {k: own[k].detach().clone().contiguous() for k in self.base.state_dict()}
 
 
@@ -108,24 +108,15 @@ def fuse(models: list[nn.Module], device: torch.device, allow_linear: bool = Tru
     """Stack M models of identical structure into one Fused (copies; the models are untouched)."""
     base = copy.deepcopy(models[0]).to(device)
     M = len(models)
-    chain = linear_chain(base) if allow_linear else None
-    first = chain[0].split(":", 1)[1] if chain else None
+    chain = linear_chain(base) if allow_linear and all(p.requires_grad for p in base.parameters()) else None
     blocks: dict[str, Block] = {}
     pieces, owners, offset = [], [], 0
     for name, p in base.named_parameters():
         if not p.requires_grad:
             continue
-        per_model = [m.get_parameter(name).detach() for m in models]
-        if chain and name.endswith(".weight"):
-            # Wᵀ per model; the first layer as [in, M, out] so that it is one [in, M*out] matrix.
-            axis = 1 if name == f"{first}.weight" else 0
-            stacked, transposed = torch.stack([w.t() for w in per_model], dim=axis), True
-        else:
-            axis, stacked, transposed = 0, torch.stack(per_model), False
-        blocks[name] = Block(offset, tuple(stacked.shape), axis, transposed)
-        shape = [1] * stacked.dim()
-        shape[axis] = M
-        owners.append(torch.arange(M).view(shape).expand(stacked.shape).reshape(-1))
+        stacked = torch.stack([m.get_parameter(name).detach() for m in models])  # [M, *shape]
+        blocks[name] = Block(offset, tuple(stacked.shape))
+        owners.append(torch.arange(M).repeat_interleave(stacked[0].numel()))
         pieces.append(stacked.reshape(-1))
         offset += stacked.numel()
     flat = torch.cat(pieces).to(device).requires_grad_(True)
@@ -194,18 +185,29 @@ def train_step(f: Fused, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> to
         losses.sum().backward()  # d(sum)/d(model m) = d loss_m / d model m: the models stay apart
         return losses.detach()
     grad = torch.zeros_like(f.flat)
-    losses = torch.zeros(f.M, dtype=f.flat.dtype, device=f.flat.device)
-    rows = _tile_rows(f, len(x))
-    for start in range(0, len(x), rows):
-        xt, yt = x[start:start + rows], y[start:start + rows]
-        acts = _linear_forward(f, xt, keep=True)
-        out = acts[-1].transpose(0, 1).detach().requires_grad_(True)  # [M, n, out]
-        tile_losses = loss_sums(loss_name, out, yt) / divisor
-        (g_out,) = torch.autograd.grad(tile_losses.sum(), out)
-        losses += tile_losses.detach()
-        _linear_backward(f, acts, g_out.transpose(0, 1), grad)
+    layers, xa = _plan(f, x, grad)
+    rows, scale, losses = _tile_rows(f, len(x)), None, 0
+    # MSE by hand: d/d out of sum (out - y)² / divisor = 2 (out - y) / divisor, as mse_loss_backward;
+    # the residuals of all tiles are kept, [M, out, n], and squared and summed once after the loop.
+    resid = x.new_empty(f.M, layers[-1][1].shape[1], len(x)) if loss_name == "mse" else None
+    tiles = zip(xa.split(rows, 1), y.split(rows), resid.split(rows, 2) if resid is not None else y.split(rows))
+    for xt, yt, rt in tiles:  # [in+1, r], [r, out], [M, out, r]
+        acts = _linear_forward(layers, xt, f.scratch, keep=True)
+        if resid is not None:
+            g = torch.sub(acts[-1], yt.t(), out=rt) * (2 / divisor)  # [M, out, r]
+        else:
+            tile_losses, g = _loss_grad(loss_name, acts[-1], yt, divisor)
+            losses = losses + tile_losses
+        scale = _linear_backward(layers, acts, g, f.scratch)
+    W1a, b1, g_first, _ = layers[0]  # [M*H, in+1], [M, H, 1], [in+1, M*H]
+    M, H = b1.shape[:2]
+    if scale is not None:  # the first layer's true gradient is g_first * scale, scale [M, H, 1]
+        g_first.view(-1, M, H).mul_(scale.view(M, H))
+    name = f.chain[0].split(":", 1)[1]
+    f.view(f"{name}.weight", grad).copy_(g_first[:-1].t().view(M, H, -1))  # [M, H, in]
+    f.view(f"{name}.bias", grad).copy_(g_first[-1].view(M, H))
     f.flat.grad = grad
-    return losses
+    return (resid * resid).sum((1, 2)) / divisor if resid is not None else losses
 
 
 @torch.no_grad()
@@ -215,60 +217,119 @@ def evaluate(f: Fused, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> torc
     try:
         if f.kind != "linear":
             return loss_sums(loss_name, _autograd_forward(f, x), y)
+        layers, xa = _plan(f, x)
         rows = _tile_rows(f, len(x))
-        return sum(loss_sums(loss_name, _linear_forward(f, x[s:s + rows])[-1].transpose(0, 1), y[s:s + rows])
-                   for s in range(0, len(x), rows))
+        return sum(loss_sums(loss_name, _linear_forward(layers, xa[:, s:s + rows], f.scratch)[-1].transpose(1, 2),
+                             y[s:s + rows]) for s in range(0, len(x), rows))
     finally:
         f.base.train()
 
 
 def _tile_rows(f: Fused, n: int) -> int:
-    widest = max(b.shape[-1] for b in f.blocks.values() if b.transposed)  # the widest layer output
-    return max(16, min(n, TILE_BYTES // (4 * f.M * widest)))
+    """Samples per tile: about TILE_BYTES of the widest activation on a CPU, a multiple of 16
+    (64-byte rows); all samples on a GPU, which pays per kernel launch instead."""
+    if f.flat.device.type != "cpu":
+        return n
+    widest = max(b.shape[1] for name, b in f.blocks.items() if name.endswith(".bias"))
+    return max(16, min(n, TILE_BYTES // (4 * f.M * widest) // 16 * 16))
 
 
-def _linear_forward(f: Fused, x: torch.Tensor, keep: bool = False) -> list[torch.Tensor]:
-    """Activations [n, M, width] after each Linear/ReLU (only the last unless ``keep``)."""
-    acts: list[torch.Tensor] = [x]
-    h = None
-    for step in f.chain:
+Layer = tuple  # (W, b [M, out, 1], grad of W, grad of b), or None for a ReLU
+
+
+def _plan(f: Fused, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[list[Layer | None], torch.Tensor]:
+    """Each step's tensors, looked up once per step, not per tile; the input as columns with a
+    row of ones, xa [in+1, n]. The first Linear of all models is one matrix with the bias as a
+    last column, W1a [M*H, in+1]: W1a @ xa = x W1ᵀ + b1 for every model in one product; its
+    gradient is gathered transposed, [in+1, M*H], and written out by train_step."""
+    layers: list[Layer | None] = []
+    for k, step in enumerate(f.chain):
         if step == "relu":
-            h = torch.relu(h)
+            layers.append(None)
+            continue
+        name = step.split(":", 1)[1]
+        W, b = f.view(f"{name}.weight").detach(), f.view(f"{name}.bias").detach()  # [M, out, in], [M, out]
+        gW, gb = (None, None) if grad is None else (f.view(f"{name}.weight", grad), f.view(f"{name}.bias", grad))
+        if k == 0:
+            W = torch.cat([W, b.unsqueeze(2)], 2).view(-1, W.shape[2] + 1)  # [M*H, in+1]
+            gW = None if grad is None else torch.zeros(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)
+        layers.append((W, b.unsqueeze(2), gW, gb))
+    xa = torch.cat([x.t(), torch.ones(1, len(x), dtype=x.dtype, device=x.device)])  # [in+1, n]
+    return layers, xa
+
+
+def _loss_grad(name: str, out: torch.Tensor, y: torch.Tensor, divisor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of each model [M] on a tile and its gradient wrt out [M, out, r] (same layout), by autograd."""
+    out = out.transpose(1, 2).detach().requires_grad_(True)  # [M, r, out]
+    losses = loss_sums(name, out, y) / divisor
+    (g,) = torch.autograd.grad(losses.sum(), out)
+    return losses.detach(), g.transpose(1, 2)
+
+
+def _buffer(scratch: dict, key: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``key``'s shape (its last item), reused by every tile and step: a fresh
+    megabyte-sized tensor per tile cost up to ~45% of a step (measured; likely page faults)."""
+    if key not in scratch:
+        scratch[key] = like.new_empty(key[-1])
+    return scratch[key]
+
+
+def _linear_forward(layers: list[Layer | None], xa: torch.Tensor, scratch: dict,
+                    keep: bool = False) -> list[torch.Tensor]:
+    """Activations [M, width, r] after each Linear/ReLU (only the last unless ``keep``), in
+    ``scratch`` buffers: valid until the next tile.
+
+    ReLU runs in place: the backward needs a Linear's input and a ReLU's output, never the
+    pre-activation a ReLU overwrites.
+    """
+    acts: list[torch.Tensor] = [xa]  # [in+1, r]
+    h, r = None, xa.shape[1]
+    for k, layer in enumerate(layers):
+        if layer is None:
+            h = h.relu_()
         else:
-            name = step.split(":", 1)[1]
-            Wt, b = f.view(f"{name}.weight").detach(), f.view(f"{name}.bias").detach()
-            if h is None:  # shared input: [n, in] @ [in, M*out] for all models at once
-                inp, M, out = Wt.shape
-                h = torch.addmm(b.reshape(M * out), x, Wt.reshape(inp, M * out)).view(len(x), M, out)
-            elif Wt.shape[2] == 1:  # one output per model: a dot product per (sample, model)
-                h = (torch.linalg.vecdot(h, Wt[:, :, 0]) + b[:, 0]).unsqueeze(2)  # [n, M, 1]
-            else:  # [M, n, in] @ [M, in, out]
-                h = torch.baddbmm(b.unsqueeze(1), h.transpose(0, 1), Wt).transpose(0, 1)  # [n, M, out]
+            M, out = layer[1].shape[:2]
+            buf = _buffer(scratch, ("act", k, (M, out, r)), xa)  # [M, out, r]
+            if h is None:  # shared input: [M*H, in+1] @ [in+1, r] for all models at once
+                h = torch.mm(layer[0], xa, out=buf.view(M * out, r)).view(M, out, r)
+            else:  # [M, out, 1] + [M, out, in] @ [M, in, r]
+                h = torch.baddbmm(layer[1], layer[0], h, out=buf)
         acts.append(h) if keep else None
     return acts if keep else [h]
 
 
-def _linear_backward(f: Fused, acts: list[torch.Tensor], g: torch.Tensor, grad: torch.Tensor) -> None:
-    """Backpropagate g [n, M, out] through the chain, adding each parameter's gradient into ``grad``."""
-    x = acts[0]
-    for k in range(len(f.chain) - 1, -1, -1):
-        step, h_in, h_out = f.chain[k], acts[k], acts[k + 1]
-        if step == "relu":
-            g = torch.ops.aten.threshold_backward(g, h_out, 0)  # zero where the ReLU output was 0
+def _linear_backward(layers: list[Layer | None], acts: list[torch.Tensor], g: torch.Tensor,
+                     scratch: dict) -> torch.Tensor | None:
+    """Backpropagate g [M, out, r] through the chain, adding into each layer's gradients; the
+    first layer's (transposed, [in+1, M*H]) is to be multiplied by the returned scale.
+
+    A pending ``scale`` [M, width, 1] means the true gradient is ``g * scale``: a Linear with
+    one output sends back the outer product Wᵀ g, kept as (g broadcast, Wᵀ). ReLU's mask is
+    elementwise, so it commutes with the scale.
+    """
+    scale = None
+    for k in range(len(layers) - 1, -1, -1):
+        if layers[k] is None:
+            out = _buffer(scratch, ("grad", k, acts[k + 1].shape), g)  # zero where the ReLU output was 0
+            g = torch.ops.aten.threshold_backward.grad_input(g, acts[k + 1], 0, grad_input=out)
             continue
-        name = step.split(":", 1)[1]
-        Wt = f.view(f"{name}.weight").detach()
-        f.view(f"{name}.bias", grad).add_(g.sum(0))  # [M, out]
-        if k == 0:
-            inp, M, out = Wt.shape
-            f.view(f"{name}.weight", grad).view(inp, M * out).addmm_(x.t(), g.reshape(len(x), M * out))
-            return  # no gradient for the data
-        if Wt.shape[2] == 1:
-            f.view(f"{name}.weight", grad)[:, :, 0].add_((g * h_in).sum(0))  # [M, in]
-            g = g * Wt[:, :, 0]  # [n, M, in]
+        W, _, gW, gb = layers[k]
+        h_in = acts[k]
+        if k == 0:  # [in+1, r] @ [r, M*H]: weight and (through the ones row) bias gradient at once
+            gW.addmm_(h_in, g.reshape(-1, g.shape[2]).t())
+            return scale
+        if scale is None:
+            gW.baddbmm_(g, h_in.transpose(1, 2))  # [M, out, r] @ [M, r, in]
+            gb.add_(g.sum(2))
         else:
-            f.view(f"{name}.weight", grad).baddbmm_(h_in.permute(1, 2, 0), g.transpose(0, 1))  # [M, in, out]
-            g = torch.bmm(g.transpose(0, 1), Wt.transpose(1, 2)).transpose(0, 1)  # [n, M, in]
+            gW.add_(torch.bmm(g, h_in.transpose(1, 2)) * scale)
+            gb.add_(g.sum(2) * scale[:, :, 0])
+            W = W * scale
+        if W.shape[1] == 1:  # Wᵀ g is an outer product: keep g broadcast [M, in, r] and Wᵀ as the scale
+            g, scale = g.expand(-1, W.shape[2], -1), W.transpose(1, 2)
+        else:
+            g, scale = torch.bmm(W.transpose(1, 2), g), None  # [M, in, out] @ [M, out, r]
+    return scale
 
 
 def _autograd_forward(f: Fused, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from gpupar.config import ModelConfig
 from gpupar.errors import UsageError
@@ -123,14 +122,16 @@ def synthetic_tokens(samples: int, seq_len: int, vocab: int, seed: int) -> tuple
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
-def tp_plan(model: GPT, tp: int) -> dict[str, ParallelStyle]:
+def tp_plan(model: GPT, tp: int) -> dict:
     """Megatron-LM's plan per block: attention q/k/v colwise (whole heads per rank), its output
     rowwise; the MLP's up projection colwise and its down projection rowwise. Two all-reduces
     per block forward. Embeddings, norms and the vocabulary head stay whole (no sequence
     parallel). ``model`` may be a pipeline stage: it plans the blocks the stage holds."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
     if model.heads % tp:
         raise UsageError(f"--tp {tp} must divide --heads {model.heads}: each rank holds whole attention heads")
-    plan: dict[str, ParallelStyle] = {}
+    plan: dict = {}
     for i in model.blocks:
         for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
             plan[f"blocks.{i}.{name}"] = ColwiseParallel()

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpupar.checkpoint import Checkpointer
 from gpupar.config import Config, layout, to_toml
 from gpupar.data import check_divisible, load_file, prepare_targets, split_validation, synthetic_regression
 from gpupar.devices import describe
@@ -27,7 +26,6 @@ from gpupar.memory import format_memory_report, gather_memory_report
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
 from gpupar.parallel.layer_split import parse_devices
 from gpupar.parallel.pipeline import stage_module, stage_names, stage_starts
-from gpupar.parallel.tensor import check_divisible as check_tp_divisible
 from gpupar.parallelize import full_state_dict, parallelize, pipeline_units, tp_plan
 from gpupar.topology import ParallelDims, Topology
 from gpupar.tracking import open_tracker
@@ -119,6 +117,8 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
         stages = [stage_module(model, keep, [n for n in names if n not in keep])
                   for keep in stage_names(model, units, dims.pp, cfg.parallel)]
     if dims.tp > 1:
+        from gpupar.parallel.tensor import check_divisible as check_tp_divisible
+
         for stage in stages:
             check_tp_divisible(stage, tp_plan(stage, dims.tp, spec), dims.tp)
     return dims
@@ -164,6 +164,8 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
     parallel = parallelize(problem.model, topo, cfg, problem.spec)
     model = parallel.model
     optimizer = make_optimizer(model, cfg)
+    from gpupar.checkpoint import Checkpointer  # DCP: imported only by runs that checkpoint
+
     checkpoints = Checkpointer(cfg, topo, run_dir, log) if (cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume
                                                            or os.environ.get("TORCHELASTIC_RESTART_COUNT")) else None
     tracker = open_tracker(cfg, run_dir, topo)  # --track: TensorBoard or MLflow, on rank 0 only

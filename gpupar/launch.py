@@ -20,19 +20,15 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-
-from pathlib import Path
-from typing import Callable
 
 from gpupar.config import Config, layout, to_toml
 from gpupar.errors import TrainingError, UsageError
 
 SLURM_PORT = 29500
-
-
-MAX_CPU_RANKS_PER_CORE = 4
+MAX_CPU_RANKS_PER_CORE = 4  # more CPU ranks than this per core is a warning before launch
 
 
 def run(cfg: Config, command: str, here: Callable, extra: tuple[str, ...] = ()) -> None:

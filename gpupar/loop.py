@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -21,17 +21,28 @@ from torch.utils.data import Dataset
 
 from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
-from gpupar.errors import TrainingError, UsageError
-from gpupar.checkpoint import Checkpointer, Position
+from gpupar.errors import UsageError
 from gpupar.finite import Guard
 from gpupar.memory import grad_bytes
 from gpupar.models import ModelSpec
 from gpupar.step import StepFn, forward_backward
 from gpupar.topology import Topology
 
+if TYPE_CHECKING:  # the checkpointer imports DCP; a run without checkpoints never needs it
+    from gpupar.checkpoint import Checkpointer
+
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "mse": nn.MSELoss, "l1": nn.L1Loss, "huber": nn.HuberLoss, "cross-entropy": nn.CrossEntropyLoss,
 }
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: optimizer steps done, and the next batch to take."""
+
+    step: int = 0
+    epoch: int = 0  # the epoch to continue in (0-based)
+    batch: int = 0  # batches of that epoch already consumed
 
 
 @dataclass

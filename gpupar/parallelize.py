@@ -17,16 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from gpupar.config import Config, layout
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
-from gpupar.parallel.fsdp import apply_fsdp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
 from gpupar.parallel.pipeline import Pipeline, layer_units, split_model
-from gpupar.parallel.tensor import apply_tp, auto_plan
 from gpupar.step import StepFn, forward_backward
 from gpupar.topology import Topology
 
@@ -52,6 +49,9 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec) 
         return Parallelized(model, functools.partial(forward_backward, model))
     check_same_model(model, topo)
     dims = topo.dims
+    # DTensor-based strategies are imported only by the runs that use them (~0.6 s per process).
+    from gpupar.parallel.fsdp import apply_fsdp
+    from gpupar.parallel.tensor import apply_tp
 
     # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module).
     stages = [(0, model)]
@@ -82,6 +82,8 @@ def pipeline_units(model: nn.Module, spec: ModelSpec) -> list[list[str]]:
 
 def tp_plan(model: nn.Module, tp: int, spec: ModelSpec) -> dict:
     """The model's tensor-parallel plan, from its spec (consecutive Linear pairs by default)."""
+    from gpupar.parallel.tensor import auto_plan
+
     return spec.tp_plan(model, tp) if spec.tp_plan else auto_plan(model)
 
 
@@ -93,6 +95,8 @@ def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]
     DataParallel wrappers lose their ``module.`` prefix; pipeline stages each hold part of
     the names and are gathered to rank 0.
     """
+    from torch.distributed.tensor import DTensor
+
     modules = list(model.stages) if isinstance(model, Pipeline) else [model]
     keep = topo.is_main or topo.pp_enabled  # other ranks only join the gathers
     state: dict[str, torch.Tensor] = {}

@@ -213,3 +213,33 @@ def test_pipeline_usage_errors_before_launch(gpupar_cli, tmp_path):
     code, _, err = gpupar_cli("train", "--dp", 3, "--tp", 2, "--nproc-per-node", 4, "--run-dir", tmp_path / "r")
     assert code == 2 and "cannot fill the 4 ranks" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tp", 3, "--nproc-per-node", 3], "--tp 3 does not divide the 50 output features of 'fc1'"),
+    (["--model", "mlp", "--layers", 2, "--pp", 4, "--nproc-per-node", 4],
+     "--pp asks for 4 stages but Sequential has only 2 layers"),
+    (["--strategy", "ddp", "--nproc-per-node", 2, "--batch-size", 33],
+     "--batch-size 33 must be divisible by --grad-accum (1) x data-parallel ranks (2) = 2; try --batch-size 32"),
+    (["--strategy", "ddp", "--nproc-per-node", 64],  # the suggestion fits the 1000 samples (not 1024)
+     "the full batch of 1000 samples must be divisible by --grad-accum (1) x data-parallel ranks (64) = 64; "
+     "try --batch-size 960"),
+    (["--strategy", "ddp", "--tp", 2, "--dp", 2, "--nproc-per-node", 4, "--model", "mlp", "--hidden", 64],
+     "--strategy ddp with --tp 2: DDP cannot hold tensor-parallel (DTensor) parameters"),
+])
+def test_layout_errors_are_one_line_before_any_rank_starts(gpupar_cli, tmp_path, flags, message):
+    code, out, err = gpupar_cli("train", *flags, "--run-dir", tmp_path / "r")
+    assert code == 2 and err.startswith("gpupar: error: ") and message in err, err
+    assert err.count("\n") == 1 and "[rank" not in err  # one line, from the launcher, not from ranks
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_too_many_cpu_ranks_per_core_is_a_warning_after_the_checks(monkeypatch, capsys):
+    from gpupar import launch
+
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
+    cfg = Config()
+    cfg.parallel.strategy, cfg.parallel.nproc_per_node, cfg.data.samples = "ddp", 9, 990
+    assert launch.check(cfg.validate()) == ParallelDims(dp_replicate=9)  # checked, not refused
+    assert "9 CPU ranks on 2 cores will crawl" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from gpupar.weights import load_into, load_weights
 from gpupar.config import Config, load_toml
 from gpupar.data import synthetic_regression
 from gpupar.errors import UsageError
-from gpupar.fused import FusedOptimizer, fuse
+from gpupar.fused import FusedOptimizer, clip_per_model, fuse, train_step
 from gpupar.loop import as_samples
 from gpupar.models import build_model
 from gpupar.sweep import Member, chunks, grid, parse_list, parse_seeds, run_sweep, shard, train_chunk
@@ -86,11 +86,33 @@ def test_fused_optimizer_matches_torch(kind, wd):
         for name, b in f.blocks.items():
             view = f.view(name, f.flat.grad)
             for i in range(3):
-                view.select(b.model_axis, i).copy_(grads[i][name].t() if b.transposed else grads[i][name])
+                view[i].copy_(grads[i][name])
         opt.step()
     for i, m in enumerate(singles):
         for name, p in f.state_dict(i).items():
             torch.testing.assert_close(p, m.state_dict()[name], rtol=0, atol=0)
+
+
+def test_fused_step_reads_nothing_back(monkeypatch):
+    """The steady-state step (forward, backward, clipping, Adam) never asks for a value: on a
+    GPU each such read (.item(), .tolist(), bool(), float()) would stall the host every step."""
+    cfg = Config()
+    X, y = synthetic_regression(seed=42)
+    f = fuse([build_model(cfg.model, 10, 1, s) for s in range(3)], CPU)
+    opt = FusedOptimizer(f, [0.01, 0.02, 0.03], cfg)
+
+    def refuse(*_, **__):
+        raise AssertionError("a value was read back inside the fused step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for _ in range(2):
+        train_step(f, X, y, "mse")
+        clip_per_model(f, 1.0)
+        opt.step(0.5)
+        opt.zero_grad()
+    monkeypatch.undo()
+    assert torch.isfinite(f.flat).all()
 
 
 def _alone(cfg: Config, member: Member, X, y, in_features: int, out_features: int):
@@ -103,11 +125,12 @@ def _alone(cfg: Config, member: Member, X, y, in_features: int, out_features: in
     return result
 
 
-def _check_exact(cfg: Config, members, X, y, log=print):
+def _check_exact(cfg: Config, members, X, y, log=print, out_features=None):
+    out_features = out_features or y.shape[1]
     train_set, val_set = as_samples((X, y), cfg)
-    results, step_losses = train_chunk(members, cfg, train_set, val_set, X.shape[1], y.shape[1], CPU, log)
+    results, step_losses = train_chunk(members, cfg, train_set, val_set, X.shape[1], out_features, CPU, log)
     for j, m in enumerate(members):
-        ref = _alone(cfg, m, X, y, X.shape[1], y.shape[1])
+        ref = _alone(cfg, m, X, y, X.shape[1], out_features)
         ref_losses = torch.tensor([r["loss"] for r in ref.history.records])
         torch.testing.assert_close(torch.tensor(results[j].losses).float(), ref_losses.float(), rtol=RTOL, atol=0)
         if val_set is not None:
@@ -133,6 +156,32 @@ def test_exact_deep_mlp_minibatch_shuffle():
     cfg.data.shuffle, cfg.optim.lr_schedule, cfg.optim.optimizer = True, "cosine", "adamw"
     X, y = synthetic_regression(seed=cfg.train.seed)
     _check_exact(cfg, grid([0, 1], [0.003, 0.03], [16]), X, y)
+
+
+def test_exact_other_losses_and_chains():
+    """The hand-written path beyond MSE into one output: l1 and cross-entropy (their gradient by
+    autograd on the output), three classes (no outer-product shortcut), and Linears feeding
+    Linears directly (the shortcut's scale reaching a hidden or the first layer without a ReLU)."""
+    X, y = synthetic_regression(seed=42)
+    cfg = Config()
+    cfg.train.progress, cfg.train.log_every, cfg.train.epochs, cfg.data.val_fraction = False, 1, 15, 0.2
+    cfg.train.loss = "l1"
+    _check_exact(cfg, grid([0, 1], [0.01], [50]), X, y)
+    for name in ("linear_linear", "relu_linear_linear"):
+        cfg.model.name = f"test_sweep:{name}"
+        assert fuse([globals()[name]()], CPU).kind == "linear"
+        _check_exact(cfg, grid([0, 1], [0.01], [50]), X, y)
+    cfg.model.name, cfg.train.loss, cfg.data.task = "simple-nn", "cross-entropy", "classification"
+    classes = torch.bucketize(y[:, 0], y[:, 0].quantile(torch.tensor([1 / 3, 2 / 3])))  # [n] in 0..2
+    _check_exact(cfg, grid([0, 1], [0.01], [50]), X, classes, out_features=3)
+
+
+def linear_linear():
+    return nn.Sequential(nn.Linear(10, 16), nn.Linear(16, 1))
+
+
+def relu_linear_linear():
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 1))
 
 
 def test_exact_vmap_and_loop_fallback():

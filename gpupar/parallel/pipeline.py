@@ -24,7 +24,6 @@ import inspect
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError
@@ -151,6 +150,9 @@ class Pipeline(nn.Module):
         raise RuntimeError("a pipeline-parallel model runs through Pipeline.forward_backward, not forward")
 
     def _schedule_for(self, loss_fn: nn.Module):
+        # Imported here: torch.distributed.pipelining pulls in torch._dynamo (~0.5 s per process).
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
         if self._schedule is not None and self._loss_fn is loss_fn:
             return self._schedule
         m = self.microbatches
