@@ -95,8 +95,14 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
-    """Fused kernels exist for floating-point tensors on CPU and CUDA (not MPS before torch 2.x)."""
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    """Fused kernels take floating-point tensors on CPU and CUDA, and DTensor parameters only
+    when all of them are (a tensor-parallel stage beside whole embeddings mixes the two, and
+    the fused op refuses the mix): such a model keeps torch's default implementation."""
+    from torch.distributed.tensor import DTensor
+
+    dtensors = sum(isinstance(p, DTensor) for p in params)
+    return bool(params) and dtensors in (0, len(params)) and \
+        all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
