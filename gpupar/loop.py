@@ -98,9 +98,8 @@ def _fusable(params: list[torch.Tensor]) -> bool:
     """Fused kernels take floating-point tensors on CPU and CUDA, and DTensor parameters only
     when all of them are (a tensor-parallel stage beside whole embeddings mixes the two, and
     the fused op refuses the mix): such a model keeps torch's default implementation."""
-    from torch.distributed.tensor import DTensor
-
-    dtensors = sum(isinstance(p, DTensor) for p in params)
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # loaded only if used
+    dtensors = sum(isinstance(p, dtensor) for p in params) if dtensor else 0
     return bool(params) and dtensors in (0, len(params)) and \
         all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
