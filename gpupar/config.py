@@ -55,6 +55,9 @@ class OptimConfig:
     lr_schedule: str = opt("constant", "learning-rate schedule after warm-up", ("constant", "cosine", "linear"))
     warmup_steps: int = opt(0, "linear warm-up steps from 0 to --lr")
     clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value")
+    optimizer_impl: str = opt("fused", "fused: one kernel per device for adam/adamw/sgd (fastest, no host sync; "
+                              "rounds a few ulp apart from torch's default); default: torch's own choice, "
+                              "bitwise as a plain torch loop", ("fused", "default"))
 
 
 @dataclass
@@ -73,6 +76,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "replace the run already in --run-dir (its config, metrics, weights and "
                           "checkpoints are removed first); without it such a directory is refused")
     progress: bool = opt(True, "show a progress bar when stderr is a terminal")
+    compile: bool = opt(False, "torch.compile the model (inductor; the first steps compile)")
+    cuda_graphs: bool = opt(False, "CUDA only: compile with mode reduce-overhead, which replays each step's "
+                            "kernels as CUDA graphs (small models with static shapes)")
     save_step_losses: bool = opt(False, "write every step's loss to step_losses.json (gpupar verify reads it)")
 
 

@@ -165,3 +165,19 @@ class TermsItself(nn.Module):
 
 def terms_itself():
     return TermsItself()
+
+
+class BatchNormDropout(nn.Module):
+    """Not a Sequential: BatchNorm (running-stat buffers) and Dropout (RNG) between two Linears."""
+
+    def __init__(self, n_in: int = 10):
+        super().__init__()
+        self.inp, self.norm, self.drop, self.out = nn.Linear(n_in, 32), nn.BatchNorm1d(32), nn.Dropout(0.1), \
+            nn.Linear(32, 1)
+
+    def forward(self, x):  # [batch, n_in] -> [batch, 1]
+        return self.out(self.drop(torch.relu(self.norm(self.inp(x)))))
+
+
+def batchnorm_dropout():
+    return BatchNormDropout()
