@@ -121,6 +121,8 @@ class ParallelConfig:
                            "ranks) and run it", ("auto",))
     device_memory: str | None = opt(None, "memory per rank for --plan auto, e.g. 80GiB; none = the device's "
                                     "(on CPU: RAM / ranks)")
+    sync_bn: bool = opt(False, "data-parallel layouts: BatchNorm layers normalise over the global batch "
+                        "(SyncBatchNorm), as on one device, instead of over each rank's slice")
 
 
 @dataclass
@@ -141,6 +143,16 @@ class TrackConfig:
 
 
 @dataclass
+class VerifyConfig:
+    band: float = opt(10.0, "verify: every step's gap must stay within this factor of the run's own rounding "
+                      "noise (or the fixed floor: 1e-5 fp32, 1e-4 with --tp, 2e-2 bf16/fp16)")
+    no_dropout: bool = opt(False, "set p=0 in every dropout layer, in every run (verify a model with dropout: "
+                           "its masks cannot match across a different batch split)")
+    nudge_init: bool = opt(False, "move every initial weight by one ulp (verify's rounding-noise reference)")
+    first_grads: bool = opt(False, "write the step-1 gradients to first_grads.safetensors (verify reads them)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -149,6 +161,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def validate(self) -> "Config":
         """Check every field once; raise a UsageError naming the field and what is accepted."""
@@ -212,6 +225,8 @@ class Config:
                              "checkpoint is never deleted, and one more guards against a bad newest one)")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
+        if not (self.verify.band >= 1 and math.isfinite(self.verify.band)):
+            raise UsageError(f"--band {self.verify.band} must be a finite factor >= 1")
         layout(self.parallel)  # a combination the layout cannot honour fails here, once
         return self
 
