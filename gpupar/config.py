@@ -55,6 +55,9 @@ class OptimConfig:
     lr_schedule: str = opt("constant", "learning-rate schedule after warm-up", ("constant", "cosine", "linear"))
     warmup_steps: int = opt(0, "linear warm-up steps from 0 to --lr")
     clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value")
+    optimizer_impl: str = opt("fused", "fused: one kernel per device for adam/adamw/sgd (fastest, no host sync; "
+                              "rounds a few ulp apart from torch's default); default: torch's own choice, "
+                              "bitwise as a plain torch loop", ("fused", "default"))
 
 
 @dataclass
@@ -70,7 +73,12 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     log_every: int = opt(20, "print and record the loss every N epochs")
     run_dir: str | None = opt(None, "where to write config, metrics and weights; none = runs/<timestamp>")
+    overwrite: bool = opt(False, "replace the run already in --run-dir (its config, metrics, weights and "
+                          "checkpoints are removed first); without it such a directory is refused")
     progress: bool = opt(True, "show a progress bar when stderr is a terminal")
+    compile: bool = opt(False, "torch.compile the model (inductor; the first steps compile)")
+    cuda_graphs: bool = opt(False, "CUDA only: compile with mode reduce-overhead, which replays each step's "
+                            "kernels as CUDA graphs (small models with static shapes)")
     save_step_losses: bool = opt(False, "write every step's loss to step_losses.json (gpupar verify reads it)")
 
 
@@ -106,6 +114,13 @@ class ParallelConfig:
     split_points: str | None = opt(None, "pipeline/layer-split stage starts as layer indices, e.g. 2,5; "
                                          "none = balanced by parameter count")
     devices: str | None = opt(None, "devices for --strategy layer-split, in layer order, e.g. cuda:0,cuda:1")
+    activation_checkpointing: str = opt("none", "recompute activations in backward, per block: full keeps only "
+                                        "each block's input, selective also keeps matmul and attention outputs",
+                                        ("none", "full", "selective"))
+    plan: str | None = opt(None, "auto: let gpupar plan pick the fastest layout that fits (with --nproc-per-node "
+                           "ranks) and run it", ("auto",))
+    device_memory: str | None = opt(None, "memory per rank for --plan auto, e.g. 80GiB; none = the device's "
+                                    "(on CPU: RAM / ranks)")
     sync_bn: bool = opt(False, "data-parallel layouts: BatchNorm layers normalise over the global batch "
                         "(SyncBatchNorm), as on one device, instead of over each rank's slice")
 

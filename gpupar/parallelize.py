@@ -3,8 +3,9 @@
 Order (as torchtitan's ``parallelize`` with its pipeline split): first the pipeline split
 (this rank keeps its stage or stages), then tensor parallel on each stage (it rewrites
 layers into sharded DTensor layers; planning it per stage means a colwise/rowwise pair never
-straddles two stages), then data parallel over the data-parallel mesh dimensions: FSDP or
-HSDP wherever parameters are sharded, DDP for whole replicas. Every step reads the
+straddles two stages), then activation checkpointing per block, then data parallel over the
+data-parallel mesh dimensions: FSDP or HSDP wherever parameters are sharded, DDP for whole
+replicas. Every step reads the
 ``ParallelDims`` of the topology, never a strategy name.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 from gpupar.config import Config, layout
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec
+from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
 from gpupar.parallel.pipeline import Pipeline, layer_units, split_model, traceable
@@ -48,7 +50,9 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
                                   cfg.parallel.split_points)
     elif process == "dataparallel":
         model = apply_data_parallel(model, topo)
+    ac = cfg.parallel.activation_checkpointing
     if not topo.distributed:
+        model = apply_activation_checkpointing(model, ac)
         return Parallelized(model, functools.partial(forward_backward, model))
     check_same_model(model, topo)
     dims = topo.dims
@@ -69,7 +73,9 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     # 2. Tensor parallel: shard each stage's layers across the "tp" ranks.
     if dims.tp > 1:
         stages = [(s, apply_tp(m, topo.mesh["tp"], tp_plan(m, dims.tp, spec))) for s, m in stages]
-    # 3. Data parallel: BatchNorm over the global batch (--sync-bn; only in pure data-parallel
+    # 3. Activation checkpointing per block (on the TP-sharded layers, inside the FSDP units to come).
+    stages = [(s, apply_activation_checkpointing(m, ac)) for s, m in stages]
+    # 4. Data parallel: BatchNorm over the global batch (--sync-bn; only in pure data-parallel
     #    layouts, where the data-parallel group is the world: preflight checks), then FSDP /
     #    HSDP where parameters are sharded, DDP for whole replicas.
     if cfg.parallel.sync_bn and dims.dp > 1:

@@ -145,6 +145,44 @@ def needs_args(in_features, width=8):
     return nn.Linear(in_features, width)
 
 
+class TermsItself(nn.Module):
+    """Sends SIGTERM to its own process at its 3rd forward pass, like `kill PID` mid-training."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+
+        self.calls += 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.fc(x)
+
+
+def terms_itself():
+    return TermsItself()
+
+
+class BatchNormDropout(nn.Module):
+    """Not a Sequential: BatchNorm (running-stat buffers) and Dropout (RNG) between two Linears."""
+
+    def __init__(self, n_in: int = 10):
+        super().__init__()
+        self.inp, self.norm, self.drop, self.out = nn.Linear(n_in, 32), nn.BatchNorm1d(32), nn.Dropout(0.1), \
+            nn.Linear(32, 1)
+
+    def forward(self, x):  # [batch, n_in] -> [batch, 1]
+        return self.out(self.drop(torch.relu(self.norm(self.inp(x)))))
+
+
+def batchnorm_dropout():
+    return BatchNormDropout()
+
+
 class Block(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear, added back (a pre-norm residual block)."""
 

@@ -240,7 +240,7 @@ class Pipeline(nn.Module):
         return self._schedule
 
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
-                         amp=None, scaler=None) -> float:
+                         amp=None, scaler=None) -> torch.Tensor:
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
         every stage's forwards and backwards in its order, and leaves this rank's stage
         gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
@@ -253,11 +253,13 @@ class Pipeline(nn.Module):
         kwargs = {"target": y, "losses": losses} if self.has_last else {}
         schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
-        # so every rank logs, checks for NaN and averages over data-parallel ranks alike.
-        loss = torch.tensor([sum(float(l.detach()) for l in losses)], dtype=torch.float64,
-                            device=self.comm_device)
+        # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
+        # stays a tensor (a device collective under NCCL): the loop reads it at log points only.
+        loss = torch.zeros((), dtype=torch.float64, device=self.comm_device)
+        if losses:
+            loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for l in losses]).sum()
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
-        return loss.item()
+        return loss
 
 
 def check_microbatches(rank_batch: int, microbatches: int) -> None:
