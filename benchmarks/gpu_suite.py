@@ -131,7 +131,8 @@ def part_gpt(device, tiny):
 
 def part_sweep(device, tiny):
     """benchmarks/sweep_fusion.py as it stands (its own interleaving, load check and report)."""
-    args = ["--device", device.type] + (["--models", "1", "--repeats", "1", "--max-load", "1000"] if tiny else [])
+    args = ["--device", device.type] + (["--models", "1", "--repeats", "1", "--max-load", "1000"] if tiny
+                                       else ["--repeats", "3"])  # 3 x 64 sequential runs fit the 8 minutes
     sweep, out, argv = _load("sweep_fusion"), io.StringIO(), sys.argv
     sys.argv = ["sweep_fusion.py", *args]
     try:
