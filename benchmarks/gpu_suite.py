@@ -155,9 +155,12 @@ def part_data_parallel(device, tiny):
     from gpupar.topology import Topology
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group(backend, rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    import tempfile
+
+    # A file store: no TCP port to pick, so two suites (or tests) at once cannot collide.
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="gpu_suite-"), "store"), 1)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
     try:
         def model():
             torch.manual_seed(0)
