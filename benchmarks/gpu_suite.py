@@ -86,6 +86,7 @@ def part_gpt(device, tiny):
     from gpupar.job import load_problem
     from gpupar.loop import as_samples, fit, make_loss, make_optimizer
     from gpupar.memory import memory_report, peak_bytes
+    from gpupar.models import build_model
     from gpupar.topology import Topology
 
     cfg = Config()
@@ -93,7 +94,7 @@ def part_gpt(device, tiny):
     cfg.model.name = "gpt"
     if tiny:
         m.hidden, m.layers, m.heads, m.seq_len, m.vocab, batch, steps, warmup = 32, 2, 4, 16, 64, 8, 3, 1
-    else:  # 12 L d^2 + 2 V d = 1.01e9 parameters
+    else:  # 12 L d^2 + 2 V d = 1.04e9 parameters
         m.hidden, m.layers, m.heads, m.seq_len, m.vocab, batch, steps, warmup = 2048, 18, 16, 1024, 32768, 8, 10, 3
     cfg.data.samples, cfg.train.batch_size = batch, batch
     cfg.train.epochs = cfg.train.max_steps = cfg.train.log_every = steps + warmup
@@ -101,9 +102,9 @@ def part_gpt(device, tiny):
     cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.train.compile = device.type == "cuda"  # inductor on a 2-core CPU takes longer than CI allows
     topo = Topology.single(device)
-    with torch.device(device):
-        problem = load_problem(cfg.validate())  # built on the device: 4 GB of fp32 weights never touch the host
-    model = problem.model.to(device)
+    problem = load_problem(cfg.validate(), meta=True)  # the data, and the model's shapes only
+    with torch.device(device):  # initialised on the device: 4 GB of fp32 weights never touch the host
+        model = build_model(cfg.model, 0, 0, cfg.train.seed)
     params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, cfg)
     if device.type == "cuda":
@@ -130,7 +131,8 @@ def part_gpt(device, tiny):
 
 def part_sweep(device, tiny):
     """benchmarks/sweep_fusion.py as it stands (its own interleaving, load check and report)."""
-    args = ["--device", device.type] + (["--models", "1", "--repeats", "1", "--max-load", "1000"] if tiny else [])
+    args = ["--device", device.type] + (["--models", "1", "--repeats", "1", "--max-load", "1000"] if tiny
+                                       else ["--repeats", "3"])  # 3 x 64 sequential runs fit the 8 minutes
     sweep, out, argv = _load("sweep_fusion"), io.StringIO(), sys.argv
     sys.argv = ["sweep_fusion.py", *args]
     try:
@@ -153,9 +155,12 @@ def part_data_parallel(device, tiny):
     from gpupar.topology import Topology
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group(backend, rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    import tempfile
+
+    # A file store: no TCP port to pick, so two suites (or tests) at once cannot collide.
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="gpu_suite-"), "store"), 1)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
     try:
         def model():
             torch.manual_seed(0)

@@ -189,6 +189,8 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             # dp equal shards, of which this rank takes its own.
             micro_batches = same_batch or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
                                            for m in batch.chunk(t.grad_accum)]
+            if t.cuda_graphs:  # a new iteration: the recorded graphs may reuse the last step's buffers
+                torch.compiler.cudagraph_mark_step_begin()
             step_loss = step_fn(micro_batches, loss_fn, amp, scaler)  # a 0-dim tensor, still on the device
 
             # NaN/Inf in the loss or in the gradients, on any rank: every rank must step, skip or
