@@ -1,7 +1,40 @@
 import os
 import sys
 
-from gpupar.cli import main, rank_tag
+
+def die_with_launcher() -> None:
+    """A rank must not outlive the gpupar launcher that started it (kill -9 of the launcher
+    would leave it training, holding the devices, forever). Linux: the kernel sends SIGKILL
+    when the parent dies (prctl PR_SET_PDEATHSIG); elsewhere a thread watches the parent.
+    The parent may already have died before this ran: then its pid is no longer ours."""
+    launcher = int(os.environ.get("GPUPAR_LAUNCHER_PID", "0"))
+    if not launcher:
+        return  # started by an external torchrun: it owns its workers
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == launcher:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="gpupar-launcher-watch").start()
+    if os.getppid() != launcher:
+        os._exit(1)
+
+
+if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+    die_with_launcher()
+
+from gpupar.cli import main, rank_tag  # noqa: E402 (after the rank is tied to its launcher)
 
 code = main()
 if rank_tag():

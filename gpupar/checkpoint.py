@@ -46,6 +46,7 @@ from gpupar.weights import check_weights_out, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError
 from gpupar.memory import local_shard
+from gpupar.rundir import run_id_of
 from gpupar.topology import Topology
 
 FORMAT = 1
@@ -90,8 +91,9 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
 class Checkpointer:
     """Saves every ``--checkpoint-every`` steps and restores at start; the loop calls it."""
 
-    def __init__(self, cfg: Config, topo: Topology, run_dir: Path, log: Callable[[str], None] = print):
-        self.cfg, self.topo, self.log = cfg, topo, log
+    def __init__(self, cfg: Config, topo: Topology, run_dir: Path, log: Callable[[str], None] = print,
+                 run_id: str = ""):
+        self.cfg, self.topo, self.log, self.run_id = cfg, topo, log, run_id
         self.root = Path(run_dir) / "checkpoints"
         self.every = cfg.checkpoint.checkpoint_every
         spec = cfg.checkpoint.resume
@@ -125,12 +127,14 @@ class Checkpointer:
                 "format": FORMAT, "position": asdict(position), "total_steps": total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "scheduler": _scheduler_state(scheduler),
                 "model": self.cfg.model.name, "strategy": self.topo.dims.describe(),
-                "world_size": topo.world_size, "torch": torch.__version__})
+                "world_size": topo.world_size, "torch": torch.__version__, "run_id": self.run_id})
         _barrier(topo)  # every rank's shards are on disk
 
         if topo.is_main:
             commit(tmp, final)
-            for old in complete_checkpoints(self.root)[:-self.cfg.checkpoint.keep_last]:
+            # keep-last counts this run's checkpoints only: another run's are not this run's to delete.
+            ours = [p for p in complete_checkpoints(self.root) if run_id_of(p) == self.run_id]
+            for old in ours[:-self.cfg.checkpoint.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 

@@ -10,6 +10,14 @@ class TrainingError(Exception):
     """Training stopped for a reason the user must see (a non-finite loss, a failed rank)."""
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the job: every rank was stopped; exit 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def stdout_closed() -> int:
     """The reader of stdout went away (``gpupar runs | head -1``): stop quietly, exit 0.
 

@@ -70,3 +70,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``Path.write_text``, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_many(items: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write several files as one result: every temporary file is written and fsynced first,
+    then all are renamed in order. A failure while writing (a full disk, a read-only
+    directory) removes the temporary files and renames nothing, so the targets keep their
+    earlier contents byte for byte; renames need no space and do not fail that way."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, write in items:
+            path = Path(path)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            written.append((Path(name), path))
+            write(Path(name))
+            os.chmod(name, 0o666 & ~umask())
+            with open(name, "rb+") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)

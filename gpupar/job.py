@@ -20,16 +20,19 @@ from torch import nn
 from gpupar.config import Config, layout, to_toml
 from gpupar.data import check_divisible, load_file, prepare_targets, split_validation, synthetic_regression
 from gpupar.devices import describe
-from gpupar.errors import UsageError
+from gpupar.errors import TrainingError, UsageError
+from gpupar.files import atomic_write_many, atomic_write_text
+from gpupar import rundir
 from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks
 from gpupar.memory import format_memory_report, gather_memory_report
+from gpupar.noise import disable_dropout, nudge_weights, record_first_grads
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
 from gpupar.parallel.layer_split import parse_devices
 from gpupar.parallel.pipeline import stage_module, stage_names, stage_starts
 from gpupar.parallelize import full_state_dict, parallelize, pipeline_units, tp_plan
 from gpupar.topology import ParallelDims, Topology
 from gpupar.tracking import open_tracker
-from gpupar.weights import save_weights
+from gpupar.weights import weights_writer
 
 
 @dataclass
@@ -121,6 +124,8 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
 
         for stage in stages:
             check_tp_divisible(stage, tp_plan(stage, dims.tp, spec), dims.tp)
+    if cfg.parallel.sync_bn and (dims.tp > 1 or dims.pp > 1):
+        raise UsageError("--sync-bn with --tp/--pp: only pure data-parallel layouts (ddp, fsdp, hsdp) sync BatchNorm yet")
     return dims
 
 
@@ -151,47 +156,67 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module, History, Path]:
-    """Train per ``cfg`` on ``topo``; rank 0 writes config.toml, metrics.jsonl and model.safetensors."""
+    """Train per ``cfg`` on ``topo``; rank 0 writes config.toml, metrics.jsonl and model.safetensors.
+
+    The run directory is claimed first (``rundir``: one run per directory, a run id for its
+    checkpoints); its results are written together at the end, so a failure leaves the
+    directory's earlier files as they were and says so.
+    """
+    from gpupar.launch import launched_by_torchrun
+
     problem = load_problem(cfg)
-    run_dir = default_run_dir(cfg)
+    with rundir.for_rank(cfg, topo.is_main, launched_by_torchrun()) as run:
+        try:
+            return _train(cfg, topo, problem, run, log)
+        except TrainingError as exc:
+            raise TrainingError(f"{exc}; {run.unchanged()}") from None
+        except OSError as exc:  # a full disk, a read-only directory: the files were not replaced
+            raise TrainingError(f"cannot write {exc.filename or run.path}: {exc.strerror or exc}; "
+                                f"{run.unchanged()}") from None
+
+
+def _train(cfg: Config, topo: Topology, problem: Problem, run: rundir.RunDir, log) -> tuple[nn.Module, History, Path]:
+    run_dir = run.path
     name = layout_name(cfg, topo)
+    config_now = topo.is_main and "config.toml" not in run.earlier
     if topo.is_main:
         where = f" x {topo.world_size} ranks: {name}" if topo.distributed else (f" ({name})" if name != "single" else "")
         log(f"Using device: {describe(topo.device)}{where}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        if config_now:  # a new run: its config is there from the start (export copies it beside weights)
+            atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     train_set, val_set = as_samples((problem.X, problem.y), cfg)
-    parallel = parallelize(problem.model, topo, cfg, problem.spec)
+    if cfg.verify.no_dropout:
+        disable_dropout(problem.model)
+    if cfg.verify.nudge_init:  # verify's rounding-noise reference
+        nudge_weights(problem.model)
+    inputs = train_set.take(slice(None))[0] if topo.pp > 1 else None  # a pipeline may trace the forward
+    parallel = parallelize(problem.model, topo, cfg, problem.spec, inputs)
     model = parallel.model
+    step = parallel.step
+    if cfg.verify.first_grads:
+        step = record_first_grads(step, model, topo, run_dir / "first_grads.safetensors")
     optimizer = make_optimizer(model, cfg)
     from gpupar.checkpoint import Checkpointer  # DCP: imported only by runs that checkpoint
 
-    checkpoints = Checkpointer(cfg, topo, run_dir, log) if (cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume
-                                                           or os.environ.get("TORCHELASTIC_RESTART_COUNT")) else None
+    checkpoints = Checkpointer(cfg, topo, run_dir, log, run.run_id) if (
+        cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT")) else None
     tracker = open_tracker(cfg, run_dir, topo)  # --track: TensorBoard or MLflow, on rank 0 only
     with tracker.failing_on_error():
         history = fit(model, train_set, cfg, topo, make_loss(cfg, problem.spec), optimizer, val_set, log=log,
-                      checkpoints=checkpoints, on_record=tracker.log, step_fn=parallel.step)
+                      checkpoints=checkpoints, on_record=tracker.log, step_fn=step)
     memory = gather_memory_report(model, optimizer, history.grad_bytes, topo)
     if cfg.train.save_step_losses:
         history.step_losses = mean_over_ranks(history.step_losses, topo)
-        if topo.is_main:
-            (run_dir / "step_losses.json").write_text(json.dumps(history.step_losses))
     # Sharded strategies hold pieces of the weights: every rank joins the gather to rank 0.
     state = full_state_dict(model, topo)
     if topo.is_main:
         records = _earlier_records(run_dir / "metrics.jsonl", history.start_step) + history.records
-        with (run_dir / "metrics.jsonl").open("w") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
-            if topo.distributed:  # one record per rank, marked so epoch readers can skip them
-                for row in memory:
-                    fh.write(json.dumps({"event": "memory", **row}) + "\n")
-        save_weights(state, run_dir / "model.safetensors")
+        if topo.distributed:  # one record per rank, marked so epoch readers can skip them
+            records += [{"event": "memory", **row} for row in memory]
         summary = {"model": cfg.model.name, "strategy": name, "world_size": topo.world_size,
                    "final_loss": history.final_loss, "wall_time_s": history.wall_time,
                    "samples_per_s": history.samples_per_s, "memory_per_rank": memory,
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": run.run_id}
         speed = f"{history.samples_per_s:,.0f} samples/s"
         if problem.spec.tokens_per_sample > 1:  # a sample is a sequence of tokens
             summary["tokens_per_s"] = history.samples_per_s * problem.spec.tokens_per_sample
@@ -200,13 +225,26 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
             summary["resumed_at_step"] = history.start_step
         if history.skipped_steps:
             summary["skipped_steps"] = history.skipped_steps
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # All results at once, summary.json last (it marks the run finished): a failure while
+        # writing any of them (a full disk) renames none and leaves the earlier ones intact.
+        results = [(run_dir / "metrics.jsonl", _text("".join(json.dumps(r) + "\n" for r in records)))]
+        if cfg.train.save_step_losses:
+            results.append((run_dir / "step_losses.json", _text(json.dumps(history.step_losses))))
+        results.append((run_dir / "model.safetensors", weights_writer(state)))
+        if not config_now:  # a resumed run: its config changes only together with its results
+            results.append((run_dir / "config.toml", _text(to_toml(cfg))))
+        results.append((run_dir / "summary.json", _text(json.dumps(summary, indent=2) + "\n")))
+        atomic_write_many(results)
         tracker.finish(run_dir, summary)
         log(f"Final loss: {history.final_loss:.4f} | wall time: {history.wall_time:.2f} s | {speed}")
         if topo.distributed:
             log(format_memory_report(memory))
         log(f"Saved run to {run_dir}/ (model.safetensors, metrics.jsonl, config.toml)")
     return model, history, run_dir
+
+
+def _text(text: str):
+    return lambda tmp: tmp.write_text(text, encoding="utf-8")
 
 
 def _earlier_records(path: Path, start_step: int) -> list[dict]:

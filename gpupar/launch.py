@@ -13,9 +13,11 @@ allocation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import uuid
@@ -25,7 +27,7 @@ from typing import Callable
 import torch
 
 from gpupar.config import Config, layout, to_toml
-from gpupar.errors import TrainingError, UsageError
+from gpupar.errors import Interrupted, TrainingError, UsageError
 
 SLURM_PORT = 29500
 MAX_CPU_RANKS_PER_CORE = 4  # more CPU ranks than this per core is a warning before launch
@@ -92,13 +94,16 @@ def check(cfg: Config):
 
 def spawn(cfg: Config, command: str, extra: tuple[str, ...] = ()) -> None:
     """Write the effective config into the run directory and start `gpupar COMMAND` on every rank with it."""
+    from gpupar import rundir
+    from gpupar.files import atomic_write_text
     from gpupar.job import default_run_dir
 
     run_dir = default_run_dir(cfg)
     cfg.train.run_dir = str(run_dir)  # one run directory for all ranks
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "launch.toml").write_text(to_toml(cfg))
-    run_workers(cfg, [command, "--config", str(run_dir / "launch.toml"), *extra])
+    # The launcher holds the directory for the life of the job, TorchElastic's restarts included.
+    with rundir.claim(run_dir, cfg.checkpoint.resume, cfg.train.overwrite) as run:
+        atomic_write_text(run_dir / "launch.toml", to_toml(cfg))
+        run_workers(cfg, [command, "--config", str(run_dir / "launch.toml"), *extra], run.run_id)
 
 
 def launched_by_torchrun() -> bool:
@@ -160,35 +165,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(cfg: Config, argv: list[str]) -> None:
+def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None:
     """Run ``python -m gpupar ARGV`` in every local rank; raise naming the rank that failed.
 
     TorchElastic watches the workers: when one raises or dies it stops the others at once,
-    and restarts them all up to ``--max-restarts`` times.
+    and restarts them all up to ``--max-restarts`` times. SIGINT or SIGTERM to this process
+    stops every rank (TorchElastic forwards the signal) and raises ``Interrupted``. Each rank
+    also dies with this process if it is killed outright (``GPUPAR_LAUNCHER_PID``: see
+    gpupar/__main__.py).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     lp = plan(cfg)
     # gpupar reports the failing rank itself; TorchElastic's own log lines would repeat it.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):  # its children set their own levels
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=lp.nnodes, max_nodes=lp.nnodes, nproc_per_node=lp.nproc_per_node,
         # Every node of a job must present the same run id to the rendezvous.
         run_id=os.environ.get("SLURM_JOB_ID") or (f"gpupar-{lp.endpoint}" if lp.nnodes > 1
                                                    else f"gpupar-{uuid.uuid4().hex[:8]}"),
         rdzv_backend="c10d", rdzv_endpoint=lp.endpoint,
-        rdzv_configs={"rank": lp.node_rank, "join_timeout": max(cfg.parallel.timeout, 30.0)},
+        rdzv_configs={"rank": lp.node_rank, "join_timeout": max(cfg.parallel.timeout, 30.0),
+                      **hosts_store(lp.endpoint)},
         max_restarts=cfg.parallel.max_restarts, monitor_interval=0.1, start_method="spawn",
-        local_addr=lp.local_addr,
+        local_addr=lp.local_addr or route_source(lp.endpoint),
     )
+    handed = {"GPUPAR_LAUNCHER_PID": str(os.getpid()), **({"GPUPAR_RUN_ID": run_id} if run_id else {})}
+    loopback = lp.nnodes == 1 and lp.local_addr == "127.0.0.1"
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and loopback_interface():
+        handed["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo's own sockets: not the hostname's address
+    saved = {k: os.environ.get(k) for k in handed}
+    os.environ.update(handed)  # the workers inherit this process's environment
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", "gpupar", *argv)
+        with loopback_stores() if loopback else contextlib.nullcontext():
+            elastic_launch(config, sys.executable)("-u", "-m", "gpupar", *argv)
+    except SignalException as exc:  # the agent stopped every worker with the same signal
+        raise Interrupted(int(exc.sigval)) from None
     except ChildFailedError as exc:
-        # The cause, not its echo: a rank whose collective broke because a peer died exits
-        # with PEER_FAILED (3) and may be noticed first; name the earliest other failure.
+        rank, failure = root_cause(exc.failures)
         causes = {r: f for r, f in exc.failures.items() if f.exitcode != 3} or exc.failures
-        rank, failure = min(causes.items(), key=lambda kv: kv[1].timestamp)
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         if failure.exitcode < 0 and failure.signal_name() == "SIGTERM" and len(causes) < len(exc.failures):
             # Stopped by the launcher after its peers gave up on it: the stuck rank.
@@ -201,3 +220,99 @@ def run_workers(cfg: Config, argv: list[str]) -> None:
             raise TrainingError(f"launch failed at rendezvous {lp.endpoint} ({lp.nnodes} node(s), "
                                 f"--timeout {cfg.parallel.timeout:g}s): {type(exc).__name__}: {detail}") from None
         raise
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def root_cause(failures: dict) -> tuple[int, object]:
+    """The rank that failed first in cause, not in time. TorchElastic's timestamps have one
+    second's resolution and it stops the surviving ranks itself (SIGTERM) as soon as one fails,
+    so the cause is ranked by kind: a rank that exited with its own error (exit 1, 2) first,
+    then one killed by another signal (SIGKILL, SIGSEGV, SIGABRT), then one stopped by the
+    launcher (SIGTERM, or exit 130/143 after an interrupt), and last one whose collective
+    broke because a peer died (PEER_FAILED, exit 3); ties go to the earlier, then lower rank.
+    """
+    def kind(code: int) -> int:
+        if code > 0 and code not in (3, 130, 143):
+            return 0
+        if code < 0 and -code not in (signal.SIGTERM, signal.SIGINT):
+            return 1
+        return 2 if code != 3 else 3
+
+    return min(failures.items(), key=lambda kv: (kind(kv[1].exitcode), kv[1].timestamp, kv[0]))
+
+
+def hosts_store(endpoint: str) -> dict:
+    """``{"is_host": True}`` on the node whose address the endpoint is: it serves the rendezvous
+    store. TorchElastic guesses from the hostname, and guesses wrong where the hostname resolves
+    to 127.0.0.1 or another interface's address; empty where the endpoint is not resolvable."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        address = socket.getaddrinfo(host, None)[0][4][0]
+    except OSError:
+        return {}
+    source = route_source(endpoint)
+    return {} if source is None else {"is_host": source == address}
+
+
+def route_source(endpoint: str) -> str | None:
+    """This host's address on the route to the rendezvous ``host:port``: the address the other
+    nodes can reach this one at. TorchElastic would otherwise advertise whatever the hostname
+    resolves to, which on many machines is 127.0.0.1 (the first node's store then looks local
+    to every node). A UDP connect sends nothing; it only picks the route."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        family = socket.getaddrinfo(host, None)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None  # unresolvable here: TorchElastic's default
+
+
+def loopback_interface() -> str | None:
+    """The name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS)."""
+    try:
+        return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def loopback_stores():
+    """A single-node job must not be reachable from the network. TorchElastic's key-value
+    stores (the rendezvous store, and the one the ranks share) are ``TCPStore`` servers, which
+    bind every interface whatever host they are given; TCPStore can instead serve on a socket
+    it is handed (``master_listen_fd``). While the launcher starts its ranks, a store server
+    for 127.0.0.1 gets a socket bound to 127.0.0.1 only; clients are unchanged."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
+
+    original = dist.TCPStore
+
+    class LoopbackTCPStore(original):
+        def __init__(self, host_name, port, *args, is_master=False, master_listen_fd=None, **kwargs):
+            if is_master and master_listen_fd is None and host_name in ("127.0.0.1", "localhost"):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", port))
+                    sock.listen(1024)
+                    master_listen_fd = sock.detach()  # the store owns (and closes) it now
+                except OSError:  # the port is taken: let TCPStore say so as it always does
+                    sock.close()
+            super().__init__(host_name, port, *args, is_master=is_master, master_listen_fd=master_listen_fd,
+                             **kwargs)
+
+    modules = (dist, c10d_rendezvous_backend)
+    for module in modules:
+        module.TCPStore = LoopbackTCPStore
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.TCPStore = original

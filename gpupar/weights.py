@@ -22,9 +22,13 @@ from gpupar.files import atomic_write, check_out_path
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, flag: str = "--out") -> Path:
     """Write a full state dict to ``path`` atomically (temp file in its directory + rename)."""
-    path = check_out_path(path, flag)
+    return atomic_write(check_out_path(path, flag), weights_writer(state_dict))
+
+
+def weights_writer(state_dict: dict[str, torch.Tensor]):
+    """``write(path)`` for ``files.atomic_write``: the state dict as safetensors, on the CPU."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "writer": "gpupar"}))
+    return lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "writer": "gpupar"})
 
 
 def check_weights_out(path: str | Path, flag: str) -> Path:

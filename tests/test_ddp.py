@@ -1,7 +1,9 @@
 """Data parallelism on CPU/gloo: launch paths, parity, failures, predict. Each test spawns real ranks."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -53,7 +55,7 @@ def test_verify_ddp_passes_with_minibatches_shuffle_and_accumulation(tmp_path, w
     proc, _ = gpupar("verify", "--strategy", "ddp", "--nproc-per-node", world, *extra,
                      "--run-dir", tmp_path / "v", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"step    reference loss    ddp(dp={world}) loss   rel. gap  max |dparam|" in proc.stdout
+    assert f"step    reference loss    ddp(dp={world}) loss  noise gap        gap    ratio" in proc.stdout
     assert f"PASS: ddp(dp={world}) matches the single-device reference within 1e-05 relative" in proc.stdout
     ref = json.loads((tmp_path / "v/reference/step_losses.json").read_text())
     got = json.loads((tmp_path / "v/strategy/step_losses.json").read_text())
@@ -82,18 +84,60 @@ def test_external_torchrun(tmp_path):
     assert json.loads((tmp_path / "r/summary.json").read_text())["world_size"] == 2
 
 
-def test_two_nodes_on_loopback(tmp_path):
-    endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [subprocess.Popen([sys.executable, "-m", "gpupar", "train", "--strategy", "ddp", "--nnodes", "2",
-                               "--node-rank", str(n), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
-                               "--epochs", "20", "--run-dir", str(tmp_path / f"node{n}")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env())
-             for n in range(2)]
+def _namespaces_unavailable() -> str | None:
+    """Why two network namespaces cannot be made here (None when they can)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root to create network namespaces (ip netns)"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip command"
+    probe = f"gpupar-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None if made.returncode == 0 else f"ip netns add failed: {made.stderr.strip()}"
+
+
+@pytest.fixture
+def two_hosts():
+    """Two "nodes": network namespaces A (10.77.0.1) and B (10.77.0.2) joined by a veth pair,
+    each with its own loopback; yields [(namespace, interface, address)] and removes them."""
+    reason = _namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    tag = os.getpid() % 100000
+    hosts = [(f"gpupar-{tag}-a", f"gpva{tag}", "10.77.0.1"), (f"gpupar-{tag}-b", f"gpvb{tag}", "10.77.0.2")]
+    steps = [["ip", "netns", "add", hosts[0][0]], ["ip", "netns", "add", hosts[1][0]],
+             ["ip", "link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1]]]
+    for ns, dev, addr in hosts:
+        steps += [["ip", "link", "set", dev, "netns", ns], ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev],
+                  ["ip", "-n", ns, "link", "set", dev, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        yield hosts
+    finally:  # deleting a namespace deletes its end of the veth pair, and so the pair
+        for ns, dev, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", hosts[0][1]], capture_output=True)
+
+
+def test_ddp_across_two_network_namespaces_equals_one_node(tmp_path, two_hosts):
+    """Two nodes with their own addresses: the rendezvous, the store and gloo go over the veth
+    link (GLOO_SOCKET_IFNAME names each node's interface, as on a real cluster)."""
+    endpoint = f"{two_hosts[0][2]}:29417"
+    nodes = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "gpupar", "train",
+                               "--strategy", "ddp", "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                               "--rdzv-endpoint", endpoint, "--timeout", "60", "--epochs", "20",
+                               "--run-dir", str(tmp_path / f"node{n}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**env(), "GLOO_SOCKET_IFNAME": dev})
+             for n, (ns, dev, _) in enumerate(two_hosts)]
     outputs = [node.communicate(timeout=180) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     logs = "".join(out for out, _ in outputs)
     assert logs.count("Using device: cpu x 2 ranks: ddp(dp=2)") == 1  # one global rank 0 over both nodes
-    assert EPOCH.findall(logs) == [("20", "20", "11.5065")]
+    ref, got = _single_reference(tmp_path, epochs=20), load_file(str(tmp_path / "node0" / "model.safetensors"))
+    for name in ref:  # fp32 all-reduce of 2 half-batch means vs one mean: summation order only
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model,timeout,failing", [
@@ -101,16 +145,21 @@ def test_two_nodes_on_loopback(tmp_path):
     # rank 0 times out waiting for the stuck rank 1, which the launcher then stops: rank 1 is named.
     ("user_models:hangs_on_rank1", 5, "rank 1 failed (signal SIGTERM; its peers timed out waiting for it")])
 def test_a_failing_or_hanging_rank_ends_the_job_and_is_named(tmp_path, model, timeout, failing):
-    proc, seconds = gpupar("train", "--strategy", "ddp", "--nproc-per-node", 2, "--model", model,
-                           "--timeout", timeout, "--run-dir", tmp_path / "r", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert f"gpupar: training failed: {failing}" in proc.stderr
-    if "hangs" in model:  # rank 0 waits on the stuck rank 1 for --timeout, then the job ends
-        assert "Timed out" in proc.stderr and seconds < timeout + 45
-    else:
-        assert "gpupar [rank 1]: failed: RuntimeError: injected failure on rank 1" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "r/model.safetensors").exists()
+    """Was wrong about once in 6 runs (a SIGABRT at rank exit, the launcher naming rank 0):
+    GPUPAR_STRESS=20 repeats the failing case 20 times in a row (about 8 s each here)."""
+    repeats = int(os.environ.get("GPUPAR_STRESS", "1")) if "fails" in model else 1
+    for attempt in range(repeats):
+        run = tmp_path / f"r{attempt}"
+        proc, seconds = gpupar("train", "--strategy", "ddp", "--nproc-per-node", 2, "--model", model,
+                               "--samples", 64, "--timeout", timeout, "--run-dir", run, cwd=tmp_path)
+        assert proc.returncode == 1, (attempt, proc.stderr)
+        assert f"gpupar: training failed: {failing}" in proc.stderr, (attempt, proc.stderr)
+        if "hangs" in model:  # rank 0 waits on the stuck rank 1 for --timeout, then the job ends
+            assert "Timed out" in proc.stderr and seconds < timeout + 45
+        else:  # the raising rank exits 1 with its own message, not SIGABRT
+            assert "gpupar [rank 1]: failed: RuntimeError: injected failure on rank 1" in proc.stderr, attempt
+        assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr, (attempt, proc.stderr)
+        assert not (run / "model.safetensors").exists()
 
 
 def test_preflight_catches_ranks_with_different_models(tmp_path):

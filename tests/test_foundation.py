@@ -180,8 +180,11 @@ def test_nan_loss_stops_at_named_step_and_keeps_last_good_weights(gpupar, tmp_pa
     assert gpupar("train", "--epochs", 5, "--run-dir", run)[0] == 0
     good = (run / "model.safetensors").read_bytes()
     code, _, err = gpupar("train", "--model", "user_models:goes_nan", "--run-dir", run)
+    assert code == 2 and "holds a finished run" in err  # another run never writes over it
+    code, _, err = gpupar("train", "--model", "user_models:goes_nan", "--run-dir", tmp_path / "nan")
     assert code == 1
     assert "loss became non-finite (nan) at step 6 (epoch 6)" in err  # 1 shape-check call + 5 steps
+    assert not (tmp_path / "nan/model.safetensors").exists()
     assert (run / "model.safetensors").read_bytes() == good
 
 

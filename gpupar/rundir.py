@@ -1,0 +1,168 @@
+"""A run directory belongs to one run.
+
+Three rules, checked after every other check has passed and before anything is written:
+
+1. **One run at a time.** The run holds an exclusive ``fcntl.flock`` on ``RUN/.gpupar.lock``
+   for its whole life (the launcher holds it for all its ranks); the lock file names the
+   holder (pid and command), so a second run on the directory is refused naming it. The
+   kernel drops the lock when the holder exits, however it exits: no stale locks.
+2. **No run over another.** A directory that holds another run's files, finished or not,
+   is refused, unless ``--resume`` continues that run or ``--overwrite`` (explicit) first
+   removes gpupar's files of the earlier run (the ones in ``RUN_FILES``, nothing else).
+3. **Checkpoints know their run.** Every run has an id, recorded in each checkpoint's
+   ``trainer.json``; keep-last prunes only checkpoints with the current run's id. A resumed
+   run continues its checkpoint's id. The launcher hands the id to its ranks in
+   ``GPUPAR_RUN_ID``.
+
+The results of a run (config.toml, metrics.jsonl, step_losses.json, model.safetensors,
+summary.json) are written together at its end through ``files.atomic_write_many``: a run that
+fails (a non-finite loss, a full disk, a read-only directory) leaves the earlier files as they
+were, byte for byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpupar.errors import UsageError
+
+LOCK = ".gpupar.lock"
+RUN_ID_ENV = "GPUPAR_RUN_ID"
+# What a gpupar run writes into its directory; --overwrite removes these and nothing else.
+RUN_FILES = ("config.toml", "launch.toml", "metrics.jsonl", "step_losses.json", "model.safetensors",
+             "summary.json", "loss.png", "checkpoints")
+
+
+@dataclass
+class RunDir:
+    """A claimed run directory: its path, the run's id, and the lock (None in a rank whose
+    launcher holds it)."""
+
+    path: Path
+    run_id: str
+    lock_fd: int | None = None
+    earlier: list[str] = field(default_factory=list)  # files of an earlier part (a resumed run)
+
+    def release(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # closing the descriptor drops the flock
+            self.lock_fd = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def unchanged(self) -> str:
+        """The end of a failure's one line: what it did (not) do to the directory."""
+        if self.earlier:
+            return f"the earlier files in {self.path} ({', '.join(self.earlier)}) are unchanged"
+        return f"no results were written to {self.path}"
+
+
+def earlier_run(path: Path) -> list[str]:
+    """The files of a run already in ``path`` (an empty or new directory has none)."""
+    if not path.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (path / name).exists()]
+    if "checkpoints" in found and not any((path / "checkpoints").iterdir()):
+        found.remove("checkpoints")  # an empty folder left by a run that saved nothing
+    if set(found) <= {"config.toml", "launch.toml"}:
+        return []  # a run that failed before it saved anything: nothing there to lose
+    return found
+
+
+def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | None = None) -> RunDir:
+    """Take ``path`` for this run, or raise UsageError (exit 2) saying why not; see the module doc."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--run-dir {path} is a file; expected a directory (new, empty, or a run to --resume)")
+    if (path / LOCK).is_file():  # a live run is named before anything else is said about the directory
+        _lock(path, create=False)
+    earlier = earlier_run(path)
+    if earlier and resume is None and not overwrite:
+        what = "a finished run" if "summary.json" in earlier else "another run"
+        raise UsageError(f"--run-dir {path} holds {what} ({', '.join(earlier)}); pass --resume auto to continue "
+                         "it, --overwrite to replace it, or another --run-dir")
+    checkpoint = _resumed_checkpoint(resume, path)
+    if earlier and resume is not None and checkpoint is None:
+        raise UsageError(f"--resume {resume}: {path} holds a run ({', '.join(earlier)}) but no complete checkpoint "
+                         "to continue from; pass --overwrite to replace it, or another --run-dir")
+    run_id = (run_id_of(checkpoint) if checkpoint else None) or uuid.uuid4().hex[:12]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path, create=True)
+    except OSError as exc:
+        raise UsageError(f"--run-dir {path}: cannot write there ({exc.strerror}); nothing was written") from None
+    holder = f"pid {os.getpid()}: {command or ' '.join(['gpupar', *sys.argv[1:]])}\n"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    run = RunDir(path, run_id, fd)
+    if overwrite and earlier and resume is None:
+        for name in earlier:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    else:
+        run.earlier = earlier
+    return run
+
+
+def _lock(path: Path, create: bool) -> int:
+    """An exclusive, non-blocking flock on RUN/.gpupar.lock; a held one is refused naming its holder."""
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    fd = os.open(path / LOCK, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise UsageError(f"--run-dir {path} is in use by a running gpupar ({holder}); wait for it, "
+                             "or pass another --run-dir") from None
+        raise
+    if not create:
+        os.close(fd)  # only a probe: the real lock is taken once the directory is accepted
+    return fd
+
+
+def run_id_of(checkpoint: Path) -> str | None:
+    """The id of the run that saved ``checkpoint`` (None for one without, or unreadable)."""
+    try:
+        run_id = json.loads((checkpoint / "trainer.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id.isalnum() else None
+
+
+def _resumed_checkpoint(resume: str | None, path: Path) -> Path | None:
+    """The checkpoint a --resume continues, if any; its run id becomes this run's, so its
+    checkpoints and the new ones are pruned together. It is checked fully when loaded."""
+    if resume is None:
+        return None
+    from gpupar.checkpoint import resolve_resume
+
+    return resolve_resume(resume, path)
+
+
+def for_rank(cfg, is_main: bool, launched: bool, command: str = "") -> RunDir:
+    """The run directory as a process of the job sees it. A rank started by gpupar's launcher
+    finds it claimed (``GPUPAR_RUN_ID``); a single process, or rank 0 under an external
+    torchrun, claims it here; other ranks of an external torchrun only need the path."""
+    from gpupar.job import default_run_dir
+
+    path = default_run_dir(cfg)
+    if launched and RUN_ID_ENV in os.environ:
+        run_id = os.environ[RUN_ID_ENV]
+        return RunDir(path, run_id, earlier=["config.toml"] if (path / "config.toml").exists() else [])
+    if not is_main:
+        return RunDir(path, "")
+    return claim(path, cfg.checkpoint.resume, cfg.train.overwrite, command)
