@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict per-rank memory and step time of every layout, fastest first")
     add_config_flags(p)
     p.add_argument("--world-sizes", default=None, help="comma list of rank counts (default: --nproc-per-node x "
-                   "--nnodes, or 1,2,4)")
+                   "--nnodes, or 1,2,4,8)")
     p.add_argument("--json", action="store_true", help="print JSON (for tools) instead of the table")
     p.set_defaults(func=cmd_plan)
 
@@ -155,7 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     p = cfg.parallel
-    worlds = args.world_sizes or (str((p.nproc_per_node or 1) * p.nnodes) if p.nproc_per_node else "1,2,4")
+    worlds = args.world_sizes or (str((p.nproc_per_node or 1) * p.nnodes) if p.nproc_per_node else "1,2,4,8")
     run_plan(cfg, parse_worlds(worlds), p.device_memory, args.json)
     return 0
 
