@@ -14,7 +14,8 @@ of its world in turn on fresh meshes):
   the third step, less the data set's bytes, is the measured peak; the peak less the
   amount at the step's start is the step's transient (activations, gradients, gathered
   parameters, optimizer temporaries). Both are compared within 10%;
-- step time: the median of 5 timed steps after 3 warm-up steps, the slowest rank's.
+- step time: the median of 5 timed steps after 3 warm-up steps, the slowest rank's; each
+  rank uses cores / ranks threads, as gpupar's ranks do.
   Spearman's rank correlation of predicted and measured step times, over all runs.
 
     python benchmarks/plan_accuracy.py [--update-markdown BENCHMARKS.md]
@@ -140,7 +141,11 @@ def measure(model, name, flags, ac, world, rank) -> dict:
 def worker(out: str) -> None:
     import torch.distributed as dist
 
+    import torch
+
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    # gpupar's own policy (topology.Topology.from_env): the ranks share the cores.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         dist.init_process_group("gloo")
     results = []
@@ -205,7 +210,7 @@ def main() -> None:
     for world in args.worlds:
         out = root / f"w{world}.json"
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                        __file__, "--worker", str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        __file__, "--worker", str(out)], check=True)
         entries += json.loads(out.read_text())
     lines, pred_t, meas_t, exact, mem_ok, fits_ok, n_mem = [], [], [], 0, 0, True, 0
     for e in entries:

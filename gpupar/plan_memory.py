@@ -9,7 +9,7 @@ keeps the dim-0 chunk ``ceil(n / S)`` of each of those tensors, rank by rank.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ class Context:
     y: torch.Tensor
     batch: int
     flops: int  # one forward + backward of the whole global batch
+    probes: dict = field(default_factory=dict)  # activation probes, shared by the layouts that can
 
     @classmethod
     def build(cls, cfg: Config) -> "Context":
@@ -122,17 +123,54 @@ def _chain_input(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, mb: 
     return x
 
 
-def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, mb: int, grads_scale: float):
-    """Probe one micro-batch on this rank's local model, checkpointed as planned."""
-    from gpupar.loop import autocast_for, make_loss
+def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, mb: int):
+    """Probe this rank's local model, checkpointed as planned, for a micro-batch of ``mb``:
+    at 2 and 4 samples, extended linearly to ``mb``, op by op (activations grow linearly with
+    the samples; what does not, like the parameters' gradients and temporaries, is the
+    intercept). A micro-batch of 4 or fewer is probed as is. Layouts with the same stage, TP
+    degree and checkpointing share the probes."""
+    from gpupar.plan_probe import StepProbe
+
+    key = (dims.pp, stage, dims.tp, cfg.parallel.activation_checkpointing, cfg.parallel.split_points)
+    if key not in ctx.probes:
+        ctx.probes[key] = _local_probe_model(ctx, cfg, dims, stage)
+    model, rowwise, device = ctx.probes[key]
+    for n in ((mb,) if mb <= 4 else (2, 4)):
+        if key + (n,) not in ctx.probes:
+            ctx.probes[key + (n,)] = _probe_at(ctx, cfg, dims, stage, model, n, device)
+    if mb <= 4:
+        probe, out_bytes = ctx.probes[key + (mb,)]
+        return probe, model, rowwise, out_bytes
+    (a, out_a), (b, out_b) = ctx.probes[key + (2,)], ctx.probes[key + (4,)]
+    if len(a.samples) != len(b.samples) or a.ops != b.ops:  # not the same ops: probe the real size
+        probe, out_bytes = _probe_at(ctx, cfg, dims, stage, model, mb, device)
+        return probe, model, rowwise, out_bytes
+    f = (mb - 2) / 2  # steps of 2 samples from the first probe to mb
+
+    def line(u: int, v: int) -> int:
+        return int(u + (v - u) * f)
+
+    probe = StepProbe(line(a.saved_bytes, b.saved_bytes), b.ops,
+                      [(line(la, lb), ga) for (la, ga), (lb, _) in zip(a.samples, b.samples)])
+    return probe, model, rowwise, line(out_a, out_b)
+
+
+def _local_probe_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int):
     from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
-    from gpupar.plan_probe import probe_step
 
     model, rowwise = local_model(ctx, cfg, dims, stage)
     size = sum(t.numel() * t.element_size() for t in model.parameters())
     device = "cpu" if size <= PROBE_ON_CPU_BYTES else "meta"
     model = model.to_empty(device=device) if device == "cpu" else model
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    return model, rowwise, device
+
+
+def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: nn.Module, mb: int, device: str):
+    """(the probe of one micro-batch of ``mb`` samples, the bytes of the stage's output)."""
+    from gpupar.loop import autocast_for, make_loss
+    from gpupar.plan_probe import probe_step
+
     x = _chain_input(ctx, cfg, dims, stage, mb, device)
     if x.is_floating_point():
         x = x.detach().requires_grad_(stage > 0)
@@ -140,12 +178,10 @@ def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, 
     loss_fn = make_loss(cfg, ctx.spec) if last else (lambda out, _: out.sum())
     amp = autocast_for(torch.device("cpu"), cfg.train.precision)
     y = ctx.y.expand(mb, *ctx.y.shape[1:]).contiguous().to(device)
-    probe = probe_step(model, x, y, loss_fn, amp, grads_scale)
-    out_bytes = 0
+    probe = probe_step(model, x, y, loss_fn, amp)
     with torch.no_grad():
         out = model(x)
-        out_bytes = out.numel() * out.element_size()
-    return probe, model, rowwise, out_bytes
+    return probe, out.numel() * out.element_size()
 
 
 def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
@@ -158,14 +194,14 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
     for rank in range(dims.world):
         stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
         if stage not in probes:
-            # DDP's gradients are views of its buckets (counted below): the step allocates none.
-            grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
-            probes[stage] = activation_probe(ctx, cfg, dims, stage, mb, grads_scale)
+            probes[stage] = activation_probe(ctx, cfg, dims, stage, mb)
         probe, model, rowwise, out_bytes = probes[stage]
         pers = persistent(model, cfg, dims, shard_index)
         # Micro-batches whose activations a stage holds at once: GPipe all M, 1F1B at most p - stage.
         inflight = (m if p.schedule == "gpipe" else min(m, dims.pp - stage)) if dims.pp > 1 else 1
-        activations = (inflight - 1) * probe.saved_bytes + probe.peak_bytes
+        # DDP's gradients are views of its buckets (counted below): the step allocates none.
+        grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
+        activations = (inflight - 1) * probe.saved_bytes + probe.peak_bytes(grads_scale)
         comm = 0
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
         if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient

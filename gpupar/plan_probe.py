@@ -2,8 +2,9 @@
 
 Activation probe. One forward and backward of a rank's local model (its pipeline stage,
 with tensor-parallel layers at their local width, with activation checkpointing as
-planned) at its real micro-batch size: on the CPU when the local model is small (<= 64 MiB
-of parameters; real kernels, so attention saves what the fused kernel saves), otherwise
+planned), at micro-batches of 2 and 4 samples, extended linearly to the real micro-batch
+(plan_memory.py): on the CPU when the local model is small (<= 64 MiB of parameters; real
+kernels, so attention saves what the fused kernel saves), otherwise
 on the meta device (shapes only, no arithmetic, no memory; attention then takes the math
 path and the probe over-counts its saved scores, which errs on the safe side). A ``TorchDispatchMode`` sees every op's outputs and follows
 their storages (by weak reference) until they die. That gives the bytes alive when forward
@@ -41,8 +42,15 @@ class StepProbe:
     """One micro-batch's forward and backward on one rank's local model."""
 
     saved_bytes: int  # alive when forward ends (including its output and loss)
-    peak_bytes: int  # most alive at once during forward and backward (grads of parameters included)
     ops: int  # dispatched ops (a proxy for per-op overhead)
+    samples: list = field(default_factory=list)
+    """(bytes alive, parameter-gradient bytes accumulated so far) after every op."""
+
+    def peak_bytes(self, grads_scale: float = 1.0) -> int:
+        """Most alive at once during forward and backward, a parameter's gradient counting as
+        ``grads_scale`` of its size from the moment it is accumulated (1/S under FSDP, which
+        reduce-scatters it at once; 0 under DDP, whose gradients live in its buckets)."""
+        return int(max((live + grads_scale * grads for live, grads in self.samples), default=0))
 
 
 class _Liveness(TorchDispatchMode):
@@ -52,14 +60,14 @@ class _Liveness(TorchDispatchMode):
         super().__init__()
         self.exclude = exclude  # storages that existed before (parameters, inputs): views of them cost nothing
         self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
+        self.samples: list[tuple[int, int]] = []
         self.ops = 0
-        self.grads = 0  # this rank's (sharded) gradient bytes accumulated so far
+        self.grads = 0  # parameter-gradient bytes accumulated so far
 
     def live_bytes(self) -> int:
         for key in [k for k, (ref, _) in self.alive.items() if ref.expired()]:
             del self.alive[key]
-        return sum(n for _, n in self.alive.values()) + self.grads
+        return sum(n for _, n in self.alive.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -70,21 +78,19 @@ class _Liveness(TorchDispatchMode):
                 if storage._cdata in self.exclude:
                     continue
                 self.alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self.peak = max(self.peak, self.live_bytes())
+        self.samples.append((self.live_bytes(), self.grads))
         return out
 
 
-def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp,
-               grads_scale: float = 1.0) -> StepProbe:
+def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp) -> StepProbe:
     """Run ``loss_fn(model(x), y).backward()`` under the liveness tracker (model and data on
-    the same device: meta for shapes only). A parameter's gradient counts as ``grads_scale``
-    of its size from the moment it is accumulated (1 / S under FSDP, which reduce-scatters it
-    at once), and is then dropped from the probe."""
+    the same device: meta for shapes only). Parameter gradients are counted apart, from the
+    moment each is accumulated, and then dropped (see ``StepProbe.peak_bytes``)."""
     before = [*model.parameters(), *model.buffers(), x, y]
     tracker = _Liveness({t.untyped_storage()._cdata for t in before})
 
     def accumulated(p: torch.Tensor) -> None:
-        tracker.grads += int(p.numel() * p.element_size() * grads_scale)
+        tracker.grads += p.numel() * p.element_size()
         p.grad = None
 
     handles = []
@@ -100,7 +106,7 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
     del loss
     for h in handles:
         h.remove()
-    return StepProbe(saved, tracker.peak, tracker.ops)
+    return StepProbe(saved, tracker.ops, tracker.samples)
 
 
 # --------------------------------------------------------------------------- machine
