@@ -1,14 +1,18 @@
 """gpupar's single-device training of the classic example against the plain PyTorch loop.
 
-Both run in this process, interleaved, REPEATS times each; the ratio of medians is printed.
-Target: gpupar / plain <= 1.02 (no framework tax).
+Both run in this process, interleaved (the order alternates every repeat, so drift cancels),
+REPEATS times each, on the same thread count; min and median of each side and their ratios
+are printed, with the load average at start and end and a paste-ready BENCHMARKS.md row.
+Target: gpupar / plain <= 1.00 (no framework tax). ``--cuda-graphs`` / ``--compile`` time
+gpupar with those flags (the plain loop stays plain).
 
-    python benchmarks/overhead_single.py [--repeats 21] [--device auto]
+    python benchmarks/overhead_single.py [--repeats 31] [--device auto] [--threads N] [--cuda-graphs]
 """
 
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import time
 
@@ -39,10 +43,14 @@ def plain_loop(X, y, device):
     return model
 
 
+FLAGS = {"compile": False, "cuda_graphs": False}
+
+
 def with_gpupar(X, y, device):
     torch.manual_seed(42)
     cfg = Config()
     cfg.train.device, cfg.train.progress = str(device), False
+    cfg.train.compile, cfg.train.cuda_graphs = FLAGS["compile"], FLAGS["cuda_graphs"]
     return gpupar.train(gpupar.SimpleNN(), (X, y), config=cfg).model
 
 
@@ -62,20 +70,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    FLAGS.update(compile=args.compile, cuda_graphs=args.cuda_graphs)
     device = pick_device(args.device)
     X, y = synthetic_regression()
-    for _ in range(3):  # warm-up: allocator, kernels, lazy imports
+    load_start = os.getloadavg()
+    for _ in range(3):  # warm-up: allocator, kernels, lazy imports (and compilation)
         timed(plain_loop, X, y, device), timed(with_gpupar, X, y, device)
     plain, ours = [], []
-    for _ in range(args.repeats):
-        plain.append(timed(plain_loop, X, y, device))
-        ours.append(timed(with_gpupar, X, y, device))
+    for i in range(args.repeats):
+        sides = [(plain_loop, plain), (with_gpupar, ours)]
+        for fn, times in sides if i % 2 == 0 else sides[::-1]:
+            times.append(timed(fn, X, y, device))
+    load = f"{load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}"
     p, o = statistics.median(plain), statistics.median(ours)
-    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
-    print(f"plain PyTorch loop: median {p * 1e3:.2f} ms per 100-epoch run")
-    print(f"gpupar.train:       median {o * 1e3:.2f} ms per 100-epoch run")
-    print(f"ratio gpupar / plain = {o / p:.3f}  (target <= 1.02)")
+    flags = " ".join(f"--{k.replace('_', '-')}" for k, v in FLAGS.items() if v)
+    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}  {flags}")
+    print(f"plain PyTorch loop: min {min(plain) * 1e3:.2f} ms  median {p * 1e3:.2f} ms per 100-epoch run")
+    print(f"gpupar.train:       min {min(ours) * 1e3:.2f} ms  median {o * 1e3:.2f} ms per 100-epoch run")
+    print(f"ratio gpupar / plain = {o / p:.3f} (medians), {min(ours) / min(plain):.3f} (mins)  (target <= 1.00)")
+    print(f"load average (1 min) {load}")
+    print("| command | plain min / median (ms) | gpupar min / median (ms) | ratio (medians) | ratio (mins) | load |")
+    print(f"| `python benchmarks/overhead_single.py --repeats {args.repeats} --threads {args.threads}"
+          f"{' ' + flags if flags else ''}` | {min(plain) * 1e3:.1f} / {p * 1e3:.1f} | {min(ours) * 1e3:.1f} / "
+          f"{o * 1e3:.1f} | {o / p:.3f} | {min(ours) / min(plain):.3f} | {load} |")
 
 
 if __name__ == "__main__":

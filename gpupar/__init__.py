@@ -2,8 +2,9 @@
 
 from gpupar.config import Config
 from gpupar.models import SimpleNN
-from gpupar.loop import TrainResult, train
+from gpupar.loop import TrainResult
+from gpupar.api import train, verify
 from gpupar.notebook import notebook_launch
 
 __version__ = "0.1.0"
-__all__ = ["Config", "SimpleNN", "TrainResult", "notebook_launch", "train", "__version__"]
+__all__ = ["Config", "SimpleNN", "TrainResult", "notebook_launch", "train", "verify", "__version__"]

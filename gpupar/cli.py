@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="bench", help="the marker label for --update-markdown")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("plan", help="predict per-rank memory and step time of every layout, fastest first")
+    add_config_flags(p)
+    p.add_argument("--world-sizes", default=None, help="comma list of rank counts (default: --nproc-per-node x "
+                   "--nnodes, or 1,2,4,8)")
+    p.add_argument("--json", action="store_true", help="print JSON (for tools) instead of the table")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("bench-worker")  # no help: internal, one rank of one bench combination
     p.add_argument("--config", required=True)
     p.add_argument("--result", required=True)
@@ -140,6 +147,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from gpupar.bench.driver import main as bench
 
     bench(config_from_args(args), args)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gpupar.plan import parse_worlds, run_plan
+
+    cfg = config_from_args(args)
+    p = cfg.parallel
+    worlds = args.world_sizes or (str((p.nproc_per_node or 1) * p.nnodes) if p.nproc_per_node else "1,2,4,8")
+    run_plan(cfg, parse_worlds(worlds), p.device_memory, args.json)
     return 0
 
 

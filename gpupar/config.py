@@ -55,6 +55,9 @@ class OptimConfig:
     lr_schedule: str = opt("constant", "learning-rate schedule after warm-up", ("constant", "cosine", "linear"))
     warmup_steps: int = opt(0, "linear warm-up steps from 0 to --lr")
     clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value")
+    optimizer_impl: str = opt("fused", "fused: one kernel per device for adam/adamw/sgd (fastest, no host sync; "
+                              "rounds a few ulp apart from torch's default); default: torch's own choice, "
+                              "bitwise as a plain torch loop", ("fused", "default"))
 
 
 @dataclass
@@ -73,6 +76,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "replace the run already in --run-dir (its config, metrics, weights and "
                           "checkpoints are removed first); without it such a directory is refused")
     progress: bool = opt(True, "show a progress bar when stderr is a terminal")
+    compile: bool = opt(False, "torch.compile the model (inductor; the first steps compile)")
+    cuda_graphs: bool = opt(False, "CUDA only: compile with mode reduce-overhead, which replays each step's "
+                            "kernels as CUDA graphs (small models with static shapes)")
     save_step_losses: bool = opt(False, "write every step's loss to step_losses.json (gpupar verify reads it)")
 
 
@@ -108,6 +114,15 @@ class ParallelConfig:
     split_points: str | None = opt(None, "pipeline/layer-split stage starts as layer indices, e.g. 2,5; "
                                          "none = balanced by parameter count")
     devices: str | None = opt(None, "devices for --strategy layer-split, in layer order, e.g. cuda:0,cuda:1")
+    activation_checkpointing: str = opt("none", "recompute activations in backward, per block: full keeps only "
+                                        "each block's input, selective also keeps matmul and attention outputs",
+                                        ("none", "full", "selective"))
+    plan: str | None = opt(None, "auto: let gpupar plan pick the fastest layout that fits (with --nproc-per-node "
+                           "ranks) and run it", ("auto",))
+    device_memory: str | None = opt(None, "memory per rank for --plan auto, e.g. 80GiB; none = the device's "
+                                    "(on CPU: RAM / ranks)")
+    sync_bn: bool = opt(False, "data-parallel layouts: BatchNorm layers normalise over the global batch "
+                        "(SyncBatchNorm), as on one device, instead of over each rank's slice")
 
 
 @dataclass
@@ -128,6 +143,16 @@ class TrackConfig:
 
 
 @dataclass
+class VerifyConfig:
+    band: float = opt(10.0, "verify: every step's gap must stay within this factor of the run's own rounding "
+                      "noise (or the fixed floor: 1e-5 fp32, 1e-4 with --tp, 2e-2 bf16/fp16)")
+    no_dropout: bool = opt(False, "set p=0 in every dropout layer, in every run (verify a model with dropout: "
+                           "its masks cannot match across a different batch split)")
+    nudge_init: bool = opt(False, "move every initial weight by one ulp (verify's rounding-noise reference)")
+    first_grads: bool = opt(False, "write the step-1 gradients to first_grads.safetensors (verify reads them)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,6 +161,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def validate(self) -> "Config":
         """Check every field once; raise a UsageError naming the field and what is accepted."""
@@ -199,6 +225,8 @@ class Config:
                              "checkpoint is never deleted, and one more guards against a bad newest one)")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
+        if not (self.verify.band >= 1 and math.isfinite(self.verify.band)):
+            raise UsageError(f"--band {self.verify.band} must be a finite factor >= 1")
         layout(self.parallel)  # a combination the layout cannot honour fails here, once
         return self
 

@@ -25,6 +25,7 @@ from gpupar.files import atomic_write_many, atomic_write_text
 from gpupar import rundir
 from gpupar.loop import History, as_samples, fit, make_loss, make_optimizer, mean_over_ranks
 from gpupar.memory import format_memory_report, gather_memory_report
+from gpupar.noise import disable_dropout, nudge_weights, record_first_grads
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
 from gpupar.parallel.layer_split import parse_devices
 from gpupar.parallel.pipeline import stage_module, stage_names, stage_starts
@@ -123,6 +124,8 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
 
         for stage in stages:
             check_tp_divisible(stage, tp_plan(stage, dims.tp, spec), dims.tp)
+    if cfg.parallel.sync_bn and (dims.tp > 1 or dims.pp > 1):
+        raise UsageError("--sync-bn with --tp/--pp: only pure data-parallel layouts (ddp, fsdp, hsdp) sync BatchNorm yet")
     return dims
 
 
@@ -181,8 +184,16 @@ def _train(cfg: Config, topo: Topology, problem: Problem, run: rundir.RunDir, lo
         if config_now:  # a new run: its config is there from the start (export copies it beside weights)
             atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     train_set, val_set = as_samples((problem.X, problem.y), cfg)
-    parallel = parallelize(problem.model, topo, cfg, problem.spec)
+    if cfg.verify.no_dropout:
+        disable_dropout(problem.model)
+    if cfg.verify.nudge_init:  # verify's rounding-noise reference
+        nudge_weights(problem.model)
+    inputs = train_set.take(slice(None))[0] if topo.pp > 1 else None  # a pipeline may trace the forward
+    parallel = parallelize(problem.model, topo, cfg, problem.spec, inputs)
     model = parallel.model
+    step = parallel.step
+    if cfg.verify.first_grads:
+        step = record_first_grads(step, model, topo, run_dir / "first_grads.safetensors")
     optimizer = make_optimizer(model, cfg)
     from gpupar.checkpoint import Checkpointer  # DCP: imported only by runs that checkpoint
 
@@ -191,7 +202,7 @@ def _train(cfg: Config, topo: Topology, problem: Problem, run: rundir.RunDir, lo
     tracker = open_tracker(cfg, run_dir, topo)  # --track: TensorBoard or MLflow, on rank 0 only
     with tracker.failing_on_error():
         history = fit(model, train_set, cfg, topo, make_loss(cfg, problem.spec), optimizer, val_set, log=log,
-                      checkpoints=checkpoints, on_record=tracker.log, step_fn=parallel.step)
+                      checkpoints=checkpoints, on_record=tracker.log, step_fn=step)
     memory = gather_memory_report(model, optimizer, history.grad_bytes, topo)
     if cfg.train.save_step_losses:
         history.step_losses = mean_over_ranks(history.step_losses, topo)

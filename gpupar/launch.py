@@ -47,6 +47,10 @@ def run(cfg: Config, command: str, here: Callable, extra: tuple[str, ...] = ()) 
         here(topo)
         topo.close()
         return
+    if cfg.parallel.plan == "auto":  # gpupar plan picks the layout; then it runs like any other
+        from gpupar.plan import apply_auto
+
+        cfg.parallel = apply_auto(cfg).parallel  # in place: ``here`` holds this cfg
     check(cfg)
     if not layout(cfg.parallel).ranks:
         from gpupar.devices import pick_device

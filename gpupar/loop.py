@@ -21,8 +21,9 @@ from torch.utils.data import Dataset
 
 from gpupar.config import Config
 from gpupar.data import Samples, check_divisible, epoch_batches, shard_batch, split_validation
-from gpupar.errors import TrainingError, UsageError
-from gpupar.memory import grad_bytes, local_shard
+from gpupar.errors import UsageError
+from gpupar.finite import Guard
+from gpupar.memory import grad_bytes
 from gpupar.models import ModelSpec
 from gpupar.step import StepFn, forward_backward
 from gpupar.topology import Topology
@@ -49,7 +50,7 @@ class History:
     """One record per logged epoch: step, epoch, loss, lr, samples_per_s and val_loss when present."""
 
     records: list[dict] = field(default_factory=list)
-    step_losses: list[float] = field(default_factory=list)  # this rank's loss at every step
+    step_losses: list[float] = field(default_factory=list)  # this rank's loss at every step (read at log points)
     skipped_steps: list[int] = field(default_factory=list)  # steps dropped by --on-nan skip
     start_step: int = 0  # > 0 when resumed from a checkpoint
     wall_time: float = 0.0
@@ -76,13 +77,31 @@ def make_loss(cfg: Config, spec: ModelSpec | None = None) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD; fused (one kernel per device and step) unless --optimizer-impl default.
+
+    The fused kernels are faster on CPU and CUDA and take a ``found_inf`` flag on the device,
+    so ``--on-nan skip`` and fp16 loss scaling skip a step without a host sync. They round a few
+    ulp apart from torch's default (for-loop on CPU, foreach on CUDA): ``--optimizer-impl
+    default`` gives the plain torch loop's bits.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
+    fused = {"fused": True} if o.optimizer_impl == "fused" and _fusable(params) else {}
     if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Fused kernels take floating-point tensors on CPU and CUDA, and DTensor parameters only
+    when all of them are (a tensor-parallel stage beside whole embeddings mixes the two, and
+    the fused op refuses the mix): such a model keeps torch's default implementation."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # loaded only if used
+    dtensors = sum(isinstance(p, dtensor) for p in params) if dtensor else 0
+    return bool(params) and dtensors in (0, len(params)) and \
+        all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
@@ -134,7 +153,7 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     if batch_size > len(train_set):
         raise UsageError(f"--batch-size {batch_size} exceeds the {len(train_set)} training samples")
     check_divisible(batch_size, t.grad_accum, topo.dp, len(train_set))
-    step_fn = step_fn or functools.partial(forward_backward, model)
+    step_fn = compiled_step(model, step_fn, cfg, topo)
     steps_per_epoch = len(train_set) // batch_size
     total_steps = int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -151,12 +170,13 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     bar = _progress(total_steps - start.step, topo, t.progress)
     history, step = History(start_step=start.step), start.step
     began = last_log = time.perf_counter()
-    samples_since_log, loss_sum, loss_count = 0, 0.0, 0
+    samples_since_log = 0
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    # The per-step NaN/Inf check of the gradients reads each rank's own (non-empty) shard.
-    params = [p for p in model.parameters() if local_shard(p).numel()]
+    # NaN/Inf flags and losses stay on the device until a log point or a checkpoint (finite.py).
+    guard = Guard(list(model.parameters()), optimizer, scaler, cfg.checkpoint.on_nan, topo)
+    checkpoint_every = checkpoints.every if checkpoints is not None else None
     for epoch in range(start.epoch, t.epochs):
         if step >= total_steps:
             break
@@ -169,31 +189,25 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             # dp equal shards, of which this rank takes its own.
             micro_batches = same_batch or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
                                            for m in batch.chunk(t.grad_accum)]
-            step_loss = step_fn(micro_batches, loss_fn, amp, scaler)
+            step_loss = step_fn(micro_batches, loss_fn, amp, scaler)  # a 0-dim tensor, still on the device
 
-            # NaN/Inf in the loss or in the gradients, on any rank: every rank must agree to step,
-            # skip or stop together, or the next collective would hang.
-            problem = _non_finite(step_loss, params, scaler, topo)
-            if problem and cfg.checkpoint.on_nan == "stop":
-                what = f"loss became non-finite ({step_loss})" if problem == "loss" else "gradients became non-finite"
-                raise TrainingError(f"{what} at step {step + 1} (epoch {epoch + 1}); training stopped and no weights "
-                                    "or checkpoint were written for this step")
-            if problem:  # --on-nan skip: drop this batch's gradients; weights, optimizer and LR stay as they are
-                optimizer.zero_grad(set_to_none=True)
-                history.skipped_steps.append(step + 1)
-                if topo.is_main:
-                    log(f"Step {step + 1}: non-finite {problem}; skipped on all ranks (--on-nan skip)")
-            else:
-                if step == 0:  # gradients exist only between backward and the step: count them now
-                    history.grad_bytes = grad_bytes(model)
+            # NaN/Inf in the loss or in the gradients, on any rank: every rank must step, skip or
+            # stop together. The flag stays on the device: a fused optimizer masks the step with it.
+            bad = guard.check(step_loss, step + 1, epoch + 1)
+            if step == start.step:  # gradients exist only between backward and the step: count them now
+                history.grad_bytes = grad_bytes(model)
+            if guard.masks_on_device:
+                optimizer.found_inf = bad  # 1.0: the fused kernel leaves weights and moments as they are
                 _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
-                if scheduler is not None:
-                    scheduler.step()
+                del optimizer.found_inf
+            elif cfg.checkpoint.on_nan == "skip" and scaler is None and bool(bad):  # no found_inf: one sync
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
+            if scheduler is not None:
+                scheduler.step()  # a skipped step is taken back when the flags are read
             step += 1
             samples_since_log += batch_size
-            if not problem:  # a skipped step's NaN stays out of the logged mean
-                loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
-            history.step_losses.append(step_loss)
             if on_step is not None:
                 on_step(step)
             if bar is not None:
@@ -201,11 +215,10 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
 
             done = step >= total_steps
             epoch_end = i == len(batches) - 1 and ((epoch + 1) % t.log_every == 0 or epoch + 1 == t.epochs)
-            if done or epoch_end:
+            if done or epoch_end:  # a log point: the one host read since the last one
                 now = time.perf_counter()
-                record = {"step": step, "epoch": epoch + 1,
-                          "loss": _mean_over_ranks(loss_sum / loss_count if loss_count else math.nan, topo),
-                          "lr": optimizer.param_groups[0]["lr"],
+                loss = guard.read(True, scheduler, history, log)
+                record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                           "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
                 if val_set is not None and len(val_set):
                     record["val_loss"] = evaluate(model, val_set, loss_fn, topo, t.precision, batch_size)
@@ -217,7 +230,9 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
                     if "val_loss" in record:
                         line += f", Val Loss: {record['val_loss']:.4f}"
                     (bar.write if bar is not None else log)(line)
-                last_log, samples_since_log, loss_sum, loss_count = now, 0, 0.0, 0
+                last_log, samples_since_log = now, 0
+            if checkpoint_every and step % checkpoint_every == 0:
+                guard.read(False, scheduler, history, log)  # never a checkpoint after an unread NaN
             if checkpoints is not None:  # after the step and its log line: the state a resume needs
                 checkpoints.on_step_end(Position(step, epoch, i + 1), model, optimizer, scheduler, total_steps)
             if done:
@@ -228,6 +243,27 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     history.wall_time = time.perf_counter() - began
     history.samples_per_s = (step - start.step) * batch_size / max(history.wall_time, 1e-9)
     return history
+
+
+def compiled_step(model: nn.Module, step_fn: StepFn | None, cfg: Config, topo: Topology) -> StepFn:
+    """The step function, with the model compiled in place under --compile / --cuda-graphs.
+
+    ``nn.Module.compile`` keeps the module (and its state-dict names) and compiles its
+    forward; backward follows through AOTAutograd. ``--cuda-graphs`` is compile's
+    ``reduce-overhead`` mode: the compiled step's kernels are recorded once as CUDA graphs and
+    replayed, one launch per graph instead of one per kernel, which is what a small,
+    launch-bound model needs. Its shapes must stay the same: full batches, or batches that
+    divide the data. The fused optimizer step is one kernel per device already.
+    """
+    t = cfg.train
+    if t.cuda_graphs and topo.device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device (this run is on {topo.device.type}); "
+                         "use --compile alone")
+    if (t.compile or t.cuda_graphs) and step_fn is not None and getattr(step_fn, "func", None) is not forward_backward:
+        raise UsageError("--compile / --cuda-graphs with --pp: pipeline stages are not compiled yet")
+    if t.compile or t.cuda_graphs:
+        model.compile(mode="reduce-overhead" if t.cuda_graphs else None)
+    return step_fn or functools.partial(forward_backward, model)
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip: float | None) -> None:
@@ -258,35 +294,6 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
         n += len(x)
     model.train()
     return total / max(n, 1)
-
-
-def _non_finite(loss: float, params: list[nn.Parameter], scaler, topo: Topology) -> str | None:
-    """"loss" or "gradients" when any rank saw NaN/Inf in them (an all-reduced flag), else None.
-
-    Gradients are checked on this rank's own part (FSDP and tensor parallelism shard them),
-    hence the all-reduce. DDP's gradients are already all-reduced (``grads_replicated``): a NaN on
-    any rank is in every rank's gradients, so each rank reaches the same verdict alone and
-    the extra collective (a sync point every step) is skipped. Under fp16 loss scaling, Inf gradients are the GradScaler's signal
-    to lower its scale and skip the step itself, so only the loss is checked then.
-    """
-    code = 0.0 if math.isfinite(loss) else 2.0
-    if code == 0.0 and scaler is None:
-        grads = [local_shard(p.grad) for p in params if p.grad is not None]
-        # NaN and Inf survive a sum, so one summed number read once tells: a single pass over
-        # the gradients (0.13 ms for 2.1 M on one CPU thread; a max-|g| norm took 5.6 ms).
-        # Only gradients summing past 3e38, already ruinous, could be flagged wrongly.
-        if grads and not math.isfinite(torch.stack([g.sum() for g in grads]).sum().item()):
-            code = 1.0
-    if topo.distributed and not (topo.dims.grads_replicated and scaler is None):
-        flag = torch.tensor([code], device=topo.comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        code = flag.item()
-    return {0.0: None, 1.0: "gradients", 2.0: "loss"}[code]
-
-
-def _mean_over_ranks(value: float, topo: Topology) -> float:
-    """The logged loss is the mean over data-parallel ranks: each saw an equal slice."""
-    return mean_over_ranks([value], topo)[0]
 
 
 def mean_over_ranks(values: list[float], topo: Topology) -> list[float]:

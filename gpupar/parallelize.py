@@ -3,8 +3,9 @@
 Order (as torchtitan's ``parallelize`` with its pipeline split): first the pipeline split
 (this rank keeps its stage or stages), then tensor parallel on each stage (it rewrites
 layers into sharded DTensor layers; planning it per stage means a colwise/rowwise pair never
-straddles two stages), then data parallel over the data-parallel mesh dimensions: FSDP or
-HSDP wherever parameters are sharded, DDP for whole replicas. Every step reads the
+straddles two stages), then activation checkpointing per block, then data parallel over the
+data-parallel mesh dimensions: FSDP or HSDP wherever parameters are sharded, DDP for whole
+replicas. Every step reads the
 ``ParallelDims`` of the topology, never a strategy name.
 """
 
@@ -21,9 +22,10 @@ from torch import nn
 from gpupar.config import Config, layout
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec
+from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
-from gpupar.parallel.pipeline import Pipeline, layer_units, split_model
+from gpupar.parallel.pipeline import Pipeline, layer_units, split_model, traceable
 from gpupar.step import StepFn, forward_backward
 from gpupar.topology import Topology
 
@@ -36,8 +38,11 @@ class Parallelized:
     step: StepFn
 
 
-def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec) -> Parallelized:
-    """Place the model on this rank's device and apply the layout's strategies in order."""
+def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
+                inputs: torch.Tensor | None = None) -> Parallelized:
+    """Place the model on this rank's device and apply the layout's strategies in order.
+
+    ``inputs`` (a few rows of the data) let the pipeline trace a model that is not a Sequential."""
     model = model.to(topo.device)
     process = layout(cfg.parallel).process
     if process == "layer-split":
@@ -45,7 +50,9 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec) 
                                   cfg.parallel.split_points)
     elif process == "dataparallel":
         model = apply_data_parallel(model, topo)
+    ac = cfg.parallel.activation_checkpointing
     if not topo.distributed:
+        model = apply_activation_checkpointing(model, ac)
         return Parallelized(model, functools.partial(forward_backward, model))
     check_same_model(model, topo)
     dims = topo.dims
@@ -56,11 +63,25 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec) 
     # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module).
     stages = [(0, model)]
     if dims.pp > 1:
-        stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel)
+        example = None
+        if traceable(model, spec.pipeline_units is not None):
+            if inputs is None:
+                raise UsageError(f"--pp on {type(model).__name__} (not a Sequential) traces its forward: "
+                                 "parallelize needs inputs")
+            example = inputs[:micro_batch_size(cfg, dims, len(inputs))].to(topo.device)
+        stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel, example)
     # 2. Tensor parallel: shard each stage's layers across the "tp" ranks.
     if dims.tp > 1:
         stages = [(s, apply_tp(m, topo.mesh["tp"], tp_plan(m, dims.tp, spec))) for s, m in stages]
-    # 3. Data parallel: FSDP / HSDP where parameters are sharded, DDP for whole replicas.
+    # 3. Activation checkpointing per block (on the TP-sharded layers, inside the FSDP units to come).
+    stages = [(s, apply_activation_checkpointing(m, ac)) for s, m in stages]
+    # 4. Data parallel: BatchNorm over the global batch (--sync-bn; only in pure data-parallel
+    #    layouts, where the data-parallel group is the world: preflight checks), then FSDP /
+    #    HSDP where parameters are sharded, DDP for whole replicas.
+    if cfg.parallel.sync_bn and dims.dp > 1:
+        from gpupar.parallel.sync_bn import apply_sync_bn
+
+        stages = [(s, apply_sync_bn(m, None, topo.device)) for s, m in stages]
     if dims.fsdp_enabled:
         stages = [(s, apply_fsdp(m, topo.dp_mesh(), cfg.parallel, cfg.train.precision)) for s, m in stages]
     elif dims.ddp_enabled:  # the layout allows DDP only without tp and pp: one stage
@@ -73,6 +94,11 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec) 
         return Parallelized(pipeline, pipeline.forward_backward)
     model = stages[0][1]
     return Parallelized(model, functools.partial(forward_backward, model))
+
+
+def micro_batch_size(cfg: Config, dims, samples: int) -> int:
+    """Rows in one pipeline micro-batch: the batch over the data-parallel ranks and --microbatches."""
+    return (cfg.train.batch_size or samples) // dims.dp // (cfg.parallel.microbatches or 2 * dims.pp)
 
 
 def pipeline_units(model: nn.Module, spec: ModelSpec) -> list[list[str]]:

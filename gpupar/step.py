@@ -15,17 +15,19 @@ import torch
 from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-StepFn = Callable[[list[Batch], nn.Module, contextlib.AbstractContextManager, "torch.amp.GradScaler | None"], float]
+StepFn = Callable[[list[Batch], nn.Module, contextlib.AbstractContextManager, "torch.amp.GradScaler | None"],
+                  torch.Tensor]
 
 
 def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.Module,
-                     amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> float:
+                     amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; returns the (local) step loss.
 
     Gradients accumulate in ``.grad`` (which the previous step left as None); the optimizer
-    step is the caller's, after the NaN check.
+    step is the caller's, after the NaN check. The loss is a 0-dim tensor left on the
+    device: reading it here (``.item()``) would make the host wait for the GPU every step.
     """
-    step_loss = 0.0
+    step_loss = None
     for k, (x, y) in enumerate(micro_batches):
         # DDP all-reduces gradients inside backward; on all but the last micro-step that
         # traffic is wasted, since gradients just add up locally (no_sync).
@@ -38,5 +40,5 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
             if len(micro_batches) > 1:
                 loss = loss / len(micro_batches)
             (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += loss.item()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     return step_loss

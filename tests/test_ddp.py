@@ -55,7 +55,7 @@ def test_verify_ddp_passes_with_minibatches_shuffle_and_accumulation(tmp_path, w
     proc, _ = gpupar("verify", "--strategy", "ddp", "--nproc-per-node", world, *extra,
                      "--run-dir", tmp_path / "v", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"step    reference loss    ddp(dp={world}) loss   rel. gap  max |dparam|" in proc.stdout
+    assert f"step    reference loss    ddp(dp={world}) loss  noise gap        gap    ratio" in proc.stdout
     assert f"PASS: ddp(dp={world}) matches the single-device reference within 1e-05 relative" in proc.stdout
     ref = json.loads((tmp_path / "v/reference/step_losses.json").read_text())
     got = json.loads((tmp_path / "v/strategy/step_losses.json").read_text())

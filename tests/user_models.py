@@ -165,3 +165,66 @@ class TermsItself(nn.Module):
 
 def terms_itself():
     return TermsItself()
+
+
+class BatchNormDropout(nn.Module):
+    """Not a Sequential: BatchNorm (running-stat buffers) and Dropout (RNG) between two Linears."""
+
+    def __init__(self, n_in: int = 10):
+        super().__init__()
+        self.inp, self.norm, self.drop, self.out = nn.Linear(n_in, 32), nn.BatchNorm1d(32), nn.Dropout(0.1), \
+            nn.Linear(32, 1)
+
+    def forward(self, x):  # [batch, n_in] -> [batch, 1]
+        return self.out(self.drop(torch.relu(self.norm(self.inp(x)))))
+
+
+def batchnorm_dropout():
+    return BatchNormDropout()
+
+
+class Block(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear, added back (a pre-norm residual block)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x):  # [batch, width] -> [batch, width]
+        return x + self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+class ResidualMLP(nn.Module):
+    """An input Linear, an nn.ModuleList of residual blocks and a head: not a Sequential."""
+
+    def __init__(self, in_features=10, width=32, blocks=4, out_features=1, norm=None):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.bn = norm(width) if norm else None
+        self.blocks = nn.ModuleList(Block(width) for _ in range(blocks))
+        self.head = nn.Linear(width, out_features)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.bn is not None:
+            h = self.bn(h)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def residual_mlp():
+    """Its loss oscillates between ~1 and ~20 with Adam at lr 0.01 (full batch): chaotic but correct."""
+    torch.manual_seed(0)
+    return ResidualMLP()
+
+
+def batchnorm_mlp():
+    """BatchNorm1d after the input layer: batch statistics, running buffers."""
+    torch.manual_seed(0)
+    return ResidualMLP(blocks=2, norm=nn.BatchNorm1d)
+
+
+def dropout_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))

@@ -30,23 +30,44 @@ from gpupar.errors import UsageError
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
-    """An ``nn.Sequential`` as an ordered list of layers, each a list of its children's names.
+    """The model's layers in order, each a list of module names; a stage starts at a layer's first name.
 
-    Each child with parameters starts a layer and parameter-free children (activations,
-    dropout) join the layer before them: an mlp of L Linear layers has L layers. Other
-    models say their own layers through their spec (``gpupar.models.ModelSpec.pipeline_units``).
+    An ``nn.Sequential``: each child with parameters starts a layer and parameter-free children
+    (activations, dropout) join the layer before them, so an mlp of L Linear layers has L layers.
+    Any other model with an ``nn.ModuleList`` (or ModuleDict) of blocks among its children: one
+    layer per block, the children registered before the list joining the first block and those
+    after it the last (the common "input layer, blocks, head" shape). Other models say their
+    own layers through their spec (``gpupar.models.ModelSpec.pipeline_units``).
     """
-    if not isinstance(model, nn.Sequential):
-        raise UsageError(f"--pp and layer-split cut an nn.Sequential or a model whose spec names its layers; "
-                         f"{type(model).__name__} is neither (wrap its layers in an nn.Sequential)")
-    units: list[list[str]] = []
-    for name, child in model.named_children():
-        has_params = any(True for _ in child.parameters())
-        if has_params or not units:
-            units.append([name])
-        else:
-            units[-1].append(name)
+    if isinstance(model, nn.Sequential):
+        units: list[list[str]] = []
+        for name, child in model.named_children():
+            has_params = any(True for _ in child.parameters())
+            if has_params or not units:
+                units.append([name])
+            else:
+                units[-1].append(name)
+        return units
+    children = list(model.named_children())
+    lists = [(i, name) for i, (name, child) in enumerate(children)
+             if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and len(child) >= 2]
+    if len(lists) != 1:
+        what = "no nn.ModuleList of blocks" if not lists else f"{len(lists)} lists of blocks " \
+            f"({', '.join(n for _, n in lists)}), so no single order of layers"
+        raise UsageError(f"--pp and layer-split cut an nn.Sequential or a model with one nn.ModuleList of blocks; "
+                         f"{type(model).__name__} has {what} (wrap its layers in an nn.Sequential)")
+    at, blocks = lists[0]
+    units = [[f"{blocks}.{key}"] for key, _ in children[at][1].named_children()]
+    units[0][:0] = [name for name, _ in children[:at]]
+    units[-1].extend(name for name, _ in children[at + 1:])
     return units
+
+
+def traceable(model: nn.Module, has_spec: bool) -> bool:
+    """Stages of a Sequential (or a model whose spec names its layers, like the GPT, whose forward
+    skips the layers a stage lacks) are copies without the other stages' modules; any other model
+    is split by tracing its forward (``torch.distributed.pipelining.pipeline``)."""
+    return not has_spec and not isinstance(model, nn.Sequential)
 
 
 def unit_sizes(model: nn.Module, units: list[list[str]]) -> list[int]:
@@ -85,13 +106,20 @@ def stage_starts(model: nn.Module, units: list[list[str]], stages: int, split_po
                          f"layers; use at most {len(units)} (or more --layers)")
     if split_points is None:
         return balanced_starts(unit_sizes(model, units), stages)
-    try:
-        points = [int(p) for p in split_points.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"--split-points {split_points!r} must be comma-separated layer indices, e.g. 2,5") from None
+    parts = [p.strip() for p in split_points.split(",") if p.strip()]
+    starts_by_name = {unit[0]: i for i, unit in enumerate(units)}
+    names = ", ".join(unit[0] for unit in units[1:4]) + (", ..." if len(units) > 4 else "")
+    if all(p.lstrip("-").isdigit() for p in parts):
+        points = [int(p) for p in parts]  # layer indices
+    elif all(p in starts_by_name for p in parts):
+        points = [starts_by_name[p] for p in parts]  # module names, e.g. blocks.2
+    else:
+        bad = next(p for p in parts if p not in starts_by_name and not p.lstrip("-").isdigit())
+        raise UsageError(f"--split-points {split_points!r}: {bad!r} does not start a layer of "
+                         f"{type(model).__name__}; use layer indices (e.g. 2,5) or the names that start layers: {names}")
     if len(points) != stages - 1 or points != sorted(set(points)) or not all(0 < p < len(units) for p in points):
         raise UsageError(f"--split-points {split_points!r}: need {stages - 1} increasing layer indices in "
-                         f"1..{len(units) - 1} (where stages 2..{stages} begin)")
+                         f"1..{len(units) - 1} or names ({names}), where stages 2..{stages} begin")
     return [0] + points
 
 
@@ -118,9 +146,25 @@ def stage_names(model: nn.Module, units: list[list[str]], pp: int, options: Para
 
 
 def split_model(model: nn.Module, units: list[list[str]], pp: int, pp_rank: int,
-                options: ParallelConfig) -> list[tuple[int, nn.Module]]:
-    """This rank's stages as (stage index, module): one, or ``stages_per_rank`` round-robin ones."""
+                options: ParallelConfig, example: torch.Tensor | None = None) -> list[tuple[int, nn.Module]]:
+    """This rank's stages as (stage index, module): one, or ``stages_per_rank`` round-robin ones.
+
+    With ``example`` (one micro-batch of inputs), the stages come from tracing the model's
+    forward and cutting the graph at the first module of each stage (``SplitPoint.BEGINNING``);
+    the stage modules keep the whole model's parameter names. Without it, each stage is a copy
+    of the model without the other stages' modules."""
     every = stage_names(model, units, pp, options)
+    if example is not None:
+        from torch.distributed.pipelining import SplitPoint, pipeline
+
+        split_spec = {names[0]: SplitPoint.BEGINNING for names in every[1:]}
+        try:
+            pipe = pipeline(model, mb_args=(example,), split_spec=split_spec)
+        except Exception as exc:  # the forward is not traceable (data-dependent control flow, ...)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"--pp: cannot trace {type(model).__name__}'s forward to cut it into stages "
+                             f"({type(exc).__name__}: {first}); wrap its layers in an nn.Sequential") from None
+        return [(s, pipe.get_stage_module(s)) for s in range(len(every)) if s % pp == pp_rank]
     names = [name for unit in units for name in unit]
     return [(s, stage_module(model, keep, [n for n in names if n not in keep]))
             for s, keep in enumerate(every) if s % pp == pp_rank]
@@ -172,7 +216,7 @@ class Pipeline(nn.Module):
         return self._schedule
 
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
-                         amp=None, scaler=None) -> float:
+                         amp=None, scaler=None) -> torch.Tensor:
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
         every stage's forwards and backwards in its order, and leaves this rank's stage
         gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
@@ -185,11 +229,13 @@ class Pipeline(nn.Module):
         kwargs = {"target": y, "losses": losses} if self.has_last else {}
         schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
-        # so every rank logs, checks for NaN and averages over data-parallel ranks alike.
-        loss = torch.tensor([sum(float(l.detach()) for l in losses)], dtype=torch.float64,
-                            device=self.comm_device)
+        # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
+        # stays a tensor (a device collective under NCCL): the loop reads it at log points only.
+        loss = torch.zeros((), dtype=torch.float64, device=self.comm_device)
+        if losses:
+            loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for l in losses]).sum()
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
-        return loss.item()
+        return loss
 
 
 def check_microbatches(rank_batch: int, microbatches: int) -> None:

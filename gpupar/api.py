@@ -1,0 +1,71 @@
+"""The Python API: ``gpupar.train`` for any ``nn.Module`` on one device or, in a script started
+by torchrun, with the layout in ``config.parallel``; ``gpupar.verify`` for the parity verdict.
+
+    # torchrun --nproc-per-node 2 my_script.py
+    cfg = gpupar.Config()
+    cfg.parallel.strategy = "ddp"          # or "fsdp", "tp"; or set dp / tp / pp
+    result = gpupar.train(model, (X, y), config=cfg)
+
+Each rank runs the same script; ``train`` joins the process group torchrun set up, applies
+the layout with the CLI's own ``parallelize`` and trains with the CLI's own loop, so a run
+gives the same weights as ``gpupar train`` with the same flags, model and data.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gpupar.config import Config, layout
+from gpupar.errors import UsageError
+from gpupar.loop import TrainResult, as_samples, fit, make_loss, make_optimizer
+from gpupar.loop import train as train_one_device
+from gpupar.models import ModelSpec
+
+
+def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
+          optimizer: torch.optim.Optimizer | None = None, config: Config | None = None,
+          val_data=None) -> TrainResult:
+    """Train ``model`` on ``data`` (``(X, y)`` tensors or a Dataset of ``(x, y)`` pairs).
+
+    Without a parallel layout in ``config`` it trains on one device. With one (say
+    ``config.parallel.strategy = "ddp"``) the script must run under torchrun: every rank passes
+    the same model (same seed) and the same data, and takes its own slice of every batch. The
+    returned model is this rank's: the whole model under DDP, its shards under FSDP or TP.
+    """
+    from gpupar.launch import launched_by_torchrun
+    from gpupar.parallelize import parallelize
+    from gpupar.topology import Topology
+
+    cfg = (config or Config()).validate()
+    lay = layout(cfg.parallel)
+    if not lay.ranks:
+        return train_one_device(model, data, loss, optimizer, cfg, val_data)
+    if not launched_by_torchrun():
+        raise UsageError(f"config.parallel.strategy {cfg.parallel.strategy!r} runs one process per rank: start this "
+                         "script with torchrun --nproc-per-node N (in a notebook, use gpupar.notebook_launch)")
+    topo = Topology.from_env(cfg)
+    if optimizer is not None and (topo.dims.fsdp_enabled or topo.tp > 1 or topo.pp > 1):
+        raise UsageError("pass no optimizer with fsdp, tp or pp: their parameters are replaced by shards, so "
+                         "gpupar builds the optimizer after sharding (config.optim)")
+    train_set, val_set = as_samples(data, cfg)
+    if val_data is not None:
+        val_set = as_samples(val_data, Config())[0]
+    spec = ModelSpec("user", lambda *_: model)
+    inputs = train_set.take(slice(None))[0] if topo.pp > 1 else None
+    parallel = parallelize(model, topo, cfg, spec, inputs)
+    optimizer = optimizer or make_optimizer(parallel.model, cfg)
+    history = fit(parallel.model, train_set, cfg, topo, loss or make_loss(cfg), optimizer, val_set,
+                  log=print if topo.is_main else (lambda _: None), step_fn=parallel.step)
+    return TrainResult(getattr(parallel.model, "module", parallel.model), history)
+
+
+def verify(config: Config, rtol: float | None = None, log: Callable[[str], None] = print):
+    """Train ``config``'s model with its layout and on one device, and return the ``Verdict``
+    (``verdict.passed``; ``gpupar.verdict.report(verdict)`` is the CLI's table). The model must
+    be importable by the ranks: ``config.model.name = "package.module:factory"`` or a built-in."""
+    from gpupar.verify import run_verify
+
+    return run_verify(config.validate(), rtol, log)

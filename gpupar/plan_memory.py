@@ -1,0 +1,247 @@
+"""The memory and time model of one layout, per rank (``gpupar plan``; the model is stated in plan.py).
+
+A rank's *local model* is what it holds: its pipeline stage (``pipeline.stage_names``), with
+every layer of the tensor-parallel plan at its local width (a colwise Linear keeps
+out/tp rows, a rowwise one in/tp columns and a whole bias), on the meta device. FSDP then
+keeps the dim-0 chunk ``ceil(n / S)`` of each of those tensors, rank by rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+from gpupar.config import Config
+from gpupar.topology import ParallelDims
+
+GPU_RUNTIME_BYTES = 1 << 30  # CUDA context, cuBLAS workspace, NCCL: outside the allocator's count
+FRAGMENTATION = 0.05
+
+
+@dataclass
+class Context:
+    """What every layout of one config shares: the meta model, its spec, a sample, the FLOPs."""
+
+    cfg: Config
+    model: nn.Module
+    spec: object
+    x: torch.Tensor  # one sample's input (real, on the CPU)
+    y: torch.Tensor
+    batch: int
+    flops: int  # one forward + backward of the whole global batch
+
+    @classmethod
+    def build(cls, cfg: Config) -> "Context":
+        from gpupar.bench.flops import count_step_flops
+        from gpupar.data import split_validation
+        from gpupar.job import load_problem
+        from gpupar.loop import make_loss
+
+        problem = load_problem(cfg, meta=True)
+        n_train = len(split_validation(len(problem.X), cfg.data.val_fraction, cfg.train.seed)[0])
+        batch = cfg.train.batch_size or n_train
+        x, y = problem.X[:1].clone(), problem.y[:1].clone()
+        model = problem.model.to("meta")
+        loss = make_loss(cfg, problem.spec)
+        flops = count_step_flops(model, x.expand(batch, *x.shape[1:]), y.expand(batch, *y.shape[1:]), loss)
+        return cls(cfg, model, problem.spec, x, y, batch, flops)
+
+
+PROBE_ON_CPU_BYTES = 64 << 20
+
+
+def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
+                device: str = "meta") -> tuple[nn.Module, list[str]]:
+    """Stage ``stage`` of the model with its TP layers at local width, and the rowwise layer names.
+    On the CPU its values are uninitialised: the probe needs only what the kernels allocate."""
+    from gpupar.parallel.pipeline import stage_module, stage_names
+    from gpupar.parallelize import pipeline_units, tp_plan
+
+    model = ctx.model
+    if dims.pp > 1:
+        units = pipeline_units(model, ctx.spec)
+        names = [n for u in units for n in u]
+        keep = stage_names(model, units, dims.pp, cfg.parallel)[stage]
+        model = stage_module(model, keep, [n for n in names if n not in keep])
+    else:
+        import copy
+
+        model = copy.deepcopy(model)
+    rowwise = []
+    if dims.tp > 1:
+        for name, style in tp_plan(model, dims.tp, ctx.spec).items():
+            layer = model.get_submodule(name)
+            if not isinstance(layer, nn.Linear):
+                continue
+            n_in, n_out = layer.in_features, layer.out_features
+            if isinstance(style, ColwiseParallel):
+                n_out //= dims.tp
+            elif isinstance(style, RowwiseParallel):
+                n_in //= dims.tp
+                rowwise.append(name)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf,
+                    nn.Linear(n_in, n_out, bias=layer.bias is not None, device="meta", dtype=layer.weight.dtype))
+    if device != "meta":
+        model = model.to_empty(device=device)
+    return model, rowwise
+
+
+def shard_bytes(t: torch.Tensor, shards: int, index: int) -> int:
+    """Bytes of FSDP's dim-0 chunk ``index`` of ``shards`` (torch.chunk sizes: ceil(n / shards))."""
+    if shards == 1 or t.dim() == 0:
+        return t.numel() * t.element_size()
+    n = t.shape[0]
+    chunk = math.ceil(n / shards)
+    rows = max(0, min(chunk, n - index * chunk))
+    return rows * (t.numel() // max(n, 1)) * t.element_size()
+
+
+def persistent(model: nn.Module, cfg: Config, dims: ParallelDims, shard_index: int) -> dict[str, int]:
+    """Exact parameter, gradient and optimizer bytes of one rank (what memory.memory_report counts)."""
+    shards = dims.dp_shard
+    params = [p for p in model.parameters()]
+    param_bytes = sum(shard_bytes(p, shards, shard_index) for p in params)
+    grad_bytes = sum(shard_bytes(p, shards, shard_index) for p in params if p.requires_grad)
+    optim = 0
+    if cfg.optim.optimizer in ("adam", "adamw"):  # exp_avg + exp_avg_sq like the parameter, a float32 step
+        optim = sum(2 * shard_bytes(p, shards, shard_index) + 4 for p in params if p.requires_grad)
+    return {"params": param_bytes, "grads": grad_bytes, "optimizer": optim}
+
+
+def _chain_input(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, mb: int, device: str) -> torch.Tensor:
+    """The input of pipeline stage ``stage`` for a micro-batch of ``mb`` samples."""
+    x = ctx.x.expand(mb, *ctx.x.shape[1:]).contiguous().to(device)
+    with torch.no_grad():
+        for s in range(stage):
+            x = local_model(ctx, cfg, ParallelDims(dims.pp, 1, 1, 1), s, device)[0](x)
+    return x
+
+
+def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, mb: int, grads_scale: float):
+    """Probe one micro-batch on this rank's local model, checkpointed as planned."""
+    from gpupar.loop import autocast_for, make_loss
+    from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
+    from gpupar.plan_probe import probe_step
+
+    model, rowwise = local_model(ctx, cfg, dims, stage)
+    size = sum(t.numel() * t.element_size() for t in model.parameters())
+    device = "cpu" if size <= PROBE_ON_CPU_BYTES else "meta"
+    model = model.to_empty(device=device) if device == "cpu" else model
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    x = _chain_input(ctx, cfg, dims, stage, mb, device)
+    if x.is_floating_point():
+        x = x.detach().requires_grad_(stage > 0)
+    last = stage == dims.pp - 1
+    loss_fn = make_loss(cfg, ctx.spec) if last else (lambda out, _: out.sum())
+    amp = autocast_for(torch.device("cpu"), cfg.train.precision)
+    y = ctx.y.expand(mb, *ctx.y.shape[1:]).contiguous().to(device)
+    probe = probe_step(model, x, y, loss_fn, amp, grads_scale)
+    out_bytes = 0
+    with torch.no_grad():
+        out = model(x)
+        out_bytes = out.numel() * out.element_size()
+    return probe, model, rowwise, out_bytes
+
+
+def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
+    """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
+    p = cfg.parallel
+    m = (p.microbatches or 2 * dims.pp) if dims.pp > 1 else cfg.train.grad_accum
+    mb = ctx.batch // (dims.dp * m)
+    per_rank, worst = [], None
+    probes = {}
+    for rank in range(dims.world):
+        stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
+        if stage not in probes:
+            # DDP's gradients are views of its buckets (counted below): the step allocates none.
+            grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
+            probes[stage] = activation_probe(ctx, cfg, dims, stage, mb, grads_scale)
+        probe, model, rowwise, out_bytes = probes[stage]
+        pers = persistent(model, cfg, dims, shard_index)
+        # Micro-batches whose activations a stage holds at once: GPipe all M, 1F1B at most p - stage.
+        inflight = (m if p.schedule == "gpipe" else min(m, dims.pp - stage)) if dims.pp > 1 else 1
+        activations = (inflight - 1) * probe.saved_bytes + probe.peak_bytes
+        comm = 0
+        full_local = sum(t.numel() * t.element_size() for t in model.parameters())
+        if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient
+            comm = full_local
+        if dims.fsdp_enabled:
+            from gpupar.parallel.fsdp import pick_blocks
+
+            units = pick_blocks(model, p.fsdp_blocks, p.fsdp_min_params)
+            unit_bytes = [sum(t.numel() * t.element_size() for t in u.parameters()) for u in units] or [0]
+            root = full_local - sum(unit_bytes)
+            # the running unit, gathered, and the root, which stays gathered (the unsharded
+            # gradient before its reduce-scatter is already in the probe, one tensor at a time)
+            comm = max(unit_bytes) + root
+        if dims.pp > 1:  # receive buffers for every micro-batch: inputs forward, output grads backward
+            comm += 2 * m * out_bytes
+        if p.cpu_offload:
+            pers = {k: 0 for k in pers}
+        optim_temp = 2 * max((t.numel() * t.element_size() for t in model.parameters()), default=0)
+        grads_held = 0 if dims.ddp_enabled else pers["grads"]  # DDP's live in its buckets (comm)
+        peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp)
+        # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).
+        transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm)
+        per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak,
+                         "transient": transient})
+        if worst is None or peak > worst["peak"]:
+            worst = per_rank[-1]
+    runtime = int(worst["peak"] * FRAGMENTATION) + (GPU_RUNTIME_BYTES if device_type == "cuda" else 0)
+    row.params, row.grads, row.optimizer = worst["params"], worst["grads"], worst["optimizer"]
+    row.activations, row.comm_buffers, row.runtime = worst["activations"], worst["comm_buffers"], runtime
+    row.total, row.per_rank = worst["peak"] + runtime, per_rank
+    row.step_s = step_time(ctx, cfg, dims, probes, m, mb, machine)
+    row.samples_per_s = ctx.batch / row.step_s
+
+
+def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: int, mb: int, machine) -> float:
+    """Roofline: compute + per-op overhead + exposed communication, over (1 - bubble)."""
+    p = cfg.parallel
+    gpu = machine.device_type == "cuda"
+    # On one CPU the ranks share its cores (and its matmul rate); a GPU is a rank's own.
+    share = 1 if gpu else dims.world
+    contention = 1.0 if gpu else max(1.0, dims.world / machine.cores)
+    recompute = {"none": 0.0, "full": 1 / 3, "selective": 0.1}[p.activation_checkpointing]
+    compute = ctx.flops * (1 + recompute) / dims.world / (machine.tflops * 1e12 / share)
+    ops = max(pr[0].ops for pr in probes.values())
+    overhead = ops * m * machine.op_overhead_s * contention
+    model = probes[0][1]
+    n_tensors = sum(1 for _ in model.parameters())
+    overhead += 12 * n_tensors * machine.op_overhead_s * contention  # the optimizer step, tensor by tensor
+    full_local = sum(t.numel() * t.element_size() for t in model.parameters())
+    comm, hidden = 0.0, 0.0
+    if dims.ddp_enabled:
+        buckets = max(1, math.ceil(full_local / (p.ddp_bucket_mb * 2**20)))
+        comm += buckets * machine.collective_time("all_reduce", dims.dp, full_local / buckets)
+        hidden = 2 / 3 * compute  # overlapped with backward
+    if dims.fsdp_enabled:
+        from gpupar.parallel.fsdp import pick_blocks
+
+        units = len(pick_blocks(model, p.fsdp_blocks, p.fsdp_min_params)) + 1
+        gathers = 2 if p.reshard_after_forward else 1
+        per = full_local / units
+        comm += units * (gathers * machine.collective_time("all_gather", dims.dp_shard, per)
+                         + machine.collective_time("reduce_scatter", dims.dp_shard, per))
+        if dims.dp_replicate > 1:
+            comm += units * machine.collective_time("all_reduce", dims.dp_replicate, per / dims.dp_shard)
+        hidden = compute  # prefetched gathers overlap the previous unit's compute
+    if dims.tp > 1:  # two all-reduces per rowwise layer and micro-batch (forward output, backward input grad)
+        rowwise = probes[0][2]
+        width = {n: model.get_submodule(n).out_features for n in rowwise}
+        tokens = ctx.spec.tokens_per_sample
+        for n in rowwise:
+            comm += 2 * m * machine.collective_time("all_reduce", dims.tp, mb * tokens * width[n] * 4)
+    if dims.pp > 1:  # each micro-batch's activation forward and its gradient backward, per boundary
+        comm += 2 * m * machine.collective_time("send_recv", 2, probes[0][3])
+    exposed = max(0.0, comm - hidden) if gpu else comm  # gloo on shared CPU cores: no overlap assumed
+    work = compute + overhead
+    if dims.pp > 1:
+        bubble = (dims.pp - 1) / (m + dims.pp - 1)
+        work = work / (1 - bubble)
+    return work + exposed

@@ -1,0 +1,226 @@
+"""The measurements ``gpupar plan`` builds on: what one step keeps alive, and what this machine does.
+
+Activation probe. One forward and backward of a rank's local model (its pipeline stage,
+with tensor-parallel layers at their local width, with activation checkpointing as
+planned) at its real micro-batch size: on the CPU when the local model is small (<= 64 MiB
+of parameters; real kernels, so attention saves what the fused kernel saves), otherwise
+on the meta device (shapes only, no arithmetic, no memory; attention then takes the math
+path and the probe over-counts its saved scores, which errs on the safe side). A ``TorchDispatchMode`` sees every op's outputs and follows
+their storages (by weak reference) until they die. That gives the bytes alive when forward
+ends (what autograd and checkpointing keep for backward: saved tensors, checkpointed block
+inputs, selective checkpointing's cached outputs) and the peak during forward and backward
+(the saved tensors plus temporaries, the gradients of activations and of parameters). It
+is the saved-tensor view of memory, measured by liveness instead of
+``saved_tensors_hooks``, because non-reentrant checkpointing keeps its inputs outside them.
+
+Machine probes. A matmul throughput probe (``bench.flops.cpu_matmul_probe``, or the GPU's
+data-sheet peak), a per-op dispatch overhead probe, and a short collective probe (all-reduce,
+all-gather and send/recv on gloo over loopback, in threads of this process, at each world
+size), cached per machine in ``~/.cache/gpupar`` so it runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+@dataclass
+class StepProbe:
+    """One micro-batch's forward and backward on one rank's local model."""
+
+    saved_bytes: int  # alive when forward ends (including its output and loss)
+    peak_bytes: int  # most alive at once during forward and backward (grads of parameters included)
+    ops: int  # dispatched ops (a proxy for per-op overhead)
+
+
+class _Liveness(TorchDispatchMode):
+    """Follows the storages of every op's outputs: bytes alive now, and the most ever alive."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude = exclude  # storages that existed before (parameters, inputs): views of them cost nothing
+        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+        self.ops = 0
+        self.grads = 0  # this rank's (sharded) gradient bytes accumulated so far
+
+    def live_bytes(self) -> int:
+        for key in [k for k, (ref, _) in self.alive.items() if ref.expired()]:
+            del self.alive[key]
+        return sum(n for _, n in self.alive.values()) + self.grads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata in self.exclude:
+                    continue
+                self.alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, self.live_bytes())
+        return out
+
+
+def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp,
+               grads_scale: float = 1.0) -> StepProbe:
+    """Run ``loss_fn(model(x), y).backward()`` under the liveness tracker (model and data on
+    the same device: meta for shapes only). A parameter's gradient counts as ``grads_scale``
+    of its size from the moment it is accumulated (1 / S under FSDP, which reduce-scatters it
+    at once), and is then dropped from the probe."""
+    before = [*model.parameters(), *model.buffers(), x, y]
+    tracker = _Liveness({t.untyped_storage()._cdata for t in before})
+
+    def accumulated(p: torch.Tensor) -> None:
+        tracker.grads += int(p.numel() * p.element_size() * grads_scale)
+        p.grad = None
+
+    handles = []
+    for p in model.parameters():
+        p.grad = None
+        if p.requires_grad:
+            handles.append(p.register_post_accumulate_grad_hook(accumulated))
+    with tracker:
+        with amp:
+            loss = loss_fn(model(x), y)
+        saved = tracker.live_bytes()
+        loss.backward()
+    del loss
+    for h in handles:
+        h.remove()
+    return StepProbe(saved, tracker.peak, tracker.ops)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+@dataclass
+class Machine:
+    """What this machine does, measured: the numbers of the time model."""
+
+    device_type: str
+    tflops: float  # dense matmul throughput of the whole device (CPU: all cores) in the run's precision
+    op_overhead_s: float  # per dispatched op (Python + dispatcher + kernel launch)
+    cores: int
+    collectives: dict = field(default_factory=dict)
+    """{world: {"all_reduce" | "all_gather" | "send_recv": [latency_s, bytes_per_s]}}"""
+
+    def collective_time(self, kind: str, world: int, nbytes: float) -> float:
+        """Seconds for one collective of ``nbytes`` (per rank's full buffer) at ``world`` ranks."""
+        if world <= 1 or nbytes <= 0:
+            return 0.0
+        known = self.collectives.get(str(world)) or self.collectives.get(world)
+        if known is None:  # the nearest measured world size, scaled by the ring's (W-1)/W traffic
+            sizes = sorted(int(w) for w in self.collectives) or [2]
+            near = min(sizes, key=lambda w: abs(w - world))
+            known = self.collectives.get(str(near)) or self.collectives.get(near) or {}
+        lat, bw = known.get(kind if kind != "reduce_scatter" else "all_gather", (50e-6, 1e9))
+        return lat + nbytes / bw
+
+
+def cache_path() -> Path:
+    base = Path(os.environ.get("GPUPAR_CACHE", Path.home() / ".cache" / "gpupar"))
+    return base / f"machine-{platform.node()}-torch{torch.__version__}.json"
+
+
+def measure_machine(device_type: str, precision: str, worlds: list[int], cache: bool = True) -> Machine:
+    """This machine's numbers: collectives from the cache (or a short probe, then cached);
+    matmul and per-op overhead measured now (they follow the machine's current load)."""
+    path = cache_path()
+    stored = json.loads(path.read_text()) if cache and path.is_file() else {}
+    collectives = stored.get("collectives", {})
+    missing = [w for w in worlds if w > 1 and str(w) not in collectives]
+    for w in missing:
+        collectives[str(w)] = probe_collectives(w)
+    if cache and missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"collectives": collectives}, indent=1))
+    if device_type == "cuda":
+        from gpupar.bench.flops import gpu_peak_tflops
+
+        tflops = gpu_peak_tflops(torch.cuda.get_device_name(), precision) or 100.0
+        overhead = 10e-6
+    else:
+        from gpupar.bench.flops import cpu_matmul_probe
+
+        tflops = cpu_matmul_probe(precision, seconds=0.2, n=512)
+        overhead = probe_op_overhead()
+    return Machine(device_type, tflops, overhead, os.cpu_count() or 1, collectives)
+
+
+def probe_op_overhead(n: int = 2000) -> float:
+    """Seconds per tiny op: what a small model's step is made of."""
+    a = torch.zeros(4)
+    start = time.perf_counter()
+    for _ in range(n):
+        a = a + 1
+    return (time.perf_counter() - start) / n
+
+
+def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), repeats: int = 3) -> dict:
+    """Latency and bandwidth of all-reduce, all-gather and send/recv among ``world`` gloo ranks
+    on loopback, as threads of this process (a few seconds at most): a line through two sizes."""
+    store = torch.distributed.HashStore()
+    results: dict[str, dict[int, float]] = {"all_reduce": {}, "all_gather": {}, "send_recv": {}}
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            pg = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("probe", store), rank, world,
+                                                    timedelta(seconds=30))
+            for size in sizes:
+                t = torch.zeros(size // 4)
+                gathered = [torch.zeros(size // 4) for _ in range(world)]
+                for kind in results:
+                    best = float("inf")
+                    for _ in range(repeats):
+                        pg.barrier().wait()
+                        start = time.perf_counter()
+                        if kind == "all_reduce":
+                            pg.allreduce([t]).wait()
+                        elif kind == "all_gather":
+                            pg.allgather([gathered], [t]).wait()
+                        elif rank % 2 == 0 and rank + 1 < world:
+                            pg.send([t], rank + 1, 0).wait()
+                        elif rank % 2 == 1:
+                            pg.recv([t], rank - 1, 0).wait()
+                        best = min(best, time.perf_counter() - start)
+                    if rank == 0:
+                        results[kind][size] = best
+            pg.barrier().wait()
+        except BaseException as exc:  # surfaced in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    fitted = {}
+    small, large = sizes
+    for kind, times in results.items():
+        bw = (large - small) / max(times[large] - times[small], 1e-9)
+        fitted[kind] = [max(times[small] - small / bw, 1e-6), bw]
+    return fitted
+
+
+def machine_from_dict(d: dict) -> Machine:
+    return Machine(**d)
+
+
+def machine_dict(m: Machine) -> dict:
+    return asdict(m)

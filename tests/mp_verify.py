@@ -1,0 +1,184 @@
+"""The verdict against injected bugs and chaotic-but-correct runs, at world 2 under torchrun.
+
+tests/test_verify.py starts this once. It trains the single-device reference, the one-ulp
+noise reference and every variant inside one process group (tiny models, STEPS full-batch
+Adam steps), hands their trajectories to ``gpupar.verdict.judge`` and prints "OK name" when
+the verdict is what it must be: FAIL for every injected bug, PASS for every correct layout.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+from gpupar.config import Config
+from gpupar.data import shard_batch, synthetic_regression
+from gpupar.loop import mean_over_ranks
+from gpupar.models import ModelSpec
+from gpupar.noise import full_grads, nudge_weights
+from gpupar.parallel.tensor import apply_tp
+from gpupar.parallelize import full_state_dict, parallelize
+from gpupar.step import forward_backward
+from gpupar.topology import Topology
+from gpupar.verdict import Trajectory, judge, report
+
+from user_models import residual_mlp
+
+STEPS, LR, FLOOR, BAND = 16, 0.05, 1e-5, 10.0
+X, Y = synthetic_regression(128, 10, 0.1, 42)
+LOSS = nn.MSELoss()
+
+
+def softmax_mlp():
+    """Linear, ReLU, square Linear, softmax over features, head: a feature-mixing op after layer 2."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.Softmax(-1), nn.Linear(16, 1))
+
+
+def ranks_config(strategy: str, **parallel) -> Config:
+    cfg = Config()
+    cfg.parallel.strategy = strategy
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg.validate()
+
+
+def train(model, topo, shards, step=None, grad_accum=1) -> Trajectory | None:
+    """STEPS Adam steps on the full batch; each rank's micro-batches come from ``shards(batch, rank)``."""
+    step = step or (lambda mbs: forward_backward(model, mbs, LOSS, contextlib.nullcontext(), None))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses, grads = [], None
+    for i in range(STEPS):
+        micro = [(X[idx], Y[idx]) for idx in (shards(m) for m in torch.arange(len(X)).chunk(grad_accum))]
+        losses.append(step(micro))
+        if i == 0:
+            grads = full_grads(model, topo)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    losses = mean_over_ranks(losses, topo)
+    final = full_state_dict(model, topo)
+    return Trajectory(losses, final, grads) if topo.is_main else None
+
+
+def single(factory, nudge=False, grad_accum=1) -> Trajectory:
+    model = factory()
+    if nudge:
+        nudge_weights(model)
+    return train(model, Topology.single(torch.device("cpu")), lambda m: m, grad_accum=grad_accum)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    ddp_cfg = ranks_config("ddp")
+    topo = Topology.from_env(ddp_cfg)
+    rank, world = topo.rank, topo.world_size
+    spec = ModelSpec("user", lambda *_: None)
+    mine = lambda m: shard_batch(m, world, rank)  # noqa: E731  (this rank's correct slice)
+    ref, noise = single(residual_mlp), single(residual_mlp, nudge=True)
+    if rank == 0:  # the model is chaotic: its loss jumps 10x from one step to the next
+        assert max(max(a / b, b / a) for a, b in zip(ref.losses, ref.losses[1:])) >= 10, ref.losses
+        assert max(b / a for a, b in zip(ref.losses, ref.losses[1:])) >= 3, ref.losses  # it goes up, too
+
+    def check(name, got, must_pass, reference=ref, noise_ref=noise):
+        dist.barrier()
+        if rank != 0:
+            return
+        verdict = judge(reference, noise_ref, got, FLOOR, BAND)
+        verdict.label = name
+        text = report(verdict)
+        assert verdict.passed == must_pass, text
+        print(text.splitlines()[-1], flush=True)
+        print(f"OK {name}", flush=True)
+
+    def ddp_model(cfg=ddp_cfg):
+        return parallelize(residual_mlp(), topo, cfg, spec)
+
+    # Chaotic but correct: DDP and FSDP through gpupar's own parallelize.
+    p = ddp_model()
+    check("ddp-chaotic", train(p.model, topo, mine), True)
+    fsdp_cfg = ranks_config("fsdp")
+    p = parallelize(residual_mlp(), Topology.from_env(fsdp_cfg), fsdp_cfg, spec)
+    check("fsdp-chaotic", train(p.model, topo, mine), True)
+
+    # Bug: gradients summed over ranks, not averaged (scaled by W). Adam hides it after step 1.
+    p = ddp_model()
+
+    def sum_hook(state, bucket):
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+    p.model.register_comm_hook(None, sum_hook)
+    check("bug-grads-summed", train(p.model, topo, mine), False)
+
+    # Bug: rank 1 keeps its own gradients (not averaged); rank 0's are right.
+    p = ddp_model()
+
+    def rank1_local(state, bucket):
+        fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
+        local = bucket.buffer().clone()  # before the all-reduce writes into it
+        return fut.then(lambda f: local * world if rank == 1 else f.value()[0])
+
+    p.model.register_comm_hook(None, rank1_local)
+    check("bug-rank1-not-averaged", train(p.model, topo, mine), False)
+
+    # Bug: overlapping shards (every rank takes rank 0's slice), and shards shifted by one sample.
+    check("bug-overlapping-shards", train(ddp_model().model, topo, lambda m: shard_batch(m, world, 0)), False)
+    # Shifted: rank r's slice starts r samples late, so rank 1 repeats sample 0 and nobody sees sample 64.
+    check("bug-shifted-shards", train(ddp_model().model, topo, lambda m: mine(m.roll(-rank))), False)
+
+    # Bug: one parameter left out of the gradient sync (a hand-written all-reduce that skips it).
+    model = residual_mlp()
+
+    def skip_one(mbs):
+        loss = forward_backward(model, mbs, LOSS, contextlib.nullcontext(), None)
+        for name, q in model.named_parameters():
+            if name != "blocks.2.up.bias":
+                dist.all_reduce(q.grad)
+                q.grad /= world
+        return loss
+
+    check("bug-param-not-synced", train(model, topo, mine, step=skip_one), False)
+
+    # Bug: under --grad-accum 2 the loss is not divided by the micro-batch count.
+    ref_acc, noise_acc = single(residual_mlp, grad_accum=2), single(residual_mlp, nudge=True, grad_accum=2)
+    p = ddp_model()
+
+    def undivided(mbs):
+        total = 0.0
+        for k, (x, y) in enumerate(mbs):
+            with p.model.no_sync() if k < len(mbs) - 1 else contextlib.nullcontext():
+                loss = LOSS(p.model(x), y)
+                loss.backward()
+            total += loss.item()
+        return total / len(mbs)
+
+    check("ddp-grad-accum", train(ddp_model().model, topo, mine, grad_accum=2), True, ref_acc, noise_acc)
+    check("bug-grad-accum-undivided", train(p.model, topo, mine, step=undivided, grad_accum=2), False,
+          ref_acc, noise_acc)
+
+    # Bug: rank 1's forward is 1e-4 off (output x (1 + 1e-4)).
+    p = ddp_model()
+    if rank == 1:
+        p.model.module.head.register_forward_hook(lambda mod, inp, out: out * (1 + 1e-4))
+    check("bug-rank1-forward-1e-4", train(p.model, topo, mine), False)
+
+    # Tensor parallel: layers 0/2 (ReLU between) shard correctly; sharding layer 2 by columns
+    # sends half the features through the softmax, which mixes features: wrong, silently.
+    tp_cfg = ranks_config("tp")
+    tp_topo = Topology.from_env(tp_cfg)
+    ref_tp, noise_tp = single(softmax_mlp), single(softmax_mlp, nudge=True)
+    everything = lambda m: m  # noqa: E731  (tensor-parallel peers see the same data)
+    right = apply_tp(softmax_mlp(), tp_topo.mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    check("tp-correct-plan", train(right, tp_topo, everything), True, ref_tp, noise_tp)
+    wrong = apply_tp(softmax_mlp(), tp_topo.mesh["tp"], {"2": ColwiseParallel(), "4": RowwiseParallel()})
+    check("bug-tp-wrong-plan", train(wrong, tp_topo, everything), False, ref_tp, noise_tp)
+
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""gpupar plan and activation checkpointing.
+
+The multi-rank accuracy of the plan (persistent bytes exact per rank, activations and peak
+within 10%, step-time order) is benchmarks/plan_accuracy.py's job; here the checks are
+in-process, with the machine's numbers injected (no collective probe), plus one spawned
+`gpupar verify` with activation checkpointing.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from harness import gpupar
+
+from gpupar.config import Config
+from gpupar.plan_probe import Machine
+
+MACHINE = Machine("cpu", tflops=0.05, op_overhead_s=5e-6, cores=2,
+                  collectives={"2": {"all_reduce": [1e-4, 1e8], "all_gather": [1e-4, 1e8], "send_recv": [5e-5, 2e8]}})
+
+
+def test_activation_checkpointing_keeps_gradients_and_saves_memory():
+    """full and selective give the same gradients as none (to float rounding: the recompute
+    runs the same ops), and on the GPT the probe sees full keep fewer bytes than none."""
+    from gpupar.gpt import GPT
+    from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
+    from gpupar.plan_probe import probe_step
+
+    torch.manual_seed(0)
+    model, x = GPT(64, 32, 2, 4, 16), torch.randint(0, 64, (4, 16))
+    grads, saved = {}, {}
+    for mode in ("none", "full", "selective"):
+        m = apply_activation_checkpointing(copy.deepcopy(model), mode)
+        m(x).square().mean().backward()
+        grads[mode] = [p.grad for p in m.parameters()]
+        assert [n for n, _ in m.named_parameters()] == [n for n, _ in model.named_parameters()]
+        meta = apply_activation_checkpointing(copy.deepcopy(model).to("meta"), mode)
+        saved[mode] = probe_step(meta, x.to("meta"), x.to("meta"), lambda o, _: o.sum(),
+                                 torch.autocast("cpu", enabled=False)).saved_bytes
+    for mode in ("full", "selective"):
+        for a, b in zip(grads["none"], grads[mode]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert saved["full"] < saved["selective"] < saved["none"], saved
+
+
+def test_persistent_bytes_match_the_memory_report_and_fsdp_chunks():
+    """Persistent bytes of a single-device run equal memory_report's after one real Adam step;
+    FSDP's per-rank shard sizes follow torch.chunk (uneven: 50 rows over 4 ranks = 13,13,13,11)."""
+    from gpupar.job import load_problem
+    from gpupar.loop import make_optimizer
+    from gpupar.memory import grad_bytes, memory_report
+    from gpupar.plan_memory import Context, persistent, shard_bytes
+    from gpupar.topology import ParallelDims
+
+    cfg = Config()
+    cfg.model.name, cfg.model.layers = "mlp", 3
+    model = load_problem(cfg).model
+    opt = make_optimizer(model, cfg)
+    model(torch.randn(8, 10)).sum().backward()
+    grads = grad_bytes(model)
+    opt.step()
+    measured = memory_report(model, opt, grads, torch.device("cpu"))
+    predicted = persistent(Context.build(cfg).model, cfg, ParallelDims(), 0)
+    assert (predicted["params"], predicted["grads"], predicted["optimizer"]) == \
+        (measured["param_bytes"], measured["grad_bytes"], measured["optim_bytes"])
+    w = torch.empty(50, 10)
+    assert [shard_bytes(w, 4, r) for r in range(4)] == [c.numel() * 4 for c in torch.chunk(w, 4)] + [0] * 0
+    assert sum(shard_bytes(w, 4, r) for r in range(4)) == w.numel() * 4
+
+
+def test_plan_json_rows_reasons_and_order(gpupar_cli, monkeypatch):
+    """--json: every layout at world 1 and 2, sorted by predicted throughput among those that
+    fit; one that cannot run says why (tp 2 cannot split 5 heads); a tiny --device-memory fits nothing."""
+    import gpupar.plan_probe as probe
+
+    monkeypatch.setattr(probe, "measure_machine", lambda *a, **k: MACHINE)
+    code, out, err = gpupar_cli("plan", "--model", "gpt", "--heads", 5, "--hidden", 40, "--world-sizes", "1,2",
+                                "--batch-size", 8, "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    layouts = {(r["layout"], r["activation_checkpointing"]) for r in rows}
+    for name in ("single", "ddp(dp=2)", "fsdp(dp=2)", "tp(2)", "pp(2, gpipe)", "pp(2, 1f1b)"):
+        assert {(name, ac) for ac in ("none", "full", "selective")} <= layouts, name
+    tp = next(r for r in rows if r["layout"] == "tp(2)")
+    assert not tp["fits"] and "--tp 2 must divide --heads 5" in tp["reason"]
+    fit = [r for r in rows if r["fits"]]
+    assert fit and [r["samples_per_s"] for r in fit] == sorted((r["samples_per_s"] for r in fit), reverse=True)
+    for r in fit:
+        assert r["total"] == r["peak"] + r["runtime"]
+        assert r["peak"] >= r["params"] + r["optimizer"] + r["activations"]
+    gpipe = next(r for r in fit if r["layout"] == "pp(2, gpipe)" and r["activation_checkpointing"] == "none")
+    onef = next(r for r in fit if r["layout"] == "pp(2, 1f1b)" and r["activation_checkpointing"] == "none")
+    assert onef["activations"] < gpipe["activations"]  # 1F1B holds at most p micro-batches, GPipe all M
+    code, out, err = gpupar_cli("plan", "--world-sizes", "1", "--device-memory", "1KiB")
+    assert code == 0 and "no: needs" in out
+
+
+@pytest.mark.parametrize("flags,named", [
+    (("--world-sizes", "0"), "--world-sizes '0'"),
+    (("--device-memory", "80XB"), "--device-memory '80XB'"),
+    (("--strategy", "zigzag"), "'zigzag' is not one of"),
+])
+def test_plan_bad_input_is_one_line_exit_2(gpupar_cli, flags, named):
+    code, out, err = gpupar_cli("plan", *flags)
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_train_plan_auto_runs_the_layout_it_chose(gpupar_cli, tmp_path, monkeypatch):
+    import gpupar.plan_probe as probe
+
+    monkeypatch.setattr(probe, "measure_machine", lambda *a, **k: MACHINE)
+    code, out, err = gpupar_cli("train", "--plan", "auto", "--model", "gpt", "--epochs", 1, "--samples", 16,
+                                "--run-dir", tmp_path / "r", "--progress", "false")
+    assert code == 0, err
+    chose = next(line for line in out.splitlines() if line.startswith("gpupar plan: chose"))
+    config = (tmp_path / "r" / "config.toml").read_text()
+    ac = chose.split("activation checkpointing ")[1].split()[0].rstrip(",(")
+    assert f'activation_checkpointing = "{ac}"' in config and "# plan = (unset)" in config
+
+
+def test_verify_fsdp_with_selective_activation_checkpointing(tmp_path):
+    proc, _ = gpupar("verify", "--strategy", "fsdp", "--model", "gpt", "--activation-checkpointing", "selective",
+                     "--hidden", 32, "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 2, "--run-dir", tmp_path / "v", cwd=tmp_path)
+    assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout + proc.stderr
