@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from gpupar import files, rundir
-from gpupar.cli import main
 
 from harness import env
 
