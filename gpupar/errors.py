@@ -10,8 +10,9 @@ class TrainingError(Exception):
     """Training stopped for a reason the user must see (a non-finite loss, a failed rank)."""
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the job: every rank was stopped; exit 128 + the signal number."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM stopped the job: every rank was stopped; exit 128 + the signal number.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")

@@ -175,8 +175,7 @@ def train_from_config(cfg: Config, topo: Topology, log=print) -> tuple[nn.Module
         except TrainingError as exc:
             raise TrainingError(f"{exc}; {run.unchanged()}") from None
         except OSError as exc:  # a full disk, a read-only directory: the files were not replaced
-            raise TrainingError(f"cannot write {exc.filename or run.path}: {exc.strerror or exc}; "
-                                f"{run.unchanged()}") from None
+            raise TrainingError(f"{exc.filename or run.path}: {exc.strerror or exc}; {run.unchanged()}") from None
 
 
 def _train(cfg: Config, topo: Topology, problem: Problem, run: rundir.RunDir, log) -> tuple[nn.Module, History, Path]:

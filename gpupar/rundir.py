@@ -87,7 +87,10 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
     if path.exists() and not path.is_dir():
         raise UsageError(f"--run-dir {path} is a file; expected a directory (new, empty, or a run to --resume)")
     if (path / LOCK).is_file():  # a live run is named before anything else is said about the directory
-        _lock(path, create=False)
+        try:
+            _lock(path, create=False)
+        except OSError:  # unreadable: the lock taken below says what is wrong
+            pass
     earlier = earlier_run(path)
     if earlier and resume is None and not overwrite:
         what = "a finished run" if "summary.json" in earlier else "another run"
@@ -110,7 +113,10 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
     if overwrite and earlier and resume is None:
         for name in earlier:
             target = path / name
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
     else:
         run.earlier = earlier
     return run

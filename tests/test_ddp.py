@@ -20,7 +20,7 @@ from gpupar.job import train_from_config
 from gpupar.topology import Topology
 from gpupar.verify import compare, report
 
-from harness import env, free_port, gpupar
+from harness import env, gpupar
 
 EPOCH = re.compile(r"^Epoch \[(\d+)/(\d+)\], Loss: (\d+\.\d+)", re.M)
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from gpupar import files, rundir
-from gpupar.cli import main
 
 from harness import env
 
@@ -200,8 +199,10 @@ def test_a_ddp_job_listens_on_loopback_stops_on_ctrl_c_and_dies_with_its_launche
     proc, ranks = start("int")
     addresses = _listening([proc.pid, *ranks])
     assert len(addresses) >= 3 and all(a.startswith("127.0.0.1:") for a in addresses), addresses
-    time.sleep(1)  # some steps and checkpoints
-    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 120  # a generous wait for the first commit, whatever the load
+    while not list((tmp_path / "int").glob("checkpoints/step-*/COMPLETE")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # mid-training, as likely as not mid-save (every 40 steps)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "gpupar: interrupted", err
     assert "Traceback" not in err and not any(_alive(r) for r in ranks)
