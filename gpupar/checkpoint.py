@@ -212,6 +212,20 @@ def check_compatible(model: nn.Module, metadata, where: str) -> None:
 
 # --- export -------------------------------------------------------------------------------------
 
+def export_run(checkpoint: str | Path, out: str | Path) -> Path:
+    """`gpupar export`: the checkpoint's full weights, with the run's config.toml copied beside
+    them (predict rebuilds the model from it) unless one is there already."""
+    import shutil
+
+    from gpupar.files import atomic_write
+
+    written = export_weights(Path(checkpoint), Path(out))
+    run_config = Path(checkpoint).resolve().parent.parent / "config.toml"
+    if run_config.is_file() and not (written.parent / "config.toml").exists():
+        atomic_write(written.parent / "config.toml", lambda tmp: shutil.copyfile(run_config, tmp))
+    return written
+
+
 def export_weights(checkpoint: Path, out: Path) -> Path:
     """Gather the full model weights of a checkpoint (any strategy, any world size) into one
     safetensors file, in this one process."""

@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from gpupar.config import to_toml
-from gpupar.errors import Interrupted, TrainingError, UsageError, stdout_closed
+from gpupar.errors import Interrupted, TrainingError, UsageError, in_main_thread, raise_interrupted, stdout_closed
 from gpupar.flags import OneLineParser, add_config_flags, add_sweep_flags, config_from_args, number
 
 PEER_FAILED = 3  # a worker's exit code when only a collective with a failed peer broke
@@ -128,18 +128,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import shutil
-    from pathlib import Path
+    from gpupar.checkpoint import export_run
 
-    from gpupar.checkpoint import export_weights
-    from gpupar.files import atomic_write
-
-    out = export_weights(Path(args.checkpoint), Path(args.out))
-    # predict rebuilds the model from the config.toml beside the weights: copy the run's.
-    run_config = Path(args.checkpoint).resolve().parent.parent / "config.toml"
-    if run_config.is_file() and not (out.parent / "config.toml").exists():
-        atomic_write(out.parent / "config.toml", lambda tmp: shutil.copyfile(run_config, tmp))
-    print(f"Wrote the full weights of {args.checkpoint} to {out}")
+    print(f"Wrote the full weights of {args.checkpoint} to {export_run(args.checkpoint, args.out)}")
     return 0
 
 
@@ -207,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     # SIGTERM stops the launcher like Ctrl-C (a rank is stopped by its launcher); put back after.
-    previous = signal.signal(signal.SIGTERM, _interrupt) if _sigterm_is_ours() else None
+    previous = signal.signal(signal.SIGTERM, raise_interrupted) if not rank_tag() and in_main_thread() else None
     try:
         _require_torch()
         args = parser.parse_args(argv)
@@ -239,15 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _sigterm_is_ours() -> bool:
-    import threading
-    return not rank_tag() and threading.current_thread() is threading.main_thread()
-
-
-def _interrupt(signum, frame) -> None:
-    raise Interrupted(signum)
 
 
 def rank_tag() -> str:

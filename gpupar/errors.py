@@ -19,6 +19,18 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def raise_interrupted(signum, frame) -> None:
+    """A SIGTERM handler: stop the launcher as Ctrl-C does."""
+    raise Interrupted(signum)
+
+
+def in_main_thread() -> bool:
+    """Signal handlers can only be set from the main thread (not, say, a notebook's worker)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def stdout_closed() -> int:
     """The reader of stdout went away (``gpupar runs | head -1``): stop quietly, exit 0.
 
