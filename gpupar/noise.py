@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gpupar.step import StepFn
@@ -86,11 +85,4 @@ def full_grads(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | No
             grads[name] = g.detach().float().cpu().clone()
     if not topo.distributed or not topo.pp_enabled:
         return grads if topo.is_main else None
-    parts: list | None = [None] * topo.world_size if topo.is_main else None
-    dist.gather_object(grads, parts, dst=0)
-    if not topo.is_main:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:  # type: ignore[union-attr]
-        merged.update(part)
-    return merged
+    return topo.merge_on_main(grads)

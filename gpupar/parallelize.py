@@ -141,14 +141,7 @@ def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]
         redistribute_log.setLevel(level)
     if not topo.pp_enabled:
         return state if topo.is_main else None
-    parts: list | None = [None] * topo.world_size if topo.is_main else None
-    dist.gather_object(state, parts, dst=0)
-    if not topo.is_main:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:  # type: ignore[union-attr]
-        merged.update(part)
-    return merged
+    return topo.merge_on_main(state)
 
 
 def check_same_model(model: nn.Module, topo: Topology) -> None:

@@ -234,6 +234,18 @@ class Topology:
         assert self.mesh is not None
         return self.mesh["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.mesh["dp_shard"]
 
+    def merge_on_main(self, part: dict) -> dict | None:
+        """Every rank's dict merged on rank 0 (None elsewhere): pipeline stages each hold part
+        of a model's names. A collective: every rank calls it."""
+        parts: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(part, parts, dst=0)
+        if not self.is_main:
+            return None
+        merged: dict = {}
+        for each in parts:  # type: ignore[union-attr]
+            merged.update(each)
+        return merged
+
     def comm_device(self) -> torch.device:
         """Where small tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
         return self.device if self.device.type == "cuda" else torch.device("cpu")
