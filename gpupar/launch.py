@@ -47,13 +47,16 @@ def run(cfg: Config, command: str, here: Callable, extra: tuple[str, ...] = ()) 
         here(topo)
         topo.close()
         return
-    if cfg.parallel.plan == "auto":  # gpupar plan picks the layout; then it runs like any other
-        from gpupar.plan import apply_auto
-
-        cfg.parallel = apply_auto(cfg).parallel  # in place: ``here`` holds this cfg
     check(cfg)
+    start(cfg, command, here, extra)
+
+
+def start(cfg: Config, command: str, here: Callable, extra: tuple[str, ...] = ()) -> None:
+    """Run a job that ``check`` passed: ``here`` in this process for one-process layouts,
+    else in started ranks."""
     if not layout(cfg.parallel).ranks:
         from gpupar.devices import pick_device
+        from gpupar.topology import Topology
 
         here(Topology.single(pick_device(cfg.train.device)))
         return
@@ -73,9 +76,14 @@ def this_process(cfg: Config, dims=None):
 
 def check(cfg: Config):
     """The checks before anything starts or is written (``job.preflight``) at the world size
-    this launch will have; more than 4 CPU ranks per core is a warning, once they passed.
-    Returns the layout's ``ParallelDims``."""
+    this launch will have, after ``--plan auto`` chose the layout; more than 4 CPU ranks per
+    core is a warning, once they passed. Returns the layout's ``ParallelDims``."""
     from gpupar.job import preflight
+
+    if cfg.parallel.plan == "auto":  # gpupar plan picks the layout; then it is checked like any other
+        from gpupar.plan import apply_auto
+
+        cfg.parallel = apply_auto(cfg).parallel  # in place: the caller's ``here`` holds this cfg
 
     lay = layout(cfg.parallel)
     if not lay.ranks:
