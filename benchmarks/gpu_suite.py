@@ -1,195 +1,59 @@
-"""The GPU suite: every GPU figure of issue 15 in one call, written as suite.json and suite.md.
+"""The GPU suite: every check and figure that needs a card, in one call; suite.json and suite.md.
 
-    bash benchmarks/gpu_suite.sh [--device cuda] [--out DIR]     # one H100/H200: at most ~8 minutes
+    bash benchmarks/gpu_suite.sh [--device cuda] [--out DIR]     # one H100/H200: at most ~7 minutes
     bash benchmarks/gpu_suite.sh --device cpu --tiny              # CI: the same code at tiny sizes
 
-Parts (each one row in the summary; a part that fails is recorded with its error, never
-stops the others):
-  tests      the GPU-marked tests (pytest -m gpu); on CPU: skipped
-  classic    the classic example, gpupar.train (--cuda-graphs on CUDA) against the plain loop,
-             interleaved repeats, min and median; goal <= 0.5 on CUDA
-  gpt        the built-in GPT at ~1B parameters, bf16 autocast, SDPA, --compile: tokens/s and
-             MFU against the card's dense bf16 peak (goal >= 50%); peak memory against the
-             memory report (params + grads + optimizer state)
-  sweep      benchmarks/sweep_fusion.py: 64 classic models fused against sequential (goal >= 50x)
-  ddp, fsdp  world 1 over NCCL (gloo on CPU): a few steps equal the single-device steps
-
-NOT YET RUN ON A GPU (written for torch 2.11 on CUDA; the CPU --tiny path runs in CI).
+Parts, in order (benchmarks/gpu_parts.py), each in its own process under its own time limit,
+so a hang or a CUDA error in one is recorded and the others still run; each part's result is
+written as soon as it ends (a lease cut short still returns what finished):
+  tests         tests/test_gpu.py (pytest -m gpu): auto device, no host sync between log points
+                (CUDA's sync detector), DDP and FSDP over NCCL, CUDA graphs, bf16, resume, plan
+  gpt_eager     the built-in GPT at ~1B parameters, bf16, SDPA: tokens/s, MFU, peak memory
+  classic       the classic example, gpupar.train (eager and --cuda-graphs) against the plain loop
+  plan          `gpupar plan` at world 1 against torch.cuda.max_memory_allocated
+  sweep         benchmarks/sweep_fusion.py: 64 classic models fused against sequential
+  gpt_compiled  the GPT again under --compile (inductor's compile time is the risk: last)
 """
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+# seconds per part on a card (the tiny CPU run takes a few each)
+PARTS = {"tests": 150, "gpt_eager": 75, "classic": 75, "plan": 60, "sweep": 60, "gpt_compiled": 120}
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_part(name: str, device: str, tiny: bool, out: Path) -> None:
+    """In this process: one part, its result (or its error) written to out/NAME.json."""
+    import torch
 
+    import gpu_parts
+    from gpupar.devices import pick_device
 
-def part_tests(device, tiny):
-    if device.type != "cuda":
-        return {"skipped": "no CUDA device: the GPU-marked tests skip themselves"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests")],
-                          capture_output=True, text=True, timeout=240)
-    return {"returncode": proc.returncode, "tail": proc.stdout.strip().splitlines()[-1:]}
-
-
-def part_classic(device, tiny):
-    import gpupar
-    from gpupar.config import Config
-    from gpupar.data import synthetic_regression
-
-    overhead = _load("overhead_single")
-    X, y = synthetic_regression()
-    graphs = device.type == "cuda"
-
-    def ours(X, y, device):
-        cfg = Config()
-        cfg.train.device, cfg.train.progress, cfg.train.cuda_graphs = str(device), False, graphs
-        torch.manual_seed(42)
-        return gpupar.train(gpupar.SimpleNN(), (X, y), config=cfg).model
-
-    repeats = 1 if tiny else 11
-    for _ in range(0 if tiny else 3):  # warm-up (compiles and records the graphs on CUDA)
-        overhead.timed(overhead.plain_loop, X, y, device), overhead.timed(ours, X, y, device)
-    plain, mine = [], []
-    for _ in range(repeats):
-        plain.append(overhead.timed(overhead.plain_loop, X, y, device))
-        mine.append(overhead.timed(ours, X, y, device))
-    return {"cuda_graphs": graphs, "repeats": repeats, "plain_ms": [min(plain) * 1e3, statistics.median(plain) * 1e3],
-            "gpupar_ms": [min(mine) * 1e3, statistics.median(mine) * 1e3],
-            "ratio_median": statistics.median(mine) / statistics.median(plain),
-            "ratio_min": min(mine) / min(plain), "goal": "<= 0.5 on CUDA, <= 1.00 on CPU"}
-
-
-def part_gpt(device, tiny):
-    from gpupar.bench.flops import gpu_peak_tflops
-    from gpupar.bench.worker import StepTimer
-    from gpupar.config import Config
-    from gpupar.job import load_problem
-    from gpupar.loop import as_samples, fit, make_loss, make_optimizer
-    from gpupar.memory import memory_report, peak_bytes
-    from gpupar.models import build_model
-    from gpupar.topology import Topology
-
-    cfg = Config()
-    m = cfg.model
-    cfg.model.name = "gpt"
-    if tiny:
-        m.hidden, m.layers, m.heads, m.seq_len, m.vocab, batch, steps, warmup = 32, 2, 4, 16, 64, 8, 3, 1
-    else:  # 12 L d^2 + 2 V d = 1.04e9 parameters
-        m.hidden, m.layers, m.heads, m.seq_len, m.vocab, batch, steps, warmup = 2048, 18, 16, 1024, 32768, 8, 10, 3
-    cfg.data.samples, cfg.train.batch_size = batch, batch
-    cfg.train.epochs = cfg.train.max_steps = cfg.train.log_every = steps + warmup
-    cfg.train.device, cfg.train.progress = str(device), False
-    cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
-    cfg.train.compile = device.type == "cuda"  # inductor on a 2-core CPU takes longer than CI allows
-    topo = Topology.single(device)
-    problem = load_problem(cfg.validate(), meta=True)  # the data, and the model's shapes only
-    with torch.device(device):  # initialised on the device: 4 GB of fp32 weights never touch the host
-        model = build_model(cfg.model, 0, 0, cfg.train.seed)
-    params = sum(p.numel() for p in model.parameters())
-    optimizer = make_optimizer(model, cfg)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(topo, warmup, steps - 1)
-    train_set, _ = as_samples((problem.X, problem.y), cfg)
-    history = fit(model, train_set, cfg, topo, make_loss(cfg, problem.spec), optimizer, log=lambda _: None,
-                  on_step=timer)
-    step_s = statistics.median(timer.step_seconds())
-    tokens = batch * m.seq_len
-    # Model FLOPs: 6 N per token (forward and backward of every weight) + causal attention's
-    # scores and values, 6 L T d per token for forward and backward (half of the dense 12 L T d).
-    flops = 6 * params * tokens + 6 * m.layers * m.seq_len * m.hidden * tokens
-    peak = gpu_peak_tflops(torch.cuda.get_device_name(device), "bf16") if device.type == "cuda" else None
-    report = memory_report(model, optimizer, history.grad_bytes, device)
-    measured, kind = peak_bytes(device)
-    return {"params": params, "batch": batch, "seq_len": m.seq_len, "precision": cfg.train.precision,
-            "compile": cfg.train.compile, "median_step_s": step_s, "tokens_per_s": tokens / step_s,
-            "achieved_tflops": flops / step_s / 1e12, "peak_tflops": peak,
-            "mfu": flops / step_s / 1e12 / peak if peak else None, "goal_mfu": 0.5,
-            "memory_report_persistent_bytes": report["persistent_bytes"], "peak_bytes": measured, "peak_kind": kind,
-            "peak_over_persistent": measured / report["persistent_bytes"], "final_loss": history.final_loss}
-
-
-def part_sweep(device, tiny):
-    """benchmarks/sweep_fusion.py as it stands (its own interleaving, load check and report)."""
-    args = ["--device", device.type] + (["--models", "1", "--repeats", "1", "--max-load", "1000"] if tiny
-                                       else ["--repeats", "3"])  # 3 x 64 sequential runs fit the 8 minutes
-    sweep, out, argv = _load("sweep_fusion"), io.StringIO(), sys.argv
-    sys.argv = ["sweep_fusion.py", *args]
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = name != "tests"  # the tests check float32 arithmetic
+    began = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(out):
-            sweep.main()
-    finally:
-        sys.argv = argv
-    return {"models": 1 if tiny else 64, "output": out.getvalue().strip().splitlines()[-6:], "goal": ">= 50x on a GPU"}
+        result = getattr(gpu_parts, f"part_{name}")(dev, tiny)
+    except Exception as exc:  # recorded; the suite goes on
+        result = {"error": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
+                  "where": traceback.format_exc().strip().splitlines()[-6:]}
+    result["seconds"] = round(time.perf_counter() - began, 1)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
-def part_data_parallel(device, tiny):
-    """DDP and FSDP wrappers at world 1 (NCCL on CUDA): their steps equal the plain model's."""
-    import torch.distributed as dist
-    from torch import nn
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from gpupar.config import ParallelConfig
-    from gpupar.parallel.ddp import apply_ddp
-    from gpupar.parallel.fsdp import apply_fsdp
-    from gpupar.topology import Topology
-
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    import tempfile
-
-    # A file store: no TCP port to pick, so two suites (or tests) at once cannot collide.
-    store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="gpu_suite-"), "store"), 1)
-    dist.init_process_group(backend, store=store, rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
-    try:
-        def model():
-            torch.manual_seed(0)
-            return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1)).to(device)
-
-        x, y = torch.randn(32, 16, device=device), torch.randn(32, 1, device=device)
-
-        def train(m):
-            opt = torch.optim.Adam(m.parameters(), lr=0.01, fused=True)
-            losses = []
-            for _ in range(5):
-                loss = nn.functional.mse_loss(m(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-            return torch.stack(losses).tolist()
-
-        ref = train(model())
-        topo = Topology.single(device)
-        rows = {}
-        for name, wrap in (("ddp", lambda m: apply_ddp(m, topo, ParallelConfig())),
-                           ("fsdp", lambda m: apply_fsdp(m, init_device_mesh(device.type, (1,)), ParallelConfig()))):
-            got = train(wrap(model()))
-            gap = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
-            rows[name] = {"backend": backend, "world": 1, "max_rel_gap": gap, "ok": gap <= 1e-5}
-        return rows
-    finally:
-        dist.destroy_process_group()
+def failed(name: str, row: dict) -> bool:
+    return "error" in row or (name == "tests" and row.get("returncode") not in (0, 5))
 
 
 def markdown(summary) -> str:
@@ -198,7 +62,8 @@ def markdown(summary) -> str:
              f"device {env['device']}, torch {env['torch']}, load average {env['load_average']}, "
              f"{summary['wall_s']:.0f} s", "", "| part | result |", "|---|---|"]
     for name, row in summary["parts"].items():
-        lines.append(f"| {name} | {json.dumps(row, default=str)[:400].replace('|', '/')} |")
+        row = {k: v for k, v in row.items() if k != "log"}
+        lines.append(f"| {name} | {json.dumps(row, default=str)[:600].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,39 +72,46 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (CI on CPU)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part here
     args = parser.parse_args()
-    from gpupar.devices import describe, pick_device
-
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out or f"runs/gpu-suite-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    parts = {}
-    for name, fn in (("tests", part_tests), ("classic", part_classic), ("gpt", part_gpt), ("sweep", part_sweep),
-                     ("data_parallel", part_data_parallel)):
+    if args.part:
+        run_part(args.part, args.device, args.tiny, out)
+        return 0
+    import torch
+
+    from gpupar.devices import describe, pick_device
+
+    began, parts = time.perf_counter(), {}
+    for name in args.parts.split(","):
+        if name not in PARTS:
+            parser.error(f"--parts: unknown part {name!r}; the parts are {', '.join(PARTS)}")
+        cmd = [sys.executable, __file__, "--part", name, "--device", args.device, "--out", str(out)]
         start = time.perf_counter()
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                parts[name] = fn(device, args.tiny)
-        except Exception as exc:  # recorded, and the suite goes on
-            parts[name] = {"error": f"{type(exc).__name__}: {str(exc).strip()[:300]}",
-                           "where": traceback.format_exc().strip().splitlines()[-3:]}
-        parts[name] = {**parts[name], "seconds": round(time.perf_counter() - start, 2)} \
-            if isinstance(parts[name], dict) else parts[name]
-        print(f"{name}: {json.dumps(parts[name], default=str)[:300]}", flush=True)
+            proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True,
+                                  timeout=PARTS[name] * (4 if args.tiny else 1))
+            result = out / f"{name}.json"
+            parts[name] = json.loads(result.read_text()) if result.exists() else \
+                {"error": f"exit {proc.returncode}", "where": proc.stderr.strip().splitlines()[-6:]}
+        except subprocess.TimeoutExpired:
+            parts[name] = {"error": f"timed out after {PARTS[name]} s"}
+        parts[name].setdefault("seconds", round(time.perf_counter() - start, 1))
+        shown = {k: v for k, v in parts[name].items() if k != "log"}
+        print(f"{name}: {json.dumps(shown, default=str)[:1500]}", flush=True)
+    device = pick_device(args.device)
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": describe(device), "torch": torch.__version__,
            "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg())}
     summary = {"environment": env, "tiny": args.tiny, "wall_s": time.perf_counter() - began, "parts": parts}
     (out / "suite.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out / "suite.md").write_text(markdown(summary))
     print(f"Wrote {out / 'suite.json'} and {out / 'suite.md'}")
-    failed = [n for n, r in parts.items() if "error" in r or (n == "tests" and r.get("returncode"))
-              or (n == "data_parallel" and not all(v["ok"] for v in r.values() if isinstance(v, dict)))]
-    if failed:
-        print(f"FAILED parts: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    bad = [n for n, r in parts.items() if failed(n, r)]
+    if bad:
+        print(f"FAILED parts: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -209,6 +209,10 @@ class Samples:
         return default_collate([self.source[int(i)] for i in rows])
 
     def take_to(self, positions: torch.Tensor | slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.source, tuple) and isinstance(positions, torch.Tensor):
+            # Samples already on the GPU: send the [batch] index there without waiting, else
+            # indexing copies it synchronously, a host stall every step.
+            positions = positions.to(self.source[0].device, non_blocking=True)
         x, y = self.take(positions)
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
