@@ -61,6 +61,14 @@ def part_classic(device, tiny):
             if tiny or r >= 3:
                 times[name].append(t)
     row = {name: {"min_ms": min(t) * 1e3, "median_ms": statistics.median(t) * 1e3} for name, t in times.items()}
+    if device.type == "cuda":  # where each side's time goes: API calls per run (launches, graph replays, syncs)
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in sides.items():
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                overhead.timed(fn, X, y, device)
+            calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("cuda")}
+            row[name]["cuda_api_calls"] = dict(sorted(calls.items(), key=lambda kv: -kv[1])[:6])
     for name in sides:
         if name != "plain":
             row[name]["ratio_median"] = statistics.median(times[name]) / statistics.median(times["plain"])
@@ -219,3 +227,52 @@ def measure_single(device, flags) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         out.update(peak=peak, transient=peak - at_start)
     return out
+
+
+def part_ac_diag(device, tiny):
+    """Checkpointed runs on an H200 started each step with one extra copy of the checkpointed
+    blocks' parameters allocated: what holds it, and whether Python's collector frees it."""
+    import gc
+
+    from gpupar.cli import build_parser
+    from gpupar.flags import config_from_args
+    from gpupar.job import load_problem
+    from gpupar.loop import autocast_for, make_loss, make_optimizer
+    from gpupar.parallelize import parallelize
+    from gpupar.topology import Topology
+
+    flags = PLAN_MODELS["mlp"][1 if tiny else 0]
+    rows = {}
+    for ac in ("none", "full"):
+        cfg = config_from_args(build_parser().parse_args(["train", *flags, "--device", device.type,
+                                                          "--activation-checkpointing", ac]))
+        problem = load_problem(cfg)
+        parallel = parallelize(problem.model.to(device), Topology.single(device), cfg, problem.spec)
+        del problem.model
+        optimizer, loss_fn = make_optimizer(parallel.model, cfg), make_loss(cfg, problem.spec)
+        batch = [(problem.X[:cfg.train.batch_size].to(device), problem.y[:cfg.train.batch_size].to(device))]
+        allocated = (lambda: torch.cuda.memory_allocated(device)) if device.type == "cuda" else (lambda: 0)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(2):
+                parallel.step(batch, loss_fn, autocast_for(device, cfg.train.precision), None)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            known = {id(t) for t in parallel.model.parameters()} | {id(t) for b in batch for t in b}
+            known |= {id(v) for st in optimizer.state.values() for v in st.values()}
+            strays = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device == device
+                      and id(o) not in known]
+            seen = [{"shape": list(t.shape), "requires_grad": t.requires_grad, "leaf": t.is_leaf,
+                     "grad_fn": type(t.grad_fn).__name__ if t.grad_fn is not None else None,
+                     "referrers": sorted({type(r).__name__ for r in gc.get_referrers(t)})[:6]} for t in strays[:8]]
+            before = allocated()
+            collected = gc.collect()
+            rows[ac] = {"allocated_after_step": before, "after_gc_collect": allocated(), "collected": collected,
+                        "grads_none": all(p.grad is None for p in parallel.model.parameters()),
+                        "python_tensors_not_params_or_state": len(strays), "first": seen}
+        finally:
+            gc.enable()
+        del parallel, optimizer, batch
+        gc.collect()
+    return rows

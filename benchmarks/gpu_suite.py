@@ -13,6 +13,7 @@ written as soon as it ends (a lease cut short still returns what finished):
   plan          `gpupar plan` at world 1 against torch.cuda.max_memory_allocated
   sweep         benchmarks/sweep_fusion.py: 64 classic models fused against sequential
   gpt_compiled  the GPT again under --compile (inductor's compile time is the risk: last)
+  ac_diag       what a checkpointed step leaves allocated (before and after gc.collect())
 """
 
 import argparse
@@ -29,7 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 # seconds per part on a card (the tiny CPU run takes a few each)
-PARTS = {"tests": 150, "gpt_eager": 75, "classic": 75, "plan": 60, "sweep": 60, "gpt_compiled": 120}
+PARTS = {"tests": 150, "gpt_eager": 75, "classic": 75, "plan": 60, "sweep": 60, "gpt_compiled": 120,
+         "ac_diag": 40}
 
 
 def run_part(name: str, device: str, tiny: bool, out: Path) -> None:
@@ -40,8 +42,6 @@ def run_part(name: str, device: str, tiny: bool, out: Path) -> None:
     from gpupar.devices import pick_device
 
     dev = pick_device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = name != "tests"  # the tests check float32 arithmetic
     began = time.perf_counter()
     try:
         result = getattr(gpu_parts, f"part_{name}")(dev, tiny)

@@ -19,7 +19,7 @@ already all-reduced, so every rank sees a NaN from any rank and reaches the same
 alone: no extra collective; the flags travel with the logged loss's all-reduce at log points.
 Sharded gradients (FSDP, tensor and pipeline parallel) differ between ranks: ``--on-nan stop``
 all-reduces the flags at log points only; ``--on-nan skip`` must agree before every step, so
-it all-reduces two numbers per step (on the device under NCCL: still no host sync).
+it all-reduces one number per step (on the device under NCCL: still no host sync).
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ class Guard:
         # The scaler passes its own found_inf to a fused optimizer; ours would clash with it.
         self.masks_on_device = scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False)
         self.agree_each_step = mode == "skip" and topo.distributed and not topo.dims.grads_replicated
+        self._ones: dict[torch.device, torch.Tensor] = {}
         self._reset_window()
         self._reset_loss()
 
     def _reset_window(self) -> None:
         self.losses: list[torch.Tensor] = []   # each step's local loss, 0-dim
-        self.flags: list[torch.Tensor] = []    # each step's [loss non-finite, gradients non-finite]
+        self.flags: list[torch.Tensor] = []    # each step's 0-dim flag: 1.0 when its loss or a gradient is NaN/Inf
         self.where: list[tuple[int, int]] = []  # (step, epoch), on the host
 
     def _reset_loss(self) -> None:
@@ -60,28 +61,36 @@ class Guard:
         self.loss_count: torch.Tensor | float = 0.0
 
     def check(self, loss: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
-        """Flag this step's loss and gradients; returns a 0-dim float 1.0 (bad) or 0.0, on the device."""
+        """Flag this step's loss and gradients; returns a 0-dim float 1.0 (bad) or 0.0, on the device.
+
+        One multi-tensor kernel per device (GradScaler's non-finite check, with a scale of 1,
+        which leaves every value as it is) and nothing else: the loss sums are taken at the
+        next read, so a step costs two launches, not twenty.
+        """
         loss = loss.detach()
-        loss_bad = (~torch.isfinite(loss)).float()
-        grads = [local_shard(p.grad) for p in self.params if p.grad is not None]
-        if self.scaler is None and grads:
-            # NaN and Inf survive a sum: one pass over the gradients, no norm (0.13 ms for 2.1 M
-            # on one CPU thread; a max-|g| took 5.6 ms). Only sums past 3e38 could mislead.
-            total = torch.stack([g.sum().float().to(loss.device) for g in grads]).sum()
-            grad_bad = (~torch.isfinite(total)).float()
-        else:  # fp16: Inf gradients are the GradScaler's signal to lower its scale and skip
-            grad_bad = torch.zeros_like(loss_bad)
-        flags = torch.stack([loss_bad, grad_bad])  # [2]
+        groups: dict[torch.device, list[torch.Tensor]] = {loss.device: [loss]}
+        if self.scaler is None:  # fp16: Inf gradients are the GradScaler's signal to lower its scale and skip
+            for p in self.params:
+                if p.grad is not None:
+                    g = local_shard(p.grad)
+                    groups.setdefault(g.device, []).append(g)
+        flags = []
+        for device, tensors in groups.items():
+            found = torch.zeros((), device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one(device))
+            flags.append(found.to(loss.device, non_blocking=True))
+        bad = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         if self.agree_each_step:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # a device collective under NCCL
-        bad = flags.max()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a device collective under NCCL
         self.losses.append(loss)
-        self.flags.append(flags)
+        self.flags.append(bad)
         self.where.append((step, epoch))
-        finite = 1.0 - bad
-        self.loss_sum = self.loss_sum + torch.where(bad > 0, torch.zeros_like(loss), loss).double()
-        self.loss_count = self.loss_count + finite.double()
         return bad
+
+    def _one(self, device: torch.device) -> torch.Tensor:
+        if device not in self._ones:
+            self._ones[device] = torch.ones((), device=device)
+        return self._ones[device]
 
     def read(self, with_loss: bool, scheduler, history, log: Callable[[str], None]) -> float | None:
         """One all-reduce and one host read: act on the flags of every step since the last read.
@@ -90,20 +99,26 @@ class Guard:
         ``with_loss`` (and starts a new log window). Raises TrainingError under --on-nan stop.
         """
         n, topo = len(self.flags), self.topo
+        if n:  # the window's finite steps join the loss sums (kept on the device until a log point)
+            local = torch.stack(self.losses).to(torch.float64)  # [n]
+            bad = torch.stack(self.flags).to(torch.float64)  # [n]
+            self.loss_sum = self.loss_sum + torch.where(bad > 0, 0.0, local).sum()
+            self.loss_count = self.loss_count + (1.0 - bad).sum()
         mean = []
         if with_loss:  # NaN when every step since the last log point was skipped
             counted = isinstance(self.loss_count, torch.Tensor)
             mean = [self.loss_sum / self.loss_count if counted else torch.tensor(math.nan, dtype=torch.float64)]
-        reduced = [t.to(topo.comm_device(), torch.float64).reshape(-1) for t in mean + self.flags]
+        # per step: any rank's step bad, any rank's loss non-finite (which says what went wrong)
+        flags = [bad, (~torch.isfinite(local)).to(torch.float64)] if n else []
+        reduced = [t.to(topo.comm_device(), torch.float64).reshape(-1) for t in mean + flags]
         if not reduced:
             return None
-        local = torch.stack([t.to(topo.comm_device(), torch.float64) for t in self.losses]) if n else None
         shared = torch.cat(reduced)
         if topo.distributed:  # the loss mean and the flags in one all-reduce (DDP had this one already)
             dist.all_reduce(shared)
-        values = torch.cat([shared] + ([local] if n else [])).tolist()  # the one host read
+        values = torch.cat([shared] + ([local.to(shared.device)] if n else [])).tolist()  # the one host read
         loss = values.pop(0) / topo.world_size if with_loss else None
-        flags, losses = values[:2 * n], values[2 * n:]
+        step_bad, loss_bad, losses = values[:n], values[n:2 * n], values[2 * n:]
         history.step_losses.extend(losses)
         where = self.where
         self._reset_window()
@@ -111,14 +126,13 @@ class Guard:
             self._reset_loss()
         skipped = 0
         for i, (step, epoch) in enumerate(where):
-            loss_bad, grad_bad = flags[2 * i], flags[2 * i + 1]
-            if not (loss_bad or grad_bad):
+            if not step_bad[i]:
                 continue
             if self.mode == "stop":
-                what = f"loss became non-finite ({losses[i]})" if loss_bad else "gradients became non-finite"
+                what = f"loss became non-finite ({losses[i]})" if loss_bad[i] else "gradients became non-finite"
                 raise TrainingError(f"{what} at step {step} (epoch {epoch}); training stopped and no weights or "
                                     "checkpoint were written from this step on")
-            kind = "loss" if loss_bad else "gradients"
+            kind = "loss" if loss_bad[i] else "gradients"
             history.skipped_steps.append(step)
             skipped += 1
             if topo.is_main:

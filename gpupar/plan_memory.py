@@ -9,6 +9,8 @@ keeps the dim-0 chunk ``ceil(n / S)`` of each of those tensors, rank by rank.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +20,22 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from gpupar.config import Config
 from gpupar.topology import ParallelDims
 
-GPU_RUNTIME_BYTES = 1 << 30  # CUDA context, cuBLAS workspace, NCCL: outside the allocator's count
+GPU_RUNTIME_BYTES = 1 << 30  # CUDA context, kernels, NCCL: outside the allocator's count
 FRAGMENTATION = 0.05
+
+
+def cublas_workspace_bytes() -> int:
+    """cuBLAS's workspaces, inside the caching allocator's count: one per (handle, stream), and
+    a step has two, the forward's thread and autograd's backward thread; plus cuBLASLt's 1 MiB.
+    PyTorch's default is CUBLAS_WORKSPACE_CONFIG=:4096:8 (32 MiB) on Hopper and later and
+    :4096:2:16:8 before (measured on an H200: 2 x 32 MiB + 1 MiB above the model's tensors)."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config and re.fullmatch(r"(:\d+:\d+)+", config):
+        sizes = [int(v) for v in config.strip(":").split(":")]
+        one = sum(kib * 1024 * count for kib, count in zip(sizes[::2], sizes[1::2]))
+    else:
+        one = 4096 * 1024 * 8 if torch.cuda.get_device_capability()[0] >= 9 else 4096 * 1024 * 2 + 16 * 1024 * 8
+    return 2 * one + (1 << 20)
 
 
 @dataclass
@@ -191,6 +207,7 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
     mb = ctx.batch // (dims.dp * m)
     per_rank, worst = [], None
     probes = {}
+    workspace = cublas_workspace_bytes() if device_type == "cuda" else 0  # allocated once, kept
     for rank in range(dims.world):
         stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
         if stage not in probes:
@@ -221,9 +238,9 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
             pers = {k: 0 for k in pers}
         optim_temp = 2 * max((t.numel() * t.element_size() for t in model.parameters()), default=0)
         grads_held = 0 if dims.ddp_enabled else pers["grads"]  # DDP's live in its buckets (comm)
-        peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp)
+        peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp) + workspace
         # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).
-        transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm)
+        transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm) - workspace
         per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak,
                          "transient": transient})
         if worst is None or peak > worst["peak"]:

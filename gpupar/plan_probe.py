@@ -5,8 +5,11 @@ with tensor-parallel layers at their local width, with activation checkpointing 
 planned), at micro-batches of 2 and 4 samples, extended linearly to the real micro-batch
 (plan_memory.py): on the CPU when the local model is small (<= 64 MiB of parameters; real
 kernels, so attention saves what the fused kernel saves), otherwise
-on the meta device (shapes only, no arithmetic, no memory; attention then takes the math
-path and the probe over-counts its saved scores, which errs on the safe side). A ``TorchDispatchMode`` sees every op's outputs and follows
+on the meta device (shapes only, no arithmetic, no memory). The meta device has no fused
+attention kernel, so there ``scaled_dot_product_attention`` goes through the CPU flash
+kernel's shapes (``_fused_attention``): it saves what the GPU's flash and memory-efficient
+kernels save, the output and a float32 log-sum-exp per row, never the [B, H, T, T] scores of
+the math path. A ``TorchDispatchMode`` sees every op's outputs and follows
 their storages (by weak reference) until they die. That gives the bytes alive when forward
 ends (what autograd and checkpointing keep for backward: saved tensors, checkpointed block
 inputs, selective checkpointing's cached outputs) and the peak during forward and backward
@@ -22,6 +25,7 @@ size), cached per machine in ``~/.cache/gpupar`` so it runs once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -82,6 +87,27 @@ class _Liveness(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _fused_attention():
+    """On meta tensors, ``F.scaled_dot_product_attention`` (no mask, 4-D) as a fused kernel runs
+    it: Dao et al., FlashAttention (2022) keeps the output and the row log-sum-exps and
+    recomputes the scores in backward. Patched on the module for the probe's forward, backward
+    and checkpoint recomputation alike (the engine runs those outside any Python mode)."""
+    original = F.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or attn_mask is not None or kwargs or query.dim() != 4:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp) -> StepProbe:
     """Run ``loss_fn(model(x), y).backward()`` under the liveness tracker (model and data on
     the same device: meta for shapes only). Parameter gradients are counted apart, from the
@@ -98,7 +124,7 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
         p.grad = None
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(accumulated))
-    with tracker:
+    with tracker, _fused_attention():
         with amp:
             loss = loss_fn(model(x), y)
         saved = tracker.live_bytes()
