@@ -124,3 +124,42 @@ def test_verify_fsdp_with_selective_activation_checkpointing(tmp_path):
     proc, _ = gpupar("verify", "--strategy", "fsdp", "--model", "gpt", "--activation-checkpointing", "selective",
                      "--hidden", 32, "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 2, "--run-dir", tmp_path / "v", cwd=tmp_path)
     assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_meta_probe_sees_attention_as_the_fused_kernels_save_it():
+    """On the meta device SDPA would take the math path and save the [B, H, T, T] scores; the
+    probe routes it through the fused kernel's shapes, so meta and CPU (a real fused kernel)
+    see the same bytes. An H200 measured the GPT's transient to within 1 KiB this way."""
+    from gpupar.gpt import GPT
+    from gpupar.plan_probe import probe_step
+
+    torch.manual_seed(0)
+    model, x = GPT(64, 32, 2, 4, 64), torch.randint(0, 64, (4, 64))
+    probes = [probe_step(m, x.to(d), x.to(d), lambda o, _: o.sum(),
+                         torch.autocast("cpu", enabled=False))
+              for m, d in ((model, "cpu"), (copy.deepcopy(model).to("meta"), "meta"))]
+    assert probes[1].saved_bytes == probes[0].saved_bytes
+    assert probes[1].peak_bytes() == probes[0].peak_bytes()
+
+
+def test_a_checkpointed_model_is_freed_without_the_cycle_collector():
+    """Blocks take a checkpointing subclass instead of a forward stored on themselves (a
+    reference cycle): dropped, a trained model's blocks and gradients go at once, as without
+    checkpointing. The cycle kept a second model's worth of parameters on an H200."""
+    import gc
+    import weakref
+
+    from gpupar.models import mlp
+    from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
+
+    for mode in ("full", "selective", "full"):  # the first pass builds torch's lazy state
+        model = apply_activation_checkpointing(mlp(10, 32, 4, 1), mode)
+        gc.collect()
+        gc.disable()
+        try:
+            model(torch.randn(8, 10)).sum().backward()
+            block = weakref.ref(model[2])
+            del model
+            assert block() is None, mode
+        finally:
+            gc.enable()
