@@ -28,6 +28,7 @@ from gpupar.memory import format_memory_report, gather_memory_report
 from gpupar.noise import disable_dropout, nudge_weights, record_first_grads
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
 from gpupar.parallel.layer_split import parse_devices
+from gpupar.parallel import tied
 from gpupar.parallel.pipeline import stage_module, stage_names, stage_starts, trace_stages, traceable
 from gpupar.parallelize import full_state_dict, micro_batch_size, parallelize, pipeline_units, tp_plan
 from gpupar.topology import ParallelDims, Topology
@@ -123,11 +124,15 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
             rows = micro_batch_size(cfg, dims, n_train)
             trace_stages(model, every, torch.zeros(rows, *problem.X.shape[1:], dtype=problem.X.dtype,
                                                    device=_device_of(model)))
+    if dims.pp > 1:
+        tied.check_pp(stages, model)
     if dims.tp > 1:
         from gpupar.parallel.tensor import check_divisible as check_tp_divisible
 
         for stage in stages:
-            check_tp_divisible(stage, tp_plan(stage, dims.tp, spec), dims.tp)
+            plan = tp_plan(stage, dims.tp, spec)
+            check_tp_divisible(stage, plan, dims.tp)
+            tied.check_tp(stage, plan)
     if cfg.parallel.sync_bn and (dims.tp > 1 or dims.pp > 1):
         raise UsageError("--sync-bn with --tp/--pp: only pure data-parallel layouts (ddp, fsdp, hsdp) sync BatchNorm yet")
     return dims

@@ -25,7 +25,7 @@ from gpupar.step import forward_backward
 from gpupar.topology import Topology
 from gpupar.verdict import Trajectory, judge, report
 
-from user_models import residual_mlp
+from user_models import residual_mlp, tied_blocks
 
 STEPS, LR, FLOOR, BAND = 16, 0.05, 1e-5, 10.0
 X, Y = synthetic_regression(128, 10, 0.1, 42)
@@ -174,6 +174,16 @@ def main() -> None:
     check("tp-correct-plan", train(right, tp_topo, everything), True, ref_tp, noise_tp)
     wrong = apply_tp(softmax_mlp(), tp_topo.mesh["tp"], {"2": ColwiseParallel(), "4": RowwiseParallel()})
     check("bug-tp-wrong-plan", train(wrong, tp_topo, everything), False, ref_tp, noise_tp)
+
+    # Tied weights and buffers (blocks 0 and 2 share one up-projection; a fixed and a counting
+    # buffer): DDP, FSDP (the two blocks shard as one unit) and TP (the plan's copies re-tied).
+    ref_tied, noise_tied = single(tied_blocks), single(tied_blocks, nudge=True)
+    for strategy in ("ddp", "fsdp", "tp"):
+        cfg = ranks_config(strategy)
+        t = Topology.from_env(cfg)
+        p = parallelize(tied_blocks(), t, cfg, spec)
+        check(f"tied-{strategy}", train(p.model, t, everything if strategy == "tp" else mine), True,
+              ref_tied, noise_tied)
 
     dist.barrier()
     dist.destroy_process_group()

@@ -226,6 +226,12 @@ def test_pipeline_usage_errors_before_launch(gpupar_cli, tmp_path):
      "try --batch-size 960"),
     (["--strategy", "ddp", "--tp", 2, "--dp", 2, "--nproc-per-node", 4, "--model", "mlp", "--hidden", 64],
      "--strategy ddp with --tp 2: DDP cannot hold tensor-parallel (DTensor) parameters"),
+    (["--model", "user_models:tied_blocks", "--pp", 2, "--nproc-per-node", 2],
+     "--pp: 'blocks.0.up.weight' and 'blocks.2.up.weight' are one tied parameter but fall in different pipeline "
+     "stages"),
+    (["--model", "user_models:tied_pair", "--tp", 2, "--nproc-per-node", 2],
+     "--tp: '2.weight' and '4.weight' are one tied parameter but the tensor-parallel plan shards their modules "
+     "differently (ColwiseParallel, RowwiseParallel)"),
 ])
 def test_layout_errors_are_one_line_before_any_rank_starts(gpupar_cli, tmp_path, flags, message):
     code, out, err = gpupar_cli("train", *flags, "--run-dir", tmp_path / "r")

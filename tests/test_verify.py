@@ -32,7 +32,7 @@ def test_injected_bugs_fail_and_chaotic_but_correct_runs_pass(tmp_path):
     assert OK.findall(proc.stdout) == [
         "ddp-chaotic", "fsdp-chaotic", "bug-grads-summed", "bug-rank1-not-averaged", "bug-overlapping-shards",
         "bug-shifted-shards", "bug-param-not-synced", "ddp-grad-accum", "bug-grad-accum-undivided",
-        "bug-rank1-forward-1e-4", "tp-correct-plan", "bug-tp-wrong-plan"]
+        "bug-rank1-forward-1e-4", "tp-correct-plan", "bug-tp-wrong-plan", "tied-ddp", "tied-fsdp", "tied-tp"]
     # Each FAIL says why: step 1 (what and where), or the step that left the band and the parameter.
     assert "FAIL: bug-param-not-synced differs from the reference at step 1, before rounding can grow: gradient " \
            "of 'blocks.2.up.bias'" in proc.stdout

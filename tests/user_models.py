@@ -244,3 +244,36 @@ class Branchy(ResidualMLP):
 
 def branchy():
     return Branchy()
+
+
+class TiedBlocks(ResidualMLP):
+    """Residual blocks 0 and 2 share one up-projection (weight and bias: tied weights, as in
+    ALBERT or a tied embedding/head), and two buffers: a fixed input scale and a forward
+    counter that training updates (a pipeline's micro-batches call forward more often)."""
+
+    def __init__(self):
+        super().__init__(blocks=3)
+        self.blocks[2].up.weight = self.blocks[0].up.weight
+        self.blocks[2].up.bias = self.blocks[0].up.bias
+        self.register_buffer("in_scale", torch.linspace(0.5, 1.5, 10))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        return super().forward(x * self.in_scale)
+
+
+def tied_blocks():
+    torch.manual_seed(0)
+    return TiedBlocks()
+
+
+def tied_pair():
+    """Linear layers 2 and 4 (16 x 16) share one weight: the auto TP plan would shard layer 2
+    by rows and layer 4 by columns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 1))
+    model[4].weight = model[2].weight
+    return model

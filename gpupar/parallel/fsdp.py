@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - older 2.x builds
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError
+from gpupar.parallel.tied import fsdp_groups
 
 TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -97,9 +98,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, options: ParallelConfig, prec
             # the optimizer step runs on the CPU. Each block is copied to the GPU to run.
             offload = {"offload_policy": CPUOffloadPolicy()}
     blocks = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
-                    mp_policy=mp_policy, **offload)
+    for group in fsdp_groups(model, blocks):  # blocks that share a tied Parameter shard as one unit
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh,
+                    reshard_after_forward=options.reshard_after_forward, mp_policy=mp_policy, **offload)
     # The root takes the remaining parameters. FSDP never reshards the root after forward:
     # backward starts with it, so its parameters would be gathered again at once.
     fully_shard(model, mesh=mesh, reshard_after_forward=options.reshard_after_forward,

@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from gpupar.errors import UsageError
+from gpupar.parallel.tied import check_tp, retie, tied_parameters
 
 Plan = dict[str, ParallelStyle]
 
@@ -29,7 +30,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     ``ColwiseParallel()`` / ``RowwiseParallel()`` (or any ``ParallelStyle``), exactly as
     ``parallelize_module`` takes it. The model's spec gives the plan (``auto_plan`` by default)."""
     check_divisible(model, plan, tp_mesh.size())
-    return parallelize_module(model, tp_mesh, plan)
+    check_tp(model, plan)
+    ties = tied_parameters(model)
+    parallelize_module(model, tp_mesh, plan)
+    retie(model, ties)  # parallelize_module sharded each module's copy of a tied Parameter apart
+    return model
 
 
 def auto_plan(model: nn.Module) -> Plan:
