@@ -184,6 +184,10 @@ def main() -> None:
         p = parallelize(tied_blocks(), t, cfg, spec)
         check(f"tied-{strategy}", train(p.model, t, everything if strategy == "tp" else mine), True,
               ref_tied, noise_tied)
+        for name, buffer in p.model.named_buffers():  # every rank ends with the same buffers, not just rank 0
+            everyone = [torch.empty_like(buffer) for _ in range(world)]
+            dist.all_gather(everyone, buffer)
+            assert all(torch.equal(b, buffer) for b in everyone), (strategy, name, everyone)
 
     dist.barrier()
     dist.destroy_process_group()
