@@ -38,6 +38,26 @@ def part_tests(device, tiny):
             "log": proc.stdout[-20000:] + proc.stderr[-4000:]}
 
 
+def part_cpu_suite(device, tiny):
+    """The CPU test suite (gloo ranks, GPU hidden) under this machine's torch: the lent cards run
+    torch 2.11, the development machine 2.13. 8 pytest workers, one test file per worker."""
+    import os
+
+    if tiny or device.type != "cuda":
+        return {"skipped": "runs on the lent GPU machine only (CI runs the suite itself)"}
+    absent = [m for m in ("mlflow", "nbclient") if importlib.util.find_spec(m) is None]
+    ignore = ["--ignore", str(REPO / "tests" / "test_mlops.py")] if absent else []
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "8", "--dist", "loadfile", "-p",
+                           "no:cacheprovider", "-m", "not gpu", *ignore, "--deselect",
+                           "tests/test_fast_paths.py::test_gpu_suite_runs_tiny_on_cpu", "tests"],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    lines = proc.stdout.strip().splitlines()
+    return {"torch": torch.__version__, "returncode": proc.returncode, "summary": lines[-1:],
+            "ignored": f"tests/test_mlops.py ({', '.join(absent)} not installed)" if absent else None,
+            "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20],
+            "log": proc.stdout[-20000:] + proc.stderr[-4000:]}
+
+
 def part_classic(device, tiny):
     """The classic example: gpupar.train (eager, and with --cuda-graphs on CUDA) against the
     plain 40-line loop; interleaved repeats, min and median."""

@@ -129,7 +129,7 @@ def test_gpu_suite_runs_tiny_on_cpu(tmp_path):
     import json
 
     parts = json.loads((tmp_path / "suite.json").read_text())["parts"]
-    assert set(parts) == {"tests", "gpt_eager", "classic", "plan", "sweep", "gpt_compiled"}
+    assert set(parts) == {"tests", "gpt_eager", "classic", "plan", "sweep", "gpt_compiled", "ac_diag", "cpu_suite"}
     assert not any("error" in row for row in parts.values()), parts
     assert parts["gpt_eager"]["tokens_per_s"] > 0 and parts["classic"]["gpupar"]["ratio_median"] > 0
     # the plan part predicted every model's rows and ran each (CPU: no allocator to measure)
