@@ -111,7 +111,12 @@ def spawn(cfg: Config, command: str, extra: tuple[str, ...] = ()) -> None:
     # The launcher holds the directory for the life of the job, TorchElastic's restarts included.
     with rundir.claim(run_dir, cfg.checkpoint.resume, cfg.train.overwrite) as run:
         atomic_write_text(run_dir / "launch.toml", to_toml(cfg))
-        run_workers(cfg, [command, "--config", str(run_dir / "launch.toml"), *extra], run.run_id)
+        try:
+            run_workers(cfg, [command, "--config", str(run_dir / "launch.toml"), *extra], run.run_id)
+        except TrainingError as exc:
+            if run.replaced is None:
+                raise
+            raise TrainingError(f"{exc}; the run it was to replace is kept in {run.replaced}") from None
 
 
 def launched_by_torchrun() -> bool:

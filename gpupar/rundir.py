@@ -7,8 +7,10 @@ Three rules, checked after every other check has passed and before anything is w
    holder (pid and command), so a second run on the directory is refused naming it. The
    kernel drops the lock when the holder exits, however it exits: no stale locks.
 2. **No run over another.** A directory that holds another run's files, finished or not,
-   is refused, unless ``--resume`` continues that run or ``--overwrite`` (explicit) first
-   removes gpupar's files of the earlier run (the ones in ``RUN_FILES``, nothing else).
+   is refused, unless ``--resume`` continues that run or ``--overwrite`` (explicit) replaces
+   it. The earlier run's files (the ones in ``RUN_FILES``, nothing else) are moved aside into
+   ``RUN/.replaced-<id>/`` (a rename: no copy) and deleted only once the new run has
+   committed its results; a new run that fails or is interrupted leaves them there and says so.
 3. **Checkpoints know their run.** Every run has an id, recorded in each checkpoint's
    ``trainer.json``; keep-last prunes only checkpoints with the current run's id. A resumed
    run continues its checkpoint's id. The launcher hands the id to its ranks in
@@ -50,6 +52,7 @@ class RunDir:
     run_id: str
     lock_fd: int | None = None
     earlier: list[str] = field(default_factory=list)  # files of an earlier part (a resumed run)
+    replaced: Path | None = None  # where --overwrite moved the earlier run, until this one succeeds
 
     def release(self) -> None:
         if self.lock_fd is not None:
@@ -59,13 +62,17 @@ class RunDir:
     def __enter__(self) -> RunDir:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, failed, *exc) -> None:
+        if self.replaced is not None and failed is None:  # this run's results are in: the old run can go
+            shutil.rmtree(self.replaced, ignore_errors=True)
         self.release()
 
     def unchanged(self) -> str:
         """The end of a failure's one line: what it did (not) do to the directory."""
         if self.earlier:
             return f"the earlier files in {self.path} ({', '.join(self.earlier)}) are unchanged"
+        if self.replaced is not None:
+            return f"no results were written; the run it was to replace is kept in {self.replaced}"
         return f"no results were written to {self.path}"
 
 
@@ -111,12 +118,10 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
     os.pwrite(fd, holder.encode(), 0)
     run = RunDir(path, run_id, fd)
     if overwrite and earlier and resume is None:
+        run.replaced = path / f".replaced-{run_id}"
+        run.replaced.mkdir()
         for name in earlier:
-            target = path / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
+            os.replace(path / name, run.replaced / name)
     else:
         run.earlier = earlier
     return run

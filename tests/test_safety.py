@@ -73,6 +73,15 @@ def test_a_refused_or_failed_run_leaves_the_earlier_run_intact(gpupar, tmp_path,
         assert {k: v for k, v in now.items() if "checkpoints" not in k} == \
                {k: v for k, v in before.items() if "checkpoints" not in k}
     assert run_files(rd).keys() >= before.keys()
+    # --overwrite by a run that fails: the run it was to replace is moved aside whole, not deleted.
+    kept = run_files(rd)
+    code, _, err = gpupar(*TRAIN, *nan, "--epochs", 3, "--overwrite", "--run-dir", rd)
+    assert code == 1
+    one_line(err, "gpupar: training failed: ", "non-finite", "no results were written; the run it was to "
+             f"replace is kept in {rd}/.replaced-")
+    aside = next(rd.glob(".replaced-*"))
+    assert run_files(aside) == kept and not (rd / "model.safetensors").exists()
+    (aside / "model.safetensors").rename(rd / "model.safetensors")  # what a user can do to get it back
     (tmp_path / "x.csv").write_text("\n".join(",".join(["0.5"] * 10) for _ in range(3)) + "\n")
     code, _, err = gpupar("predict", "--weights", rd / "model.safetensors", "--data", tmp_path / "x.csv",
                           "--out", tmp_path / "p.csv")
@@ -89,6 +98,7 @@ def test_keep_last_prunes_only_this_runs_checkpoints(gpupar, tmp_path):
     assert gpupar(*FULL, "--epochs", 3, "--hidden", 60, "--checkpoint-every", 1, "--keep-last", 2,
                   "--run-dir", ck, "--overwrite")[0] == 0
     assert steps(ck) == [2, 3]  # the first run's step-4 and step-6 went with --overwrite
+    assert not list(ck.glob(".replaced-*"))  # deleted once the new run had committed its results
     first = json.loads((ck / "checkpoints/step-3/trainer.json").read_text())["run_id"]
     # Another run's checkpoint in the directory (as an older gpupar left it): not ours to prune.
     foreign = ck / "checkpoints/step-1"
