@@ -92,3 +92,6 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
             (("--nproc-per-node",), "parallel.nproc_per_node", int, "ranks to shard the sweep across")):
         g.add_argument(*flags, dest=dest, type=number(int) if kind is int else str, default=argparse.SUPPRESS,
                        help=help_text)
+    g.add_argument("--overwrite", dest="train.overwrite", type=parse_bool, nargs="?", const=True,
+                   metavar="true|false", default=argparse.SUPPRESS,
+                   help="replace the run or sweep already in --run-dir (kept aside until this sweep succeeds)")

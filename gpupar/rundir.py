@@ -40,7 +40,7 @@ LOCK = ".gpupar.lock"
 RUN_ID_ENV = "GPUPAR_RUN_ID"
 # What a gpupar run writes into its directory; --overwrite removes these and nothing else.
 RUN_FILES = ("config.toml", "launch.toml", "metrics.jsonl", "step_losses.json", "model.safetensors",
-             "summary.json", "loss.png", "checkpoints")
+             "summary.json", "loss.png", "checkpoints", "sweep.jsonl", "best.json", "best")
 
 
 @dataclass

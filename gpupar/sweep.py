@@ -16,6 +16,7 @@ trained alone with ``gpupar.train`` on the sweep's data, which is what the tests
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -347,7 +348,7 @@ def export_model(best: Result, cfg: Config, path: Path, flag_name: str = "--expo
 def main(cfg: Config, args) -> None:
     """`gpupar sweep`: the grid from the flags, trained here or sliced across started ranks
     (each rank trains its own models: no layout, only its share of the grid)."""
-    from gpupar import launch
+    from gpupar import launch, rundir
     from gpupar.models import hidden_width
     from gpupar.weights import check_weights_out
     from gpupar.topology import ParallelDims
@@ -372,15 +373,20 @@ def main(cfg: Config, args) -> None:
         launch.spawn(cfg, "sweep", tuple(extra))
         return
     world = int(os.environ.get("WORLD_SIZE", 1))
-    topo = launch.this_process(cfg, ParallelDims(dp_replicate=world))
-    sweep = run_sweep(cfg, members, topo, args.max_fused, log=print if topo.is_main else lambda _: None)
-    if topo.is_main:
-        print(table(sweep.results))
-        write_outputs(sweep, cfg, run_dir, args.export_best)
-        b = sweep.best.member
-        print(f"{len(sweep.results)} models in {sweep.chunks} fused chunk(s), {sweep.wall_time:.2f} s on "
-              f"{topo.device}; best: model {b.index} (seed {b.seed}, lr {b.lr:g}, hidden {b.hidden})")
-        print(f"Saved sweep to {run_dir}/ (sweep.jsonl, best.json, best/model.safetensors)"
-              + (f"; best model exported to {args.export_best}" if args.export_best else ""))
-    topo.close()
+    # One process claims its directory here (under ranks, the launcher holds it): a sweep never
+    # writes over another run's or sweep's files, and --overwrite keeps them until it succeeds.
+    claimed = contextlib.nullcontext() if launch.launched_by_torchrun() else \
+        rundir.claim(run_dir, None, cfg.train.overwrite)
+    with claimed:
+        topo = launch.this_process(cfg, ParallelDims(dp_replicate=world))
+        sweep = run_sweep(cfg, members, topo, args.max_fused, log=print if topo.is_main else lambda _: None)
+        if topo.is_main:
+            print(table(sweep.results))
+            write_outputs(sweep, cfg, run_dir, args.export_best)
+            b = sweep.best.member
+            print(f"{len(sweep.results)} models in {sweep.chunks} fused chunk(s), {sweep.wall_time:.2f} s on "
+                  f"{topo.device}; best: model {b.index} (seed {b.seed}, lr {b.lr:g}, hidden {b.hidden})")
+            print(f"Saved sweep to {run_dir}/ (sweep.jsonl, best.json, best/model.safetensors)"
+                  + (f"; best model exported to {args.export_best}" if args.export_best else ""))
+        topo.close()
 

@@ -250,6 +250,15 @@ def test_cli_sweep_table_outputs_and_export(gpupar, tmp_path):
     xv, yv = val_set.take(slice(None))
     with torch.no_grad():
         assert nn.functional.mse_loss(model(xv), yv).item() == pytest.approx(best["val_loss"], rel=RTOL)
+    # The directory is the sweep's now: a second sweep (or a train) there is refused, and the
+    # sweep's files are byte-identical afterwards; --overwrite replaces it.
+    before = (run_dir / "sweep.jsonl").read_bytes()
+    for command in (("sweep", "--seeds", "0-1"), ("train",)):
+        code, _, err = gpupar(*command, "--epochs", "2", "--run-dir", run_dir)
+        assert code == 2 and f"--run-dir {run_dir} holds another run (" in err and "--overwrite" in err, err
+    assert (run_dir / "sweep.jsonl").read_bytes() == before
+    assert gpupar("sweep", "--seeds", "0-1", "--epochs", "2", "--run-dir", run_dir, "--overwrite")[0] == 0
+    assert len((run_dir / "sweep.jsonl").read_text().splitlines()) == 2 and not list(run_dir.glob(".replaced-*"))
 
 
 def test_cli_sweep_bad_input(gpupar):
