@@ -323,8 +323,10 @@ def _unb64(text: str) -> torch.Tensor:
 def _scheduler_state(scheduler) -> dict | None:
     if scheduler is None:
         return None
-    # LambdaLR's state is plain numbers; its lambda is code, saved as None and rebuilt from the config.
-    return scheduler.state_dict()
+    # LambdaLR's state is plain numbers (its learning rates are tensors under --cuda-graphs: read
+    # here, at a checkpoint); its lambda is code, saved as None and rebuilt from the config.
+    return {k: [float(x) if isinstance(x, torch.Tensor) else x for x in v] if isinstance(v, list) else v
+            for k, v in scheduler.state_dict().items()}
 
 
 def _all_finite_params(model: nn.Module, topo: Topology) -> bool:

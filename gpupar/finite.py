@@ -60,7 +60,7 @@ class Guard:
         self.loss_sum: torch.Tensor | float = 0.0  # over the finite steps since the last log point
         self.loss_count: torch.Tensor | float = 0.0
 
-    def check(self, loss: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
+    def flag(self, loss: torch.Tensor) -> torch.Tensor:
         """Flag this step's loss and gradients; returns a 0-dim float 1.0 (bad) or 0.0, on the device.
 
         One multi-tensor kernel per device (GradScaler's non-finite check, with a scale of 1,
@@ -82,10 +82,13 @@ class Guard:
         bad = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         if self.agree_each_step:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a device collective under NCCL
-        self.losses.append(loss)
+        return bad
+
+    def record(self, loss: torch.Tensor, bad: torch.Tensor, step: int, epoch: int) -> None:
+        """Keep the step's loss and flag (on the device) for the next read."""
+        self.losses.append(loss.detach())
         self.flags.append(bad)
         self.where.append((step, epoch))
-        return bad
 
     def _one(self, device: torch.device) -> torch.Tensor:
         if device not in self._ones:
@@ -151,5 +154,8 @@ def _unstep(scheduler, steps: int) -> None:
     scheduler.last_epoch -= steps
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):  # a captured step reads this tensor (graphs.py)
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
     scheduler._last_lr = lrs

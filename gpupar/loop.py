@@ -87,11 +87,15 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     fused = {"fused": True} if o.optimizer_impl == "fused" and _fusable(params) else {}
+    lr = o.lr
+    if fused and cfg.train.cuda_graphs and o.optimizer != "sgd" and all(p.is_cuda for p in params):
+        # graphs.py captures the step: the learning rate must be a tensor the scheduler fills
+        fused["capturable"], lr = True, torch.tensor(o.lr, device=params[0].device)
     if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay, **fused)
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=lr, weight_decay=o.weight_decay, **fused)
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
@@ -123,12 +127,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast_for(device: torch.device, precision: str):
-    """Autocast context for bf16/fp16; a no-op for fp32."""
+def autocast_for(device: torch.device, precision: str, cache: bool = True):
+    """Autocast context for bf16/fp16; a no-op for fp32. A captured step (graphs.py) needs
+    ``cache=False``: the cast cache would keep casts made while the graph was recorded."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_fn: nn.Module,
@@ -153,13 +158,14 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     if batch_size > len(train_set):
         raise UsageError(f"--batch-size {batch_size} exceeds the {len(train_set)} training samples")
     check_divisible(batch_size, t.grad_accum, topo.dp, len(train_set))
-    step_fn = compiled_step(model, step_fn, cfg, topo)
+    whole_step = t.cuda_graphs and not topo.distributed and step_fn is None  # graphs.py: capture every step
+    step_fn = compiled_step(model, step_fn, cfg, topo, whole_step)
     steps_per_epoch = len(train_set) // batch_size
     total_steps = int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(topo.device.type) if t.precision == "fp16" and topo.device.type == "cuda" else None
-    amp = autocast_for(topo.device, t.precision)
+    amp = autocast_for(topo.device, t.precision, cache=not whole_step)
     train_set = train_set.to(topo.device)  # tensors move once, not every step
     # Full batch, in order, on one rank: the same single micro-batch every step (a view, no copy).
     same_batch = [train_set.take_to(slice(None), topo.device)] if (t.batch_size is None and not cfg.data.shuffle
@@ -176,6 +182,30 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     optimizer.zero_grad(set_to_none=True)
     # NaN/Inf flags and losses stay on the device until a log point or a checkpoint (finite.py).
     guard = Guard(list(model.parameters()), optimizer, scaler, cfg.checkpoint.on_nan, topo)
+
+    def train_step(micro_batches, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward, the NaN/Inf flag, the optimizer step: (loss, flag), on the device."""
+        step_loss = step_fn(micro_batches, loss_fn, amp, scaler)  # a 0-dim tensor, still on the device
+        # NaN/Inf in the loss or in the gradients, on any rank: every rank must step, skip or
+        # stop together. The flag stays on the device: a fused optimizer masks the step with it.
+        bad = guard.flag(step_loss)
+        if first:  # gradients exist only between backward and the step: count them now
+            history.grad_bytes = grad_bytes(model)
+        if guard.masks_on_device:
+            optimizer.found_inf = bad  # 1.0: the fused kernel leaves weights and moments as they are
+            _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
+            del optimizer.found_inf
+        elif cfg.checkpoint.on_nan == "skip" and scaler is None and bool(bad):  # no found_inf: one sync
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
+        return step_loss, bad
+
+    if whole_step:
+        from gpupar import graphs
+
+        graphs.check(cfg, optimizer, scaler)
+        train_step = graphs.WholeStep(train_step)
     checkpoint_every = checkpoints.every if checkpoints is not None else None
     for epoch in range(start.epoch, t.epochs):
         if step >= total_steps:
@@ -189,23 +219,10 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             # dp equal shards, of which this rank takes its own.
             micro_batches = same_batch or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
                                            for m in batch.chunk(t.grad_accum)]
-            if t.cuda_graphs:  # a new iteration: the recorded graphs may reuse the last step's buffers
+            if t.cuda_graphs and not whole_step:  # compile's graphs may reuse the last step's buffers
                 torch.compiler.cudagraph_mark_step_begin()
-            step_loss = step_fn(micro_batches, loss_fn, amp, scaler)  # a 0-dim tensor, still on the device
-
-            # NaN/Inf in the loss or in the gradients, on any rank: every rank must step, skip or
-            # stop together. The flag stays on the device: a fused optimizer masks the step with it.
-            bad = guard.check(step_loss, step + 1, epoch + 1)
-            if step == start.step:  # gradients exist only between backward and the step: count them now
-                history.grad_bytes = grad_bytes(model)
-            if guard.masks_on_device:
-                optimizer.found_inf = bad  # 1.0: the fused kernel leaves weights and moments as they are
-                _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
-                del optimizer.found_inf
-            elif cfg.checkpoint.on_nan == "skip" and scaler is None and bool(bad):  # no found_inf: one sync
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                _optimizer_step(model, optimizer, scaler, cfg.optim.clip_grad_norm)
+            step_loss, bad = train_step(micro_batches, step == start.step)
+            guard.record(step_loss, bad, step + 1, epoch + 1)
             if scheduler is not None:
                 scheduler.step()  # a skipped step is taken back when the flags are read
             step += 1
@@ -220,7 +237,7 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
             if done or epoch_end:  # a log point: the one host read since the last one
                 now = time.perf_counter()
                 loss = guard.read(True, scheduler, history, log)
-                record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": float(optimizer.param_groups[0]["lr"]),
                           "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
                 if val_set is not None and len(val_set):
                     record["val_loss"] = evaluate(model, val_set, loss_fn, topo, t.precision, batch_size)
@@ -247,15 +264,15 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     return history
 
 
-def compiled_step(model: nn.Module, step_fn: StepFn | None, cfg: Config, topo: Topology) -> StepFn:
+def compiled_step(model: nn.Module, step_fn: StepFn | None, cfg: Config, topo: Topology,
+                  whole_step: bool = False) -> StepFn:
     """The step function, with the model compiled in place under --compile / --cuda-graphs.
 
     ``nn.Module.compile`` keeps the module (and its state-dict names) and compiles its
-    forward; backward follows through AOTAutograd. ``--cuda-graphs`` is compile's
-    ``reduce-overhead`` mode: the compiled step's kernels are recorded once as CUDA graphs and
-    replayed, one launch per graph instead of one per kernel, which is what a small,
-    launch-bound model needs. Its shapes must stay the same: full batches, or batches that
-    divide the data. The fused optimizer step is one kernel per device already.
+    forward; backward follows through AOTAutograd. ``--cuda-graphs`` on one process captures
+    the whole step (``whole_step``, graphs.py); across ranks it is compile's ``reduce-overhead``
+    mode, which records the forward and backward kernels as CUDA graphs. Either way the
+    shapes must stay the same: full batches, or batches that divide the data.
     """
     t = cfg.train
     if t.cuda_graphs and topo.device.type != "cuda":
@@ -263,8 +280,8 @@ def compiled_step(model: nn.Module, step_fn: StepFn | None, cfg: Config, topo: T
                          "use --compile alone")
     if (t.compile or t.cuda_graphs) and step_fn is not None and getattr(step_fn, "func", None) is not forward_backward:
         raise UsageError("--compile / --cuda-graphs with --pp: pipeline stages are not compiled yet")
-    if t.compile or t.cuda_graphs:
-        model.compile(mode="reduce-overhead" if t.cuda_graphs else None)
+    if t.compile or (t.cuda_graphs and not whole_step):
+        model.compile(mode="reduce-overhead" if t.cuda_graphs and not whole_step else None)
     return step_fn or functools.partial(forward_backward, model)
 
 
