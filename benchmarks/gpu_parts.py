@@ -31,7 +31,8 @@ def _load(name):
 def part_tests(device, tiny):
     """The GPU-marked tests (tests/test_gpu.py); on a CPU they skip themselves."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "-p", "no:cacheprovider",
-                           str(REPO / "tests" / "test_gpu.py")], capture_output=True, text=True, cwd=REPO)
+                           "--timeout", "60", str(REPO / "tests" / "test_gpu.py")],  # a hung test fails alone
+                          capture_output=True, text=True, cwd=REPO)
     lines = proc.stdout.strip().splitlines()
     return {"returncode": proc.returncode, "summary": lines[-1:],
             "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:10],

@@ -73,12 +73,12 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     log_every: int = opt(20, "print and record the loss every N epochs")
     run_dir: str | None = opt(None, "where to write config, metrics and weights; none = runs/<timestamp>")
-    overwrite: bool = opt(False, "replace the run already in --run-dir (its config, metrics, weights and "
-                          "checkpoints are removed first); without it such a directory is refused")
+    overwrite: bool = opt(False, "replace the run already in --run-dir (its files are moved aside, into "
+                          ".replaced-<id>, and deleted once this run succeeds); without it such a directory is refused")
     progress: bool = opt(True, "show a progress bar when stderr is a terminal")
     compile: bool = opt(False, "torch.compile the model (inductor; the first steps compile)")
-    cuda_graphs: bool = opt(False, "CUDA only: compile with mode reduce-overhead, which replays each step's "
-                            "kernels as CUDA graphs (small models with static shapes)")
+    cuda_graphs: bool = opt(False, "CUDA only, for small models with static shapes: one GPU captures the whole "
+                            "step as one CUDA graph; across ranks, compile's reduce-overhead mode")
     save_step_losses: bool = opt(False, "write every step's loss to step_losses.json (gpupar verify reads it)")
 
 

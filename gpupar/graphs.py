@@ -41,16 +41,30 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 Step = Callable[[Batches, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
-def check(cfg: Config, optimizer: torch.optim.Optimizer, scaler) -> None:
-    """What a captured step cannot do, as one line each (before the first step)."""
-    if scaler is not None:
+def need_cuda(device_type: str) -> None:
+    if device_type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device (this run is on {device_type}); use --compile alone")
+
+
+def check_config(cfg: Config, device_type: str) -> None:
+    """What a captured step cannot do, as one line each: before launch (job.preflight)."""
+    need_cuda(device_type)
+    if cfg.train.precision == "fp16":
         raise UsageError("--cuda-graphs with --precision fp16: the loss scaler reads its scale on the host every "
                          "step; use --precision bf16, which needs no scaler")
-    group = optimizer.param_groups[0]
-    if not (group.get("fused") and group.get("capturable")):
+    if cfg.optim.optimizer == "sgd" or cfg.optim.optimizer_impl != "fused":
         raise UsageError("--cuda-graphs captures the optimizer step too: it needs --optimizer adam or adamw with "
                          f"--optimizer-impl fused (this run: --optimizer {cfg.optim.optimizer} "
                          f"--optimizer-impl {cfg.optim.optimizer_impl})")
+
+
+def check(cfg: Config, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """The same, for the optimizer ``fit`` got (the Python API may pass its own)."""
+    check_config(cfg, "cuda")
+    group = optimizer.param_groups[0]
+    if scaler is not None or not (group.get("fused") and group.get("capturable")):
+        raise UsageError("--cuda-graphs captures the optimizer step too: pass no optimizer (gpupar builds a fused, "
+                         "capturable one) or one built with fused=True, capturable=True and a tensor lr")
 
 
 class WholeStep:

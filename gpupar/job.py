@@ -133,6 +133,11 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
             plan = tp_plan(stage, dims.tp, spec)
             check_tp_divisible(stage, plan, dims.tp)
             tied.check_tp(stage, plan)
+    if cfg.train.cuda_graphs and dims.world == 1:  # one process captures its whole step (graphs.py)
+        from gpupar import graphs
+        from gpupar.devices import pick_device
+
+        graphs.check_config(cfg, pick_device(cfg.train.device).type)
     if cfg.parallel.sync_bn and (dims.tp > 1 or dims.pp > 1):
         raise UsageError("--sync-bn with --tp/--pp: only pure data-parallel layouts (ddp, fsdp, hsdp) sync BatchNorm yet")
     return dims

@@ -275,9 +275,10 @@ def compiled_step(model: nn.Module, step_fn: StepFn | None, cfg: Config, topo: T
     shapes must stay the same: full batches, or batches that divide the data.
     """
     t = cfg.train
-    if t.cuda_graphs and topo.device.type != "cuda":
-        raise UsageError(f"--cuda-graphs needs a CUDA device (this run is on {topo.device.type}); "
-                         "use --compile alone")
+    if t.cuda_graphs:
+        from gpupar.graphs import need_cuda
+
+        need_cuda(topo.device.type)
     if (t.compile or t.cuda_graphs) and step_fn is not None and getattr(step_fn, "func", None) is not forward_backward:
         raise UsageError("--compile / --cuda-graphs with --pp: pipeline stages are not compiled yet")
     if t.compile or (t.cuda_graphs and not whole_step):
