@@ -11,6 +11,7 @@ import functools
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -89,8 +90,10 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     fused = {"fused": True} if o.optimizer_impl == "fused" and _fusable(params) else {}
     lr = o.lr
     if fused and cfg.train.cuda_graphs and o.optimizer != "sgd" and all(p.is_cuda for p in params):
-        # graphs.py captures the step: the learning rate must be a tensor the scheduler fills
+        # graphs.py captures the step: the learning rate must be a tensor the scheduler fills.
+        # The warm-up steps run uncaptured on purpose; torch's warning about that is noise here.
         fused["capturable"], lr = True, torch.tensor(o.lr, device=params[0].device)
+        warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay, **fused)
     if o.optimizer == "adamw":
