@@ -121,6 +121,10 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
         every = stage_names(model, units, dims.pp, cfg.parallel)
         stages = [stage_module(model, keep, [n for n in names if n not in keep]) for keep in every]
         if traceable(model, spec.pipeline_units is not None):  # its stages will be cut from its traced forward
+            if dims.tp > 1:
+                raise UsageError(f"--tp {dims.tp} with --pp {dims.pp}: {type(model).__name__} is split by tracing its "
+                                 "forward, and a traced stage's layers are graph modules that tensor parallel cannot "
+                                 "shard yet; use --pp with dp, or build the model as an nn.Sequential")
             rows = micro_batch_size(cfg, dims, n_train)
             trace_stages(model, every, torch.zeros(rows, *problem.X.shape[1:], dtype=problem.X.dtype,
                                                    device=_device_of(model)))

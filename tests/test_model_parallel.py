@@ -229,6 +229,8 @@ def test_pipeline_usage_errors_before_launch(gpupar_cli, tmp_path):
     (["--model", "user_models:tied_blocks", "--pp", 2, "--nproc-per-node", 2],
      "--pp: 'blocks.0.up.weight' and 'blocks.2.up.weight' are one tied parameter but fall in different pipeline "
      "stages"),
+    (["--model", "user_models:residual_mlp", "--pp", 2, "--tp", 2, "--nproc-per-node", 4],
+     "--tp 2 with --pp 2: ResidualMLP is split by tracing its forward"),
     (["--model", "user_models:tied_pair", "--tp", 2, "--nproc-per-node", 2],
      "--tp: '2.weight' and '4.weight' are one tied parameter but the tensor-parallel plan shards their modules "
      "differently (ColwiseParallel, RowwiseParallel)"),
