@@ -9,8 +9,11 @@ of its world in turn on fresh meshes):
 - persistent bytes: ``memory.memory_report``'s parameters, gradients (after the first
   backward) and optimizer state, local shards, per rank; compared for exact equality;
 - memory, by an independent method: ``torch.profiler`` memory events on the CPU. The
-  profiler runs from before the model is built to the end of the third step; the running
-  sum of allocation and free events is what the rank has allocated since. The peak during
+  profiler runs from before the model is built to the end of the third step; each event
+  carries the CPU allocator's process-wide total (c10's ``caffe2_report_cpu_memory_usage``
+  flag on, so that frees on gloo's worker threads count: the profiler records events only
+  on the threads it profiles, and a running sum of them drifts up by every tensor a gloo
+  work object frees), less the total when it started. The peak during
   the third step, less the data set's bytes, is the measured peak; the peak less the
   amount at the step's start is the step's transient (activations, gradients, gathered
   parameters, optimizer temporaries). Both are compared within 10%;
@@ -18,7 +21,8 @@ of its world in turn on fresh meshes):
   rank uses cores / ranks threads, as gpupar's ranks do.
   Spearman's rank correlation of predicted and measured step times, over all runs.
 
-    python benchmarks/plan_accuracy.py [--update-markdown BENCHMARKS.md]
+    python benchmarks/plan_accuracy.py [--worlds 1 2 4] [--models gpt-s ...] [--layouts tp ...]
+                                       [--ac none full] [--update-markdown BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -58,25 +62,62 @@ def config(model: str, world: int, flags: dict, ac: str):
     return cfg.validate()
 
 
-def grid(world: int):
-    for model in MODELS:
+def grid(world: int, models=None, layouts=None, acs=None):
+    for model in models or MODELS:
         for name, flags in LAYOUTS[world]:
-            for ac in ("none", "full"):
-                yield model, name, flags, ac
+            for ac in acs or ("none", "full"):
+                if layouts is None or name in layouts:
+                    yield model, name, flags, ac
+
+
+def count_all_threads(on: bool) -> None:
+    """Make the CPU allocator's running total count every thread's frees.
+
+    The profiler's memory events are recorded per thread, and only on threads it profiles:
+    gloo frees the tensors its work objects hold on its own worker threads, so a running sum
+    of the events drifts upward by every such tensor (256-512 KiB a step on a tp(2) GPT). With
+    c10's ``caffe2_report_cpu_memory_usage`` flag on, the allocator keeps its size table on
+    every thread, and each event it reports carries the true process-wide total."""
+    import ctypes
+
+    import torch
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = on
 
 
 def step_peak(prof, start_ns: int) -> tuple[int, int]:
-    """(bytes allocated at ``start_ns``, most allocated after it), from the memory events."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
-    running, at_start, peak = 0, None, 0
-    for t, n in events:
-        if t >= start_ns and at_start is None:
-            at_start = running
-        running += n
-        if t >= start_ns:
-            peak = max(peak, running)
-    return at_start or running, peak
+    """(bytes allocated at ``start_ns``, most allocated after it), since the profiler started.
+
+    Each CPU allocation event carries the allocator's process-wide total (see
+    ``count_all_threads``), frees on gloo's threads included. Counted from the total before
+    the first event; a free of a block the window did not allocate (one from before it) is
+    added back, so that only what this run allocated counts."""
+    from torch._C._profiler import _EventType
+
+    def walk(nodes):
+        for n in nodes:
+            yield n
+            yield from walk(n.children)
+
+    events = sorted((n.start_time_ns, n.extra_fields.total_allocated, n.extra_fields.alloc_size, n.extra_fields.ptr)
+                    for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                    if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu")
+    base = events[0][1] - events[0][2] if events else 0
+    mine, older, at_start, peak = set(), 0, 0, 0
+    for t, total, size, ptr in events:
+        if size > 0:
+            mine.add(ptr)
+        elif ptr in mine:
+            mine.discard(ptr)
+        else:
+            older -= size
+        now = total - base + older
+        if t < start_ns:
+            at_start = peak = now
+        else:
+            peak = max(peak, now)
+    return at_start, peak
 
 
 def measure(model, name, flags, ac, world, rank) -> dict:
@@ -98,6 +139,7 @@ def measure(model, name, flags, ac, world, rank) -> dict:
     except Exception as exc:  # UsageError: the layout cannot run
         return {"skipped": str(exc)}
     dims = ParallelDims.resolve(layout(cfg.parallel), world, world) if world > 1 else ParallelDims()
+    count_all_threads(True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         problem = load_problem(cfg)
         data_bytes = problem.X.nbytes + problem.y.nbytes
@@ -127,6 +169,7 @@ def measure(model, name, flags, ac, world, rank) -> dict:
         one_step(1)
         start_ns = time.time_ns()
         one_step(2)  # the profiled step: optimizer state exists, gradients start at None
+    count_all_threads(False)
     for step in range(3, 8):
         one_step(step)
     at_start, peak = step_peak(prof, start_ns)
@@ -138,7 +181,7 @@ def measure(model, name, flags, ac, world, rank) -> dict:
             "step_s": statistics.median(times[3:])}
 
 
-def worker(out: str) -> None:
+def worker(out: str, models, layouts, acs) -> None:
     import torch.distributed as dist
 
     import torch
@@ -149,7 +192,7 @@ def worker(out: str) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     results = []
-    for model, name, flags, ac in grid(world):
+    for model, name, flags, ac in grid(world, models, layouts, acs):
         mine = measure(model, name, flags, ac, world, rank)
         everyone = [None] * world
         if world > 1:
@@ -197,20 +240,25 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=None, help="a subset of the grid's models")
+    ap.add_argument("--layouts", nargs="+", default=None, help="a subset of single, ddp, fsdp, tp, pp")
+    ap.add_argument("--ac", nargs="+", choices=["none", "full"], default=None, help="a subset of checkpointing modes")
     ap.add_argument("--update-markdown", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.models, args.layouts, args.ac)
     from gpupar.plan_probe import measure_machine
 
     machine = measure_machine("cpu", "fp32", args.worlds)
     root = Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
     entries = []
+    subset = [*(["--models", *args.models] if args.models else []), *(["--layouts", *args.layouts] if args.layouts else []),
+              *(["--ac", *args.ac] if args.ac else [])]
     for world in args.worlds:
         out = root / f"w{world}.json"
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                        __file__, "--worker", str(out)], check=True)
+                        __file__, "--worker", str(out), *subset], check=True)
         entries += json.loads(out.read_text())
     lines, pred_t, meas_t, exact, mem_ok, fits_ok, n_mem = [], [], [], 0, 0, True, 0
     for e in entries:
