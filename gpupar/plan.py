@@ -8,6 +8,7 @@ Memory per rank (the README's "gpupar plan" section states the model in full):
 - activations are measured by ``plan_probe.probe_step`` on the rank's local model at its real
   micro-batch size (on the meta device), and scaled by the micro-batches a pipeline keeps
   in flight: all M with GPipe, at most p - stage with 1F1B;
+- the optimizer's temporaries (plan_buffers.py): none for the fused kernel;
 - communication buffers: DDP's gradient buckets, FSDP's gathered unit (and the prefetched
   next one) and its unsharded gradients, a pipeline stage's receive buffers;
 - a runtime allowance (5%, plus 1 GiB on a GPU for the CUDA context and libraries).

@@ -186,11 +186,15 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
 
 def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
     """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
+    from gpupar.parallelize import tp_plan
+    from gpupar.plan_buffers import optimizer_temporaries
+
     p = cfg.parallel
     m = (p.microbatches or 2 * dims.pp) if dims.pp > 1 else cfg.train.grad_accum
     mb = ctx.batch // (dims.dp * m)
     per_rank, worst = [], None
     probes = {}
+    tp_layers = set(tp_plan(ctx.model, dims.tp, ctx.spec)) if dims.tp > 1 else set()
     for rank in range(dims.world):
         stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
         if stage not in probes:
@@ -219,7 +223,7 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
             comm += 2 * m * out_bytes
         if p.cpu_offload:
             pers = {k: 0 for k in pers}
-        optim_temp = 2 * max((t.numel() * t.element_size() for t in model.parameters()), default=0)
+        optim_temp = optimizer_temporaries(model, cfg, dims, tp_layers, device_type, 1.0 / dims.dp_shard)
         grads_held = 0 if dims.ddp_enabled else pers["grads"]  # DDP's live in its buckets (comm)
         peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp)
         # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).

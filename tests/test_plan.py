@@ -124,3 +124,32 @@ def test_verify_fsdp_with_selective_activation_checkpointing(tmp_path):
     proc, _ = gpupar("verify", "--strategy", "fsdp", "--model", "gpt", "--activation-checkpointing", "selective",
                      "--hidden", 32, "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 2, "--run-dir", tmp_path / "v", cwd=tmp_path)
     assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("impl", ["fused", "default"])
+def test_optimizer_temporaries_match_what_the_step_allocates(impl):
+    """The plan's optimizer temporaries equal the most the real Adam step allocates on the
+    CPU (by the allocator's count through the profiler): none when fused, two tensors of the
+    largest parameter for torch's for-loop (to the step's few scalars). A regression in the term fails here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpupar.loop import make_optimizer
+    from gpupar.plan_buffers import optimizer_temporaries
+    from gpupar.topology import ParallelDims
+
+    cfg = Config()
+    cfg.optim.optimizer_impl = impl
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8))
+    opt = make_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # the state exists: the profiled step allocates only temporaries
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    running, peak = 0, 0
+    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                       if e.name() == "[memory]"):
+        running += n
+        peak = max(peak, running)
+    predicted = optimizer_temporaries(model, cfg, ParallelDims(), set(), "cpu", 1.0)
+    assert predicted == pytest.approx(peak, abs=64), (predicted, peak)  # to a few 4-byte scalars
