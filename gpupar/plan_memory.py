@@ -151,7 +151,7 @@ def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, 
         return int(u + (v - u) * f)
 
     probe = StepProbe(line(a.saved_bytes, b.saved_bytes), b.ops,
-                      [(line(la, lb), ga) for (la, ga), (lb, _) in zip(a.samples, b.samples)])
+                      [(line(la, lb), ga) for (la, ga), (lb, _) in zip(a.samples, b.samples)], b.grads)
     return probe, model, rowwise, line(out_a, out_b)
 
 
@@ -205,7 +205,7 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         inflight = (m if p.schedule == "gpipe" else min(m, dims.pp - stage)) if dims.pp > 1 else 1
         # DDP's gradients are views of its buckets (counted below): the step allocates none.
         grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
-        activations = (inflight - 1) * probe.saved_bytes + probe.peak_bytes(grads_scale)
+        activations = (inflight - 1) * probe.saved_bytes + probe.peak_bytes(grads_scale, m > 1)
         comm = 0
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
         if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient

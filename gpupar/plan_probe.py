@@ -45,11 +45,19 @@ class StepProbe:
     ops: int  # dispatched ops (a proxy for per-op overhead)
     samples: list = field(default_factory=list)
     """(bytes alive, parameter-gradient bytes accumulated so far) after every op."""
+    grads: int = 0  # every parameter gradient's bytes (accumulated by the end of backward)
 
-    def peak_bytes(self, grads_scale: float = 1.0) -> int:
+    def peak_bytes(self, grads_scale: float = 1.0, accumulating: bool = False) -> int:
         """Most alive at once during forward and backward, a parameter's gradient counting as
         ``grads_scale`` of its size from the moment it is accumulated (1/S under FSDP, which
-        reduce-scatters it at once; 0 under DDP, whose gradients live in its buckets)."""
+        reduce-scatters it at once; 0 under DDP, whose gradients live in its buckets).
+
+        ``accumulating``: a later micro-batch of several (a pipeline's, or --grad-accum's).
+        Autograd hands the first micro-batch's gradient to ``.grad`` as it is; a later one
+        is computed into a new tensor and added to the ``.grad`` that already exists, so every
+        gradient is alive throughout, beside the new one (which the liveness counts)."""
+        if accumulating:
+            return int(max((live for live, _ in self.samples), default=0) + grads_scale * self.grads)
         return int(max((live + grads_scale * grads for live, grads in self.samples), default=0))
 
 
@@ -69,15 +77,17 @@ class _Liveness(TorchDispatchMode):
             del self.alive[key]
         return sum(n for _, n in self.alive.values())
 
+    def follow(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage._cdata not in self.exclude:
+            self.alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if storage._cdata in self.exclude:
-                    continue
-                self.alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+                self.follow(t)
         self.samples.append((self.live_bytes(), self.grads))
         return out
 
@@ -93,20 +103,33 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
         tracker.grads += p.numel() * p.element_size()
         p.grad = None
 
+    # Checkpointing keeps each block's copy of the CPU generator's state (``preserve_rng_state``)
+    # until the block's backward: a tensor made outside the dispatcher, so followed here.
+    get_rng_state = torch.get_rng_state
+
+    def followed_rng_state() -> torch.Tensor:
+        state = get_rng_state()
+        tracker.follow(state)
+        return state
+
     handles = []
     for p in model.parameters():
         p.grad = None
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(accumulated))
-    with tracker:
-        with amp:
-            loss = loss_fn(model(x), y)
-        saved = tracker.live_bytes()
-        loss.backward()
-    del loss
-    for h in handles:
-        h.remove()
-    return StepProbe(saved, tracker.ops, tracker.samples)
+    torch.get_rng_state = followed_rng_state
+    try:
+        with tracker:
+            with amp:
+                loss = loss_fn(model(x), y)
+            saved = tracker.live_bytes()
+            loss.backward()
+        del loss
+    finally:
+        torch.get_rng_state = get_rng_state
+        for h in handles:
+            h.remove()
+    return StepProbe(saved, tracker.ops, tracker.samples, tracker.grads)
 
 
 # --------------------------------------------------------------------------- machine
