@@ -9,8 +9,9 @@ Memory per rank (the README's "gpupar plan" section states the model in full):
   micro-batch size (on the meta device), and scaled by the micro-batches a pipeline keeps
   in flight: all M with GPipe, at most p - stage with 1F1B;
 - the optimizer's temporaries (plan_buffers.py): none for the fused kernel;
-- communication buffers: DDP's gradient buckets, FSDP's gathered unit (and the prefetched
-  next one) and its unsharded gradients, a pipeline stage's receive buffers;
+- communication buffers: DDP's gradient buckets, FSDP2's all-gather outputs, unsharded
+  parameters and gradients and reduce-scatter inputs replayed along the probe's ops
+  (plan_buffers.fsdp_buffers), a pipeline stage's receive buffers;
 - a runtime allowance (5%, plus 1 GiB on a GPU for the CUDA context and libraries).
 
 Step time is a roofline: model FLOPs (``bench.flops.count_step_flops``) split over the ranks

@@ -46,3 +46,95 @@ def optimizer_temporaries(model: nn.Module, cfg: Config, dims: ParallelDims, tp_
     per_tensor = {"adam": 2 + (o.weight_decay != 0), "adamw": 2}.get(o.optimizer, int(o.weight_decay != 0))
     sizes = [nbytes(p) * shard for p in model.parameters() if p.requires_grad] or [0]
     return int(per_tensor * (sum(sizes) if device_type == "cuda" else max(sizes)))
+
+
+def gathered_bytes(params, shards: int) -> int:
+    """A unit's all-gather output: each parameter's dim 0 padded to a multiple of ``shards``."""
+    total = 0
+    for p in params:
+        if p.dim() == 0:
+            total += nbytes(p) * shards
+        else:
+            rows = -(-p.shape[0] // shards) * shards
+            total += rows * (p.numel() // max(p.shape[0], 1)) * p.element_size()
+    return total
+
+
+def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str) -> int:
+    """The most a step holds at once under FSDP2: the probe's activations and gradients (a
+    reduced gradient counting 1/S) plus FSDP's own buffers, replayed along the probe's
+    markers as FSDP2 allocates them:
+
+    - the copy-out into the unsharded parameters exists beside the all-gather output (the
+      padded parameters); in forward that output stays alive until the next unit's all-gather
+      is waited on, or the root's forward ends; in backward it is released at once;
+    - forward frees a unit's unsharded parameters at its end (``reshard_after_forward``; never
+      the root's); backward gathers them again when its output's gradient arrives, and then
+      prefetches the next unit's all-gather output (FSDP2's implicit backward prefetch);
+    - a unit's gradients stay unsharded (full size) until its last one is accumulated; then its
+      parameters are resharded, the previous reduce-scatter input freed, the gradients copied
+      into a new reduce-scatter input (alive until the next unit's reduction) and freed. On
+      gloo the reduce-scatter also allocates a temporary of the input's size.
+    """
+    from gpupar.parallel.fsdp import pick_blocks
+    from gpupar.plan_probe import unit_parameters
+
+    units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
+    size = [gathered_bytes(ps, shards) for ps in unit_parameters(model, units)]
+    root, scale, gloo = len(units), 1.0 / shards, device_type == "cpu"
+    gathered: dict[int, int] = {}  # all-gather outputs alive
+    unsharded: dict[int, int] = {}
+    state = {"reduce_input": 0, "reduced": 0, "backward": False, "peak": 0}
+    forward_order: list[int] = []
+
+    def check(i: int, extra: int = 0) -> None:
+        live, grads = probe.samples[min(i, len(probe.samples) - 1)] if probe.samples else (0, 0)
+        held = sum(gathered.values()) + sum(unsharded.values()) + state["reduce_input"]
+        unreduced = (1 - scale) * (grads - state["reduced"])  # full-size gradients not yet reduce-scattered
+        state["peak"] = max(state["peak"], int(live + scale * grads + held + unreduced + extra))
+
+    def gather(i: int, k: int) -> None:
+        if k in unsharded:
+            return
+        if k not in gathered:
+            gathered[k] = size[k]
+        unsharded[k] = size[k]  # copy-out beside the all-gather output
+        check(i)
+        if state["backward"]:  # backward releases a unit's all-gather output at its own wait
+            del gathered[k]
+        else:  # forward keeps it until the next unit's wait, which releases the previous one
+            for other in [u for u in gathered if u != k]:
+                del gathered[other]
+
+    markers = iter(probe.markers)
+    marker = next(markers, None)
+    for i in range(len(probe.samples) + 1):
+        while marker is not None and marker[0] <= i:
+            _, event, k = marker
+            at = max(i - 1, 0)
+            if event == "forward" and not state["backward"]:
+                gather(at, k)
+                forward_order.append(k)
+            elif event == "forward_end" and not state["backward"]:
+                if k == root:  # the root's post-forward releases the last all-gather output
+                    gathered.clear()
+                elif options.reshard_after_forward:
+                    unsharded.pop(k, None)
+            elif event == "backward":
+                state["backward"] = True
+                gather(at, k)
+                later = [u for u in reversed(forward_order) if u != root]
+                nxt = later[later.index(k) + 1] if k in later and later.index(k) + 1 < len(later) else None
+                if nxt is not None and nxt not in unsharded and nxt not in gathered:
+                    check(at, size[nxt] * gloo)  # gloo's flat all-gather temporary
+                    gathered[nxt] = size[nxt]
+            elif event == "reduce":
+                unsharded.pop(k, None)
+                state["reduce_input"] = size[k]
+                check(at)
+                state["reduced"] = probe.samples[at][1] if probe.samples else 0
+                check(at, size[k] * gloo)  # gloo's reduce-scatter temporary
+            marker = next(markers, None)
+        if i < len(probe.samples):
+            check(i)
+    return state["peak"]

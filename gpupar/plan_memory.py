@@ -151,7 +151,8 @@ def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, 
         return int(u + (v - u) * f)
 
     probe = StepProbe(line(a.saved_bytes, b.saved_bytes), b.ops,
-                      [(line(la, lb), ga) for (la, ga), (lb, _) in zip(a.samples, b.samples)], b.grads)
+                      [(line(la, lb), ga) for (la, ga), (lb, _) in zip(a.samples, b.samples)], b.grads,
+                      b.markers)
     return probe, model, rowwise, line(out_a, out_b)
 
 
@@ -178,7 +179,10 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
     loss_fn = make_loss(cfg, ctx.spec) if last else (lambda out, _: out.sum())
     amp = autocast_for(torch.device("cpu"), cfg.train.precision)
     y = ctx.y.expand(mb, *ctx.y.shape[1:]).contiguous().to(device)
-    probe = probe_step(model, x, y, loss_fn, amp)
+    from gpupar.parallel.fsdp import pick_blocks
+
+    units = pick_blocks(model, cfg.parallel.fsdp_blocks, cfg.parallel.fsdp_min_params)
+    probe = probe_step(model, x, y, loss_fn, amp, units)
     with torch.no_grad():
         out = model(x)
     return probe, out.numel() * out.element_size()
@@ -187,7 +191,7 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
 def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
     """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
     from gpupar.parallelize import tp_plan
-    from gpupar.plan_buffers import optimizer_temporaries
+    from gpupar.plan_buffers import fsdp_buffers, optimizer_temporaries
 
     p = cfg.parallel
     m = (p.microbatches or 2 * dims.pp) if dims.pp > 1 else cfg.train.grad_accum
@@ -210,15 +214,8 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
         if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient
             comm = full_local
-        if dims.fsdp_enabled:
-            from gpupar.parallel.fsdp import pick_blocks
-
-            units = pick_blocks(model, p.fsdp_blocks, p.fsdp_min_params)
-            unit_bytes = [sum(t.numel() * t.element_size() for t in u.parameters()) for u in units] or [0]
-            root = full_local - sum(unit_bytes)
-            # the running unit, gathered, and the root, which stays gathered (the unsharded
-            # gradient before its reduce-scatter is already in the probe, one tensor at a time)
-            comm = max(unit_bytes) + root
+        if dims.fsdp_enabled:  # gathered units, unsharded gradients, reduce-scatter inputs, in step order
+            comm = fsdp_buffers(probe, model, p, dims.dp_shard, device_type) - probe.peak_bytes(grads_scale)
         if dims.pp > 1:  # receive buffers for every micro-batch: inputs forward, output grads backward
             comm += 2 * m * out_bytes
         if p.cpu_offload:

@@ -46,6 +46,10 @@ class StepProbe:
     samples: list = field(default_factory=list)
     """(bytes alive, parameter-gradient bytes accumulated so far) after every op."""
     grads: int = 0  # every parameter gradient's bytes (accumulated by the end of backward)
+    markers: list = field(default_factory=list)
+    """(index into samples, event, unit) for the FSDP units given to ``probe_step``: "forward"
+    (a unit's forward begins), "forward_end", "backward" (the gradient of its output
+    arrives) and "reduce" (its last parameter gradient is accumulated), in the order they happen."""
 
     def peak_bytes(self, grads_scale: float = 1.0, accumulating: bool = False) -> int:
         """Most alive at once during forward and backward, a parameter's gradient counting as
@@ -92,16 +96,57 @@ class _Liveness(TorchDispatchMode):
         return out
 
 
-def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp) -> StepProbe:
+def unit_parameters(model: torch.nn.Module, units) -> list[list[torch.nn.Parameter]]:
+    """The parameters each FSDP unit manages (those of its module not inside an earlier unit:
+    ``fsdp.pick_blocks`` lists children before parents), and last the root's (the rest)."""
+    seen: set[int] = set()
+    owned = []
+    for module in [*units, model]:
+        mine = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        owned.append(mine)
+    return owned
+
+
+def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp, units=()) -> StepProbe:
     """Run ``loss_fn(model(x), y).backward()`` under the liveness tracker (model and data on
     the same device: meta for shapes only). Parameter gradients are counted apart, from the
-    moment each is accumulated, and then dropped (see ``StepProbe.peak_bytes``)."""
+    moment each is accumulated, and then dropped (see ``StepProbe.peak_bytes``). ``units``
+    (modules that FSDP would shard, the root last) are marked as they run (``StepProbe.markers``)."""
     before = [*model.parameters(), *model.buffers(), x, y]
     tracker = _Liveness({t.untyped_storage()._cdata for t in before})
+    markers: list = []
+    owned = unit_parameters(model, units)
+    unit_of = {id(p): k for k, ps in enumerate(owned) for p in ps}
+    pending = [sum(p.requires_grad for p in ps) for ps in owned]
+
+    def mark(event: str, k: int) -> None:
+        markers.append((len(tracker.samples), event, k))
 
     def accumulated(p: torch.Tensor) -> None:
         tracker.grads += p.numel() * p.element_size()
         p.grad = None
+        k = unit_of[id(p)]
+        pending[k] -= 1
+        if pending[k] == 0:
+            mark("reduce", k)
+
+    def hooks(k: int, module: torch.nn.Module) -> list:
+        def output_hook(_module, _args, out) -> None:
+            mark("forward_end", k)
+            outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            arrived: list[bool] = []
+
+            def grad_hook(_grad) -> None:  # returns None: the gradient is left as it is
+                if not arrived:
+                    arrived.append(True)
+                    mark("backward", k)
+
+            for t in outputs:
+                t.register_hook(grad_hook)
+
+        return [module.register_forward_pre_hook(lambda _m, _a: mark("forward", k)),
+                module.register_forward_hook(output_hook)]
 
     # Checkpointing keeps each block's copy of the CPU generator's state (``preserve_rng_state``)
     # until the block's backward: a tensor made outside the dispatcher, so followed here.
@@ -112,7 +157,7 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
         tracker.follow(state)
         return state
 
-    handles = []
+    handles = [h for k, module in enumerate([*units, model]) for h in hooks(k, module)]
     for p in model.parameters():
         p.grad = None
         if p.requires_grad:
@@ -129,7 +174,7 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
         torch.get_rng_state = get_rng_state
         for h in handles:
             h.remove()
-    return StepProbe(saved, tracker.ops, tracker.samples, tracker.grads)
+    return StepProbe(saved, tracker.ops, tracker.samples, tracker.grads, markers)
 
 
 # --------------------------------------------------------------------------- machine

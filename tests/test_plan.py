@@ -153,3 +153,28 @@ def test_optimizer_temporaries_match_what_the_step_allocates(impl):
         peak = max(peak, running)
     predicted = optimizer_temporaries(model, cfg, ParallelDims(), set(), "cpu", 1.0)
     assert predicted == pytest.approx(peak, abs=64), (predicted, peak)  # to a few 4-byte scalars
+
+
+def test_fsdp_buffers_replay_fsdp2_allocation_order():
+    """Two 256-byte units, S = 2, no activations: the replay of FSDP2's buffers peaks at 896
+    bytes. On gloo first at the second unit's reduction: the first unit's prefetched
+    all-gather output (256) + the reduce-scatter input (256) + gloo's reduce-scatter
+    temporary (256) + the reduced gradient's shard (128). On a GPU (no temporary) at the first
+    unit's wait in backward: its prefetched all-gather output (256, released just after) and
+    its copied-out parameters (256), the second unit's reduce-scatter input (256) and the
+    shard (128)."""
+    from gpupar.config import ParallelConfig
+    from gpupar.plan_buffers import fsdp_buffers
+    from gpupar.plan_probe import StepProbe
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    root, g = 2, 256
+    samples = [(0, 0)] * 4 + [(0, g)] * 2 + [(0, 2 * g)] * 2
+    markers = [(0, "forward", root), (0, "forward", 0), (1, "forward_end", 0), (1, "forward", 1),
+               (2, "forward_end", 1), (2, "forward_end", root), (3, "backward", root), (3, "backward", 1),
+               (5, "reduce", 1), (6, "backward", 0), (7, "reduce", 0)]
+    probe = StepProbe(0, 8, samples, 2 * g, markers)
+    assert fsdp_buffers(probe, model, ParallelConfig(), 2, "cpu") == 896
+    assert fsdp_buffers(probe, model, ParallelConfig(), 2, "cuda") == 896
+    samples[4:6] = [(100, g)] * 2  # activations alive at the second unit's reduction: only gloo's peak moves
+    assert fsdp_buffers(probe, model, ParallelConfig(), 2, "cpu") == 996
