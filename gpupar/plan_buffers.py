@@ -132,7 +132,8 @@ def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str
                 unsharded.pop(k, None)
                 state["reduce_input"] = size[k]
                 check(at)
-                state["reduced"] = probe.samples[at][1] if probe.samples else 0
+                # the gradients accumulated by now (the marker's own sample counts them) are reduced
+                state["reduced"] = probe.samples[min(i, len(probe.samples) - 1)][1] if probe.samples else 0
                 check(at, size[k] * gloo)  # gloo's reduce-scatter temporary
             marker = next(markers, None)
         if i < len(probe.samples):

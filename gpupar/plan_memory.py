@@ -238,7 +238,10 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
 
 
 def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: int, mb: int, machine) -> float:
-    """Roofline: compute + per-op overhead + exposed communication, over (1 - bubble)."""
+    """Roofline: compute + per-op overhead (plain dispatch, and DTensor's per tensor-parallel
+    layer and FSDP2's per unit, measured by plan_dispatch) + exposed communication, over (1 - bubble)."""
+    from gpupar.parallelize import tp_plan
+
     p = cfg.parallel
     gpu = machine.device_type == "cuda"
     # On one CPU the ranks share its cores (and its matmul rate); a GPU is a rank's own.
@@ -261,6 +264,7 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         from gpupar.parallel.fsdp import pick_blocks
 
         units = len(pick_blocks(model, p.fsdp_blocks, p.fsdp_min_params)) + 1
+        overhead += m * units * machine.dispatch.get("fsdp_unit_s", 0.0) * contention
         gathers = 2 if p.reshard_after_forward else 1
         per = full_local / units
         comm += units * (gathers * machine.collective_time("all_gather", dims.dp_shard, per)
@@ -270,6 +274,8 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         hidden = compute  # prefetched gathers overlap the previous unit's compute
     if dims.tp > 1:  # two all-reduces per rowwise layer and micro-batch (forward output, backward input grad)
         rowwise = probes[0][2]
+        tp_layers = len(tp_plan(model, dims.tp, ctx.spec))  # this stage's sharded layers
+        overhead += m * tp_layers * machine.dispatch.get("tp_layer_s", 0.0) * contention
         width = {n: model.get_submodule(n).out_features for n in rowwise}
         tokens = ctx.spec.tokens_per_sample
         for n in rowwise:

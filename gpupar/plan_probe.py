@@ -190,6 +190,8 @@ class Machine:
     cores: int
     collectives: dict = field(default_factory=dict)
     """{world: {"all_reduce" | "all_gather" | "send_recv": [latency_s, bytes_per_s]}}"""
+    dispatch: dict = field(default_factory=dict)
+    """{"tp_layer_s", "fsdp_unit_s"}: DTensor's and FSDP2's Python per layer and step (plan_dispatch)"""
 
     def collective_time(self, kind: str, world: int, nbytes: float) -> float:
         """Seconds for one collective of ``nbytes`` (per rank's full buffer) at ``world`` ranks."""
@@ -210,28 +212,37 @@ def cache_path() -> Path:
 
 
 def measure_machine(device_type: str, precision: str, worlds: list[int], cache: bool = True) -> Machine:
-    """This machine's numbers: collectives from the cache (or a short probe, then cached);
-    matmul and per-op overhead measured now (they follow the machine's current load)."""
+    """This machine's numbers: collectives and DTensor/FSDP2 dispatch from the cache (or short
+    probes, then cached); matmul and per-op overhead measured now (they follow the machine's
+    current load)."""
+    from gpupar.plan_dispatch import probe_dispatch
+
     path = cache_path()
     stored = json.loads(path.read_text()) if cache and path.is_file() else {}
     collectives = stored.get("collectives", {})
     missing = [w for w in worlds if w > 1 and str(w) not in collectives]
     for w in missing:
         collectives[str(w)] = probe_collectives(w)
-    if cache and missing:
+    dispatch = stored.get("dispatch")
+    probe_now = dispatch is None and device_type == "cpu" and max(worlds) > 1
+    if probe_now:
+        dispatch = probe_dispatch()
+    if cache and (missing or probe_now):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"collectives": collectives}, indent=1))
+        path.write_text(json.dumps({"collectives": collectives, **({"dispatch": dispatch} if dispatch else {})},
+                                   indent=1))
     if device_type == "cuda":
         from gpupar.bench.flops import gpu_peak_tflops
 
         tflops = gpu_peak_tflops(torch.cuda.get_device_name(), precision) or 100.0
         overhead = 10e-6
+        dispatch = {}  # the host's Python runs ahead of the GPU's kernels: not priced (see plan_dispatch)
     else:
         from gpupar.bench.flops import cpu_matmul_probe
 
         tflops = cpu_matmul_probe(precision, seconds=0.2, n=512)
         overhead = probe_op_overhead()
-    return Machine(device_type, tflops, overhead, os.cpu_count() or 1, collectives)
+    return Machine(device_type, tflops, overhead, os.cpu_count() or 1, collectives, dispatch or {})
 
 
 def probe_op_overhead(n: int = 2000) -> float:
