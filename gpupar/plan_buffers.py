@@ -139,3 +139,16 @@ def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str
         if i < len(probe.samples):
             check(i)
     return state["peak"]
+
+
+def gloo_late_bytes(model: nn.Module, options, shards: int) -> int:
+    """What gloo may still hold under FSDP2 beyond ``fsdp_buffers``' typical step: a reduce-
+    scatter's flat temporary is freed on gloo's worker thread when the collective completes,
+    and when another rank lags that is after the next unit's all-gather (measured: mlp-m
+    fsdp(4), 871 or 1109 KiB above the step's start, rank by rank and launch by launch). At
+    most one unit's worth: part of the runtime allowance (what fits), not of the peak."""
+    from gpupar.parallel.fsdp import pick_blocks
+    from gpupar.plan_probe import unit_parameters
+
+    units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
+    return max((gathered_bytes(ps, shards) for ps in unit_parameters(model, units)), default=0)

@@ -191,7 +191,7 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
 def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
     """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
     from gpupar.parallelize import tp_plan
-    from gpupar.plan_buffers import fsdp_buffers, optimizer_temporaries
+    from gpupar.plan_buffers import fsdp_buffers, gloo_late_bytes, optimizer_temporaries
 
     p = cfg.parallel
     m = (p.microbatches or 2 * dims.pp) if dims.pp > 1 else cfg.train.grad_accum
@@ -225,11 +225,13 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp)
         # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).
         transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm)
+        late = gloo_late_bytes(model, p, dims.dp_shard) if dims.fsdp_enabled and device_type == "cpu" else 0
+        runtime = int(peak * FRAGMENTATION) + late + (GPU_RUNTIME_BYTES if device_type == "cuda" else 0)
         per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak,
-                         "transient": transient})
-        if worst is None or peak > worst["peak"]:
+                         "transient": transient, "runtime": runtime})
+        if worst is None or peak + runtime > worst["peak"] + worst["runtime"]:
             worst = per_rank[-1]
-    runtime = int(worst["peak"] * FRAGMENTATION) + (GPU_RUNTIME_BYTES if device_type == "cuda" else 0)
+    runtime = worst["runtime"]
     row.params, row.grads, row.optimizer = worst["params"], worst["grads"], worst["optimizer"]
     row.activations, row.comm_buffers, row.runtime = worst["activations"], worst["comm_buffers"], runtime
     row.total, row.per_rank = worst["peak"] + runtime, per_rank
