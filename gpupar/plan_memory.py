@@ -209,15 +209,21 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         inflight = (m if p.schedule == "gpipe" else min(m, dims.pp - stage)) if dims.pp > 1 else 1
         # DDP's gradients are views of its buckets (counted below): the step allocates none.
         grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
-        activations = (inflight - 1) * probe.saved_bytes + probe.peak_bytes(grads_scale, m > 1)
+        # A later stage's input, received per micro-batch; its gradient, computed by backward,
+        # is kept until the step's sends are waited on (the schedule's last action), so it
+        # grows as backward frees the micro-batches' saved bytes.
+        in_bytes = probes[stage - 1][3] if dims.pp > 1 and stage > 0 else 0
+        held = max((inflight - 1) * probe.saved_bytes + (m - inflight) * in_bytes, (m - 1) * in_bytes)
+        activations = held + probe.peak_bytes(grads_scale, m > 1)
         comm = 0
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
         if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient
             comm = full_local
         if dims.fsdp_enabled:  # gathered units, unsharded gradients, reduce-scatter inputs, in step order
             comm = fsdp_buffers(probe, model, p, dims.dp_shard, device_type) - probe.peak_bytes(grads_scale)
-        if dims.pp > 1:  # receive buffers for every micro-batch: inputs forward, output grads backward
-            comm += 2 * m * out_bytes
+        if dims.pp > 1:  # per micro-batch: the input's receive buffer, and the output's gradient's receive
+            # buffer (the last stage instead keeps every micro-batch's output, which the schedule merges)
+            comm += m * (in_bytes + out_bytes)
         if p.cpu_offload:
             pers = {k: 0 for k in pers}
         optim_temp = optimizer_temporaries(model, cfg, dims, tp_layers, device_type, 1.0 / dims.dp_shard)
