@@ -206,9 +206,12 @@ class Machine:
         return lat + nbytes / bw
 
 
+PROBE_VERSION = 2  # bumped when the probes change: an older cache is not read
+
+
 def cache_path() -> Path:
     base = Path(os.environ.get("GPUPAR_CACHE", Path.home() / ".cache" / "gpupar"))
-    return base / f"machine-{platform.node()}-torch{torch.__version__}.json"
+    return base / f"machine-{platform.node()}-torch{torch.__version__}-v{PROBE_VERSION}.json"
 
 
 def measure_machine(device_type: str, precision: str, worlds: list[int], cache: bool = True) -> Machine:
@@ -254,7 +257,7 @@ def probe_op_overhead(n: int = 2000) -> float:
     return (time.perf_counter() - start) / n
 
 
-def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), repeats: int = 3) -> dict:
+def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), repeats: int = 10) -> dict:
     """Latency and bandwidth of all-reduce, all-gather and send/recv among ``world`` gloo ranks
     on loopback, as threads of this process (a few seconds at most): a line through two sizes."""
     store = torch.distributed.HashStore()
@@ -298,8 +301,11 @@ def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), r
     fitted = {}
     small, large = sizes
     for kind, times in results.items():
-        bw = (large - small) / max(times[large] - times[small], 1e-9)
-        fitted[kind] = [max(times[small] - small / bw, 1e-6), bw]
+        # The fastest of the repeats at each size (a stall of a rank on a shared CPU only adds):
+        # the small size is the latency, the large one's excess over it the bandwidth.
+        latency = times[small]
+        bw = (large - small) / max(times[large] - latency, 1e-6)
+        fitted[kind] = [max(latency, 1e-6), bw]
     return fitted
 
 
