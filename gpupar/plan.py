@@ -8,12 +8,16 @@ Memory per rank (the README's "gpupar plan" section states the model in full):
 - activations are measured by ``plan_probe.probe_step`` on the rank's local model at its real
   micro-batch size (on the meta device), and scaled by the micro-batches a pipeline keeps
   in flight: all M with GPipe, at most p - stage with 1F1B;
-- communication buffers: DDP's gradient buckets, FSDP's gathered unit (and the prefetched
-  next one) and its unsharded gradients, a pipeline stage's receive buffers;
-- a runtime allowance (5%, plus 1 GiB on a GPU for the CUDA context and libraries).
+- the optimizer's temporaries (plan_buffers.py): none for the fused kernel;
+- communication buffers: DDP's gradient buckets, FSDP2's all-gather outputs, unsharded
+  parameters and gradients and reduce-scatter inputs replayed along the probe's ops
+  (plan_buffers.fsdp_buffers), a pipeline stage's receive buffers;
+- a runtime allowance (5%, plus 1 GiB on a GPU for the CUDA context and libraries, plus one
+  FSDP unit on gloo, whose reduce-scatter temporary may be freed late: plan_buffers.gloo_late_bytes).
 
 Step time is a roofline: model FLOPs (``bench.flops.count_step_flops``) split over the ranks
-at the measured matmul rate, plus per-op overhead, plus collectives at the measured
+at the measured matmul rate, plus per-op overhead (and on a CPU DTensor's and FSDP2's Python
+per layer, measured once by plan_dispatch.py), plus collectives at the measured
 latency and bandwidth, plus recomputation, divided by (1 - bubble) with the pipeline bubble
 (p - 1) / (M + p - 1).
 """

@@ -167,7 +167,8 @@ def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, 
         return int(u + (v - u) * f)
 
     probe = StepProbe(line(a.saved_bytes, b.saved_bytes), b.ops,
-                      [(line(la, lb), ga) for (la, ga), (lb, _) in zip(a.samples, b.samples)])
+                      [(line(la, lb), ga) for (la, ga), (lb, _) in zip(a.samples, b.samples)], b.grads,
+                      b.markers)
     return probe, model, rowwise, line(out_a, out_b)
 
 
@@ -194,7 +195,10 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
     loss_fn = make_loss(cfg, ctx.spec) if last else (lambda out, _: out.sum())
     amp = autocast_for(torch.device("cpu"), cfg.train.precision)
     y = ctx.y.expand(mb, *ctx.y.shape[1:]).contiguous().to(device)
-    probe = probe_step(model, x, y, loss_fn, amp)
+    from gpupar.parallel.fsdp import pick_blocks
+
+    units = pick_blocks(model, cfg.parallel.fsdp_blocks, cfg.parallel.fsdp_min_params)
+    probe = probe_step(model, x, y, loss_fn, amp, units)
     with torch.no_grad():
         out = model(x)
     return probe, out.numel() * out.element_size()
@@ -202,12 +206,16 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
 
 def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
     """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
+    from gpupar.parallelize import tp_plan
+    from gpupar.plan_buffers import fsdp_buffers, gloo_late_bytes, optimizer_temporaries
+
     p = cfg.parallel
     m = (p.microbatches or 2 * dims.pp) if dims.pp > 1 else cfg.train.grad_accum
     mb = ctx.batch // (dims.dp * m)
     per_rank, worst = [], None
     probes = {}
     workspace = cublas_workspace_bytes() if device_type == "cuda" else 0  # allocated once, kept
+    tp_layers = set(tp_plan(ctx.model, dims.tp, ctx.spec)) if dims.tp > 1 else set()
     for rank in range(dims.world):
         stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
         if stage not in probes:
@@ -218,34 +226,35 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         inflight = (m if p.schedule == "gpipe" else min(m, dims.pp - stage)) if dims.pp > 1 else 1
         # DDP's gradients are views of its buckets (counted below): the step allocates none.
         grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
-        activations = (inflight - 1) * probe.saved_bytes + probe.peak_bytes(grads_scale)
+        # A later stage's input, received per micro-batch; its gradient, computed by backward,
+        # is kept until the step's sends are waited on (the schedule's last action), so it
+        # grows as backward frees the micro-batches' saved bytes.
+        in_bytes = probes[stage - 1][3] if dims.pp > 1 and stage > 0 else 0
+        held = max((inflight - 1) * probe.saved_bytes + (m - inflight) * in_bytes, (m - 1) * in_bytes)
+        activations = held + probe.peak_bytes(grads_scale, m > 1)
         comm = 0
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
         if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient
             comm = full_local
-        if dims.fsdp_enabled:
-            from gpupar.parallel.fsdp import pick_blocks
-
-            units = pick_blocks(model, p.fsdp_blocks, p.fsdp_min_params)
-            unit_bytes = [sum(t.numel() * t.element_size() for t in u.parameters()) for u in units] or [0]
-            root = full_local - sum(unit_bytes)
-            # the running unit, gathered, and the root, which stays gathered (the unsharded
-            # gradient before its reduce-scatter is already in the probe, one tensor at a time)
-            comm = max(unit_bytes) + root
-        if dims.pp > 1:  # receive buffers for every micro-batch: inputs forward, output grads backward
-            comm += 2 * m * out_bytes
+        if dims.fsdp_enabled:  # gathered units, unsharded gradients, reduce-scatter inputs, in step order
+            comm = fsdp_buffers(probe, model, p, dims.dp_shard, device_type) - probe.peak_bytes(grads_scale)
+        if dims.pp > 1:  # per micro-batch: the input's receive buffer, and the output's gradient's receive
+            # buffer (the last stage instead keeps every micro-batch's output, which the schedule merges)
+            comm += m * (in_bytes + out_bytes)
         if p.cpu_offload:
             pers = {k: 0 for k in pers}
-        optim_temp = 2 * max((t.numel() * t.element_size() for t in model.parameters()), default=0)
+        optim_temp = optimizer_temporaries(model, cfg, dims, tp_layers, device_type, 1.0 / dims.dp_shard)
         grads_held = 0 if dims.ddp_enabled else pers["grads"]  # DDP's live in its buckets (comm)
         peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp) + workspace
         # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).
         transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm) - workspace
+        late = gloo_late_bytes(model, p, dims.dp_shard) if dims.fsdp_enabled and device_type == "cpu" else 0
+        runtime = int(peak * FRAGMENTATION) + late + (GPU_RUNTIME_BYTES if device_type == "cuda" else 0)
         per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak,
-                         "transient": transient})
-        if worst is None or peak > worst["peak"]:
+                         "transient": transient, "runtime": runtime})
+        if worst is None or peak + runtime > worst["peak"] + worst["runtime"]:
             worst = per_rank[-1]
-    runtime = int(worst["peak"] * FRAGMENTATION) + (GPU_RUNTIME_BYTES if device_type == "cuda" else 0)
+    runtime = worst["runtime"]
     row.params, row.grads, row.optimizer = worst["params"], worst["grads"], worst["optimizer"]
     row.activations, row.comm_buffers, row.runtime = worst["activations"], worst["comm_buffers"], runtime
     row.total, row.per_rank = worst["peak"] + runtime, per_rank
@@ -254,7 +263,10 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
 
 
 def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: int, mb: int, machine) -> float:
-    """Roofline: compute + per-op overhead + exposed communication, over (1 - bubble)."""
+    """Roofline: compute + per-op overhead (plain dispatch, and DTensor's per tensor-parallel
+    layer and FSDP2's per unit, measured by plan_dispatch) + exposed communication, over (1 - bubble)."""
+    from gpupar.parallelize import tp_plan
+
     p = cfg.parallel
     gpu = machine.device_type == "cuda"
     # On one CPU the ranks share its cores (and its matmul rate); a GPU is a rank's own.
@@ -277,6 +289,7 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         from gpupar.parallel.fsdp import pick_blocks
 
         units = len(pick_blocks(model, p.fsdp_blocks, p.fsdp_min_params)) + 1
+        overhead += m * units * machine.dispatch.get("fsdp_unit_s", 0.0) * contention
         gathers = 2 if p.reshard_after_forward else 1
         per = full_local / units
         comm += units * (gathers * machine.collective_time("all_gather", dims.dp_shard, per)
@@ -286,6 +299,8 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         hidden = compute  # prefetched gathers overlap the previous unit's compute
     if dims.tp > 1:  # two all-reduces per rowwise layer and micro-batch (forward output, backward input grad)
         rowwise = probes[0][2]
+        tp_layers = len(tp_plan(model, dims.tp, ctx.spec))  # this stage's sharded layers
+        overhead += m * tp_layers * machine.dispatch.get("tp_layer_s", 0.0) * contention
         width = {n: model.get_submodule(n).out_features for n in rowwise}
         tokens = ctx.spec.tokens_per_sample
         for n in rowwise:

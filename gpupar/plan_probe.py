@@ -50,11 +50,23 @@ class StepProbe:
     ops: int  # dispatched ops (a proxy for per-op overhead)
     samples: list = field(default_factory=list)
     """(bytes alive, parameter-gradient bytes accumulated so far) after every op."""
+    grads: int = 0  # every parameter gradient's bytes (accumulated by the end of backward)
+    markers: list = field(default_factory=list)
+    """(index into samples, event, unit) for the FSDP units given to ``probe_step``: "forward"
+    (a unit's forward begins), "forward_end", "backward" (the gradient of its output
+    arrives) and "reduce" (its last parameter gradient is accumulated), in the order they happen."""
 
-    def peak_bytes(self, grads_scale: float = 1.0) -> int:
+    def peak_bytes(self, grads_scale: float = 1.0, accumulating: bool = False) -> int:
         """Most alive at once during forward and backward, a parameter's gradient counting as
         ``grads_scale`` of its size from the moment it is accumulated (1/S under FSDP, which
-        reduce-scatters it at once; 0 under DDP, whose gradients live in its buckets)."""
+        reduce-scatters it at once; 0 under DDP, whose gradients live in its buckets).
+
+        ``accumulating``: a later micro-batch of several (a pipeline's, or --grad-accum's).
+        Autograd hands the first micro-batch's gradient to ``.grad`` as it is; a later one
+        is computed into a new tensor and added to the ``.grad`` that already exists, so every
+        gradient is alive throughout, beside the new one (which the liveness counts)."""
+        if accumulating:
+            return int(max((live for live, _ in self.samples), default=0) + grads_scale * self.grads)
         return int(max((live + grads_scale * grads for live, grads in self.samples), default=0))
 
 
@@ -74,15 +86,17 @@ class _Liveness(TorchDispatchMode):
             del self.alive[key]
         return sum(n for _, n in self.alive.values())
 
+    def follow(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage._cdata not in self.exclude:
+            self.alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if storage._cdata in self.exclude:
-                    continue
-                self.alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+                self.follow(t)
         self.samples.append((self.live_bytes(), self.grads))
         return out
 
@@ -108,31 +122,85 @@ def _fused_attention():
         F.scaled_dot_product_attention = original
 
 
-def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp) -> StepProbe:
+def unit_parameters(model: torch.nn.Module, units) -> list[list[torch.nn.Parameter]]:
+    """The parameters each FSDP unit manages (those of its module not inside an earlier unit:
+    ``fsdp.pick_blocks`` lists children before parents), and last the root's (the rest)."""
+    seen: set[int] = set()
+    owned = []
+    for module in [*units, model]:
+        mine = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        owned.append(mine)
+    return owned
+
+
+def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp, units=()) -> StepProbe:
     """Run ``loss_fn(model(x), y).backward()`` under the liveness tracker (model and data on
     the same device: meta for shapes only). Parameter gradients are counted apart, from the
-    moment each is accumulated, and then dropped (see ``StepProbe.peak_bytes``)."""
+    moment each is accumulated, and then dropped (see ``StepProbe.peak_bytes``). ``units``
+    (modules that FSDP would shard, the root last) are marked as they run (``StepProbe.markers``)."""
     before = [*model.parameters(), *model.buffers(), x, y]
     tracker = _Liveness({t.untyped_storage()._cdata for t in before})
+    markers: list = []
+    owned = unit_parameters(model, units)
+    unit_of = {id(p): k for k, ps in enumerate(owned) for p in ps}
+    pending = [sum(p.requires_grad for p in ps) for ps in owned]
+
+    def mark(event: str, k: int) -> None:
+        markers.append((len(tracker.samples), event, k))
 
     def accumulated(p: torch.Tensor) -> None:
         tracker.grads += p.numel() * p.element_size()
         p.grad = None
+        k = unit_of[id(p)]
+        pending[k] -= 1
+        if pending[k] == 0:
+            mark("reduce", k)
 
-    handles = []
+    def hooks(k: int, module: torch.nn.Module) -> list:
+        def output_hook(_module, _args, out) -> None:
+            mark("forward_end", k)
+            outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            arrived: list[bool] = []
+
+            def grad_hook(_grad) -> None:  # returns None: the gradient is left as it is
+                if not arrived:
+                    arrived.append(True)
+                    mark("backward", k)
+
+            for t in outputs:
+                t.register_hook(grad_hook)
+
+        return [module.register_forward_pre_hook(lambda _m, _a: mark("forward", k)),
+                module.register_forward_hook(output_hook)]
+
+    # Checkpointing keeps each block's copy of the CPU generator's state (``preserve_rng_state``)
+    # until the block's backward: a tensor made outside the dispatcher, so followed here.
+    get_rng_state = torch.get_rng_state
+
+    def followed_rng_state() -> torch.Tensor:
+        state = get_rng_state()
+        tracker.follow(state)
+        return state
+
+    handles = [h for k, module in enumerate([*units, model]) for h in hooks(k, module)]
     for p in model.parameters():
         p.grad = None
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(accumulated))
-    with tracker, _fused_attention():
-        with amp:
-            loss = loss_fn(model(x), y)
-        saved = tracker.live_bytes()
-        loss.backward()
-    del loss
-    for h in handles:
-        h.remove()
-    return StepProbe(saved, tracker.ops, tracker.samples)
+    torch.get_rng_state = followed_rng_state
+    try:
+        with tracker, _fused_attention():
+            with amp:
+                loss = loss_fn(model(x), y)
+            saved = tracker.live_bytes()
+            loss.backward()
+        del loss
+    finally:
+        torch.get_rng_state = get_rng_state
+        for h in handles:
+            h.remove()
+    return StepProbe(saved, tracker.ops, tracker.samples, tracker.grads, markers)
 
 
 # --------------------------------------------------------------------------- machine
@@ -148,6 +216,8 @@ class Machine:
     cores: int
     collectives: dict = field(default_factory=dict)
     """{world: {"all_reduce" | "all_gather" | "send_recv": [latency_s, bytes_per_s]}}"""
+    dispatch: dict = field(default_factory=dict)
+    """{"tp_layer_s", "fsdp_unit_s"}: DTensor's and FSDP2's Python per layer and step (plan_dispatch)"""
 
     def collective_time(self, kind: str, world: int, nbytes: float) -> float:
         """Seconds for one collective of ``nbytes`` (per rank's full buffer) at ``world`` ranks."""
@@ -162,34 +232,46 @@ class Machine:
         return lat + nbytes / bw
 
 
+PROBE_VERSION = 2  # bumped when the probes change: an older cache is not read
+
+
 def cache_path() -> Path:
     base = Path(os.environ.get("GPUPAR_CACHE", Path.home() / ".cache" / "gpupar"))
-    return base / f"machine-{platform.node()}-torch{torch.__version__}.json"
+    return base / f"machine-{platform.node()}-torch{torch.__version__}-v{PROBE_VERSION}.json"
 
 
 def measure_machine(device_type: str, precision: str, worlds: list[int], cache: bool = True) -> Machine:
-    """This machine's numbers: collectives from the cache (or a short probe, then cached);
-    matmul and per-op overhead measured now (they follow the machine's current load)."""
+    """This machine's numbers: collectives and DTensor/FSDP2 dispatch from the cache (or short
+    probes, then cached); matmul and per-op overhead measured now (they follow the machine's
+    current load)."""
+    from gpupar.plan_dispatch import probe_dispatch
+
     path = cache_path()
     stored = json.loads(path.read_text()) if cache and path.is_file() else {}
     collectives = stored.get("collectives", {})
     missing = [w for w in worlds if w > 1 and str(w) not in collectives]
     for w in missing:
         collectives[str(w)] = probe_collectives(w)
-    if cache and missing:
+    dispatch = stored.get("dispatch")
+    probe_now = dispatch is None and device_type == "cpu" and max(worlds) > 1
+    if probe_now:
+        dispatch = probe_dispatch()
+    if cache and (missing or probe_now):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"collectives": collectives}, indent=1))
+        path.write_text(json.dumps({"collectives": collectives, **({"dispatch": dispatch} if dispatch else {})},
+                                   indent=1))
     if device_type == "cuda":
         from gpupar.bench.flops import gpu_peak_tflops
 
         tflops = gpu_peak_tflops(torch.cuda.get_device_name(), precision) or 100.0
         overhead = 10e-6
+        dispatch = {}  # the host's Python runs ahead of the GPU's kernels: not priced (see plan_dispatch)
     else:
         from gpupar.bench.flops import cpu_matmul_probe
 
         tflops = cpu_matmul_probe(precision, seconds=0.2, n=512)
         overhead = probe_op_overhead()
-    return Machine(device_type, tflops, overhead, os.cpu_count() or 1, collectives)
+    return Machine(device_type, tflops, overhead, os.cpu_count() or 1, collectives, dispatch or {})
 
 
 def probe_op_overhead(n: int = 2000) -> float:
@@ -201,7 +283,7 @@ def probe_op_overhead(n: int = 2000) -> float:
     return (time.perf_counter() - start) / n
 
 
-def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), repeats: int = 3) -> dict:
+def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), repeats: int = 10) -> dict:
     """Latency and bandwidth of all-reduce, all-gather and send/recv among ``world`` gloo ranks
     on loopback, as threads of this process (a few seconds at most): a line through two sizes."""
     store = torch.distributed.HashStore()
@@ -245,8 +327,11 @@ def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), r
     fitted = {}
     small, large = sizes
     for kind, times in results.items():
-        bw = (large - small) / max(times[large] - times[small], 1e-9)
-        fitted[kind] = [max(times[small] - small / bw, 1e-6), bw]
+        # The fastest of the repeats at each size (a stall of a rank on a shared CPU only adds):
+        # the small size is the latency, the large one's excess over it the bandwidth.
+        latency = times[small]
+        bw = (large - small) / max(times[large] - latency, 1e-6)
+        fitted[kind] = [max(latency, 1e-6), bw]
     return fitted
 
 

@@ -163,3 +163,57 @@ def test_a_checkpointed_model_is_freed_without_the_cycle_collector():
             assert block() is None, mode
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize("impl", ["fused", "default"])
+def test_optimizer_temporaries_match_what_the_step_allocates(impl):
+    """The plan's optimizer temporaries equal the most the real Adam step allocates on the
+    CPU (by the allocator's count through the profiler): none when fused, two tensors of the
+    largest parameter for torch's for-loop (to the step's few scalars). A regression in the term fails here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpupar.loop import make_optimizer
+    from gpupar.plan_buffers import optimizer_temporaries
+    from gpupar.topology import ParallelDims
+
+    cfg = Config()
+    cfg.optim.optimizer_impl = impl
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8))
+    opt = make_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # the state exists: the profiled step allocates only temporaries
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    running, peak = 0, 0
+    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                       if e.name() == "[memory]"):
+        running += n
+        peak = max(peak, running)
+    predicted = optimizer_temporaries(model, cfg, ParallelDims(), set(), "cpu", 1.0)
+    assert predicted == pytest.approx(peak, abs=64), (predicted, peak)  # to a few 4-byte scalars
+
+
+def test_fsdp_buffers_replay_fsdp2_allocation_order():
+    """Two 256-byte units, S = 2, no activations: the replay of FSDP2's buffers peaks at 896
+    bytes. On gloo first at the second unit's reduction: the first unit's prefetched
+    all-gather output (256) + the reduce-scatter input (256) + gloo's reduce-scatter
+    temporary (256) + the reduced gradient's shard (128). On a GPU (no temporary) at the first
+    unit's wait in backward: its prefetched all-gather output (256, released just after) and
+    its copied-out parameters (256), the second unit's reduce-scatter input (256) and the
+    shard (128)."""
+    from gpupar.config import ParallelConfig
+    from gpupar.plan_buffers import fsdp_buffers
+    from gpupar.plan_probe import StepProbe
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    root, g = 2, 256
+    samples = [(0, 0)] * 4 + [(0, g)] * 2 + [(0, 2 * g)] * 2
+    markers = [(0, "forward", root), (0, "forward", 0), (1, "forward_end", 0), (1, "forward", 1),
+               (2, "forward_end", 1), (2, "forward_end", root), (3, "backward", root), (3, "backward", 1),
+               (5, "reduce", 1), (6, "backward", 0), (7, "reduce", 0)]
+    probe = StepProbe(0, 8, samples, 2 * g, markers)
+    assert fsdp_buffers(probe, model, ParallelConfig(), 2, "cpu") == 896
+    assert fsdp_buffers(probe, model, ParallelConfig(), 2, "cuda") == 896
+    samples[4:6] = [(100, g)] * 2  # activations alive at the second unit's reduction: only gloo's peak moves
+    assert fsdp_buffers(probe, model, ParallelConfig(), 2, "cpu") == 996

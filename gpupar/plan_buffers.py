@@ -1,0 +1,154 @@
+"""What a step allocates besides the activations (``gpupar plan``): the optimizer's temporaries
+and the communication buffers of each layout, derived from how torch allocates them.
+
+Each term is the bytes alive at once at the moment that matters (the step's peak), per rank,
+from the shapes of the rank's local model (plan_memory.local_model): no per-model constants.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gpupar.config import Config
+from gpupar.topology import ParallelDims
+
+
+def nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def optimizer_fused(model: nn.Module, cfg: Config, dims: ParallelDims, tp_layers: set[str]) -> bool:
+    """Whether ``loop.make_optimizer`` picks the fused kernel for this rank's parameters: asked
+    for (the default), and not a mix of DTensor and plain parameters (a tensor-parallel model
+    whose other layers stay whole, without FSDP, which makes every parameter a DTensor)."""
+    if cfg.optim.optimizer_impl != "fused":
+        return False
+    if dims.tp > 1 and not dims.fsdp_enabled:
+        owners = {name.rpartition(".")[0] for name, _ in model.named_parameters()}
+        if owners - tp_layers and owners & tp_layers:
+            return False
+    return all(p.is_floating_point() for p in model.parameters())
+
+
+def optimizer_temporaries(model: nn.Module, cfg: Config, dims: ParallelDims, tp_layers: set[str],
+                          device_type: str, shard: float) -> int:
+    """Bytes the optimizer step allocates above its state, at its peak.
+
+    Fused Adam/AdamW/SGD update in one kernel: nothing. Otherwise torch's default: a loop over
+    tensors on the CPU (Adam's ``exp_avg_sq.sqrt() / bias_correction`` holds two tensors of
+    the parameter's size at once, a third with Adam's weight decay ``grad.add(param)``; SGD
+    only the latter), the foreach kernels on a GPU (the same temporaries, for every tensor of
+    the group at once). ``shard`` scales a parameter to the part the rank updates (1/S under FSDP).
+    """
+    if optimizer_fused(model, cfg, dims, tp_layers):
+        return 0
+    o = cfg.optim
+    per_tensor = {"adam": 2 + (o.weight_decay != 0), "adamw": 2}.get(o.optimizer, int(o.weight_decay != 0))
+    sizes = [nbytes(p) * shard for p in model.parameters() if p.requires_grad] or [0]
+    return int(per_tensor * (sum(sizes) if device_type == "cuda" else max(sizes)))
+
+
+def gathered_bytes(params, shards: int) -> int:
+    """A unit's all-gather output: each parameter's dim 0 padded to a multiple of ``shards``."""
+    total = 0
+    for p in params:
+        if p.dim() == 0:
+            total += nbytes(p) * shards
+        else:
+            rows = -(-p.shape[0] // shards) * shards
+            total += rows * (p.numel() // max(p.shape[0], 1)) * p.element_size()
+    return total
+
+
+def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str) -> int:
+    """The most a step holds at once under FSDP2: the probe's activations and gradients (a
+    reduced gradient counting 1/S) plus FSDP's own buffers, replayed along the probe's
+    markers as FSDP2 allocates them:
+
+    - the copy-out into the unsharded parameters exists beside the all-gather output (the
+      padded parameters); in forward that output stays alive until the next unit's all-gather
+      is waited on, or the root's forward ends; in backward it is released at once;
+    - forward frees a unit's unsharded parameters at its end (``reshard_after_forward``; never
+      the root's); backward gathers them again when its output's gradient arrives, and then
+      prefetches the next unit's all-gather output (FSDP2's implicit backward prefetch);
+    - a unit's gradients stay unsharded (full size) until its last one is accumulated; then its
+      parameters are resharded, the previous reduce-scatter input freed, the gradients copied
+      into a new reduce-scatter input (alive until the next unit's reduction) and freed. On
+      gloo the reduce-scatter also allocates a temporary of the input's size.
+    """
+    from gpupar.parallel.fsdp import pick_blocks
+    from gpupar.plan_probe import unit_parameters
+
+    units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
+    size = [gathered_bytes(ps, shards) for ps in unit_parameters(model, units)]
+    root, scale, gloo = len(units), 1.0 / shards, device_type == "cpu"
+    gathered: dict[int, int] = {}  # all-gather outputs alive
+    unsharded: dict[int, int] = {}
+    state = {"reduce_input": 0, "reduced": 0, "backward": False, "peak": 0}
+    forward_order: list[int] = []
+
+    def check(i: int, extra: int = 0) -> None:
+        live, grads = probe.samples[min(i, len(probe.samples) - 1)] if probe.samples else (0, 0)
+        held = sum(gathered.values()) + sum(unsharded.values()) + state["reduce_input"]
+        unreduced = (1 - scale) * (grads - state["reduced"])  # full-size gradients not yet reduce-scattered
+        state["peak"] = max(state["peak"], int(live + scale * grads + held + unreduced + extra))
+
+    def gather(i: int, k: int) -> None:
+        if k in unsharded:
+            return
+        if k not in gathered:
+            gathered[k] = size[k]
+        unsharded[k] = size[k]  # copy-out beside the all-gather output
+        check(i)
+        if state["backward"]:  # backward releases a unit's all-gather output at its own wait
+            del gathered[k]
+        else:  # forward keeps it until the next unit's wait, which releases the previous one
+            for other in [u for u in gathered if u != k]:
+                del gathered[other]
+
+    markers = iter(probe.markers)
+    marker = next(markers, None)
+    for i in range(len(probe.samples) + 1):
+        while marker is not None and marker[0] <= i:
+            _, event, k = marker
+            at = max(i - 1, 0)
+            if event == "forward" and not state["backward"]:
+                gather(at, k)
+                forward_order.append(k)
+            elif event == "forward_end" and not state["backward"]:
+                if k == root:  # the root's post-forward releases the last all-gather output
+                    gathered.clear()
+                elif options.reshard_after_forward:
+                    unsharded.pop(k, None)
+            elif event == "backward":
+                state["backward"] = True
+                gather(at, k)
+                later = [u for u in reversed(forward_order) if u != root]
+                nxt = later[later.index(k) + 1] if k in later and later.index(k) + 1 < len(later) else None
+                if nxt is not None and nxt not in unsharded and nxt not in gathered:
+                    check(at, size[nxt] * gloo)  # gloo's flat all-gather temporary
+                    gathered[nxt] = size[nxt]
+            elif event == "reduce":
+                unsharded.pop(k, None)
+                state["reduce_input"] = size[k]
+                check(at)
+                # the gradients accumulated by now (the marker's own sample counts them) are reduced
+                state["reduced"] = probe.samples[min(i, len(probe.samples) - 1)][1] if probe.samples else 0
+                check(at, size[k] * gloo)  # gloo's reduce-scatter temporary
+            marker = next(markers, None)
+        if i < len(probe.samples):
+            check(i)
+    return state["peak"]
+
+
+def gloo_late_bytes(model: nn.Module, options, shards: int) -> int:
+    """What gloo may still hold under FSDP2 beyond ``fsdp_buffers``' typical step: a reduce-
+    scatter's flat temporary is freed on gloo's worker thread when the collective completes,
+    and when another rank lags that is after the next unit's all-gather (measured: mlp-m
+    fsdp(4), 871 or 1109 KiB above the step's start, rank by rank and launch by launch). At
+    most one unit's worth: part of the runtime allowance (what fits), not of the peak."""
+    from gpupar.parallel.fsdp import pick_blocks
+    from gpupar.plan_probe import unit_parameters
+
+    units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
+    return max((gathered_bytes(ps, shards) for ps in unit_parameters(model, units)), default=0)
