@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 # seconds per part on a card (the tiny CPU run takes a few each)
 PARTS = {"tests": 150, "gpt_eager": 75, "classic": 75, "plan": 60, "sweep": 60, "gpt_compiled": 120,
-         "ac_diag": 40, "cpu_suite": 240}
+         "ac_diag": 40, "cpu_suite": 200}
 
 
 def run_part(name: str, device: str, tiny: bool, out: Path) -> None:
