@@ -158,6 +158,11 @@ def _fit_batchnorm(cuda_graphs: bool, X, y, on_nan="skip"):
     for m in model.modules():  # dropout's masks come from a different RNG stream inside a graph
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+    # The bias before BatchNorm has a true gradient of 0 (the norm subtracts it again): its
+    # gradient is rounding noise, which Adam turns into full-size steps, so it would differ
+    # between any two runs whose reductions round differently (an H200 saw exactly this
+    # parameter differ, and the one before it, inp.weight, agree to 1e-5). Frozen here.
+    model.inp.bias.requires_grad_(False)
     optimizer = make_optimizer(model, cfg)
     marks: list[int] = []
     with warnings.catch_warnings(record=True) as caught:
