@@ -63,9 +63,9 @@ def cpu_matmul_probe(precision: str, seconds: float = 0.5, n: int = 1024) -> flo
     """Best observed TFLOP/s of an n x n matmul with all of this process's threads."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up (a slow one, on a busy machine, once left no time to measure: a rate of 0)
     best, deadline = 0.0, time.perf_counter() + seconds
-    a @ b  # warm-up
-    while time.perf_counter() < deadline:
+    while best == 0.0 or time.perf_counter() < deadline:  # at least one timed product
         start = time.perf_counter()
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - start))
