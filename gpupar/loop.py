@@ -161,7 +161,10 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     if batch_size > len(train_set):
         raise UsageError(f"--batch-size {batch_size} exceeds the {len(train_set)} training samples")
     check_divisible(batch_size, t.grad_accum, topo.dp, len(train_set))
-    whole_step = t.cuda_graphs and not topo.distributed and step_fn is None  # graphs.py: capture every step
+    # graphs.py: one process on one device with the ordinary step (not a pipeline schedule, not
+    # layer-split over several devices) captures the whole step.
+    whole_step = t.cuda_graphs and not topo.distributed and \
+        getattr(step_fn, "func", forward_backward) is forward_backward and len({p.device for p in model.parameters()}) == 1
     step_fn = compiled_step(model, step_fn, cfg, topo, whole_step)
     steps_per_epoch = len(train_set) // batch_size
     total_steps = int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch))
