@@ -230,7 +230,11 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         # is kept until the step's sends are waited on (the schedule's last action), so it
         # grows as backward frees the micro-batches' saved bytes.
         in_bytes = probes[stage - 1][3] if dims.pp > 1 and stage > 0 else 0
-        held = max((inflight - 1) * probe.saved_bytes + (m - inflight) * in_bytes, (m - 1) * in_bytes)
+        # GPipe waits on its forward sends only as the schedule returns: until then their work
+        # objects hold the output of every micro-batch of a stage that sends one (not the last).
+        sent = m * out_bytes if dims.pp > 1 and p.schedule == "gpipe" and stage < dims.pp - 1 else 0
+        saved = probe.saved_bytes - (out_bytes if sent else 0)  # the probe's saved bytes include the output
+        held = max((inflight - 1) * saved + (m - inflight) * in_bytes, (m - 1) * in_bytes) + sent
         activations = held + probe.peak_bytes(grads_scale, m > 1)
         comm = 0
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
