@@ -213,38 +213,51 @@ def part_plan(device, tiny):
     return {"rows": rows, "goal": "persistent exact; transient and peak within 10%"}
 
 
-def measure_single(device, flags) -> dict:
-    """One rank on ``device``: persistent bytes and the third step's transient and peak."""
+def one_rank(device, flags):
+    """``gpupar train FLAGS`` as one rank on ``device``, built as the loop builds it: the
+    parallelised model, its optimizer, and ``step()``, one training step on the first batch."""
     from gpupar.cli import build_parser
-    from gpupar.data import shard_batch
     from gpupar.flags import config_from_args
     from gpupar.job import load_problem
     from gpupar.loop import autocast_for, make_loss, make_optimizer
-    from gpupar.memory import grad_bytes, memory_report
     from gpupar.parallelize import parallelize
     from gpupar.topology import Topology
 
     cfg = config_from_args(build_parser().parse_args(["train", *flags, "--device", device.type]))
     problem = load_problem(cfg)
-    topo = Topology.single(device)
-    parallel = parallelize(problem.model.to(device), topo, cfg, problem.spec)
-    optimizer = make_optimizer(parallel.model, cfg)
-    loss_fn = make_loss(cfg, problem.spec)
-    rows = shard_batch(torch.arange(cfg.train.batch_size), 1, 0)
-    batch = [(problem.X[rows].to(device), problem.y[rows].to(device))]
+    parallel = parallelize(problem.model.to(device), Topology.single(device), cfg, problem.spec)
+    del problem.model  # the parallelised model is the one that trains
+    optimizer, loss_fn = make_optimizer(parallel.model, cfg), make_loss(cfg, problem.spec)
+    rows = cfg.train.batch_size
+    batch = [(problem.X[:rows].to(device), problem.y[:rows].to(device))]
+
+    def step(between=lambda: None) -> None:  # ``between`` runs after backward, before the optimizer
+        parallel.step(batch, loss_fn, autocast_for(device, cfg.train.precision), None)
+        between()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return parallel.model, optimizer, batch, step
+
+
+def measure_single(device, flags) -> dict:
+    """One rank on ``device``: persistent bytes and the third step's transient and peak."""
+    from gpupar.memory import grad_bytes, memory_report
+
+    model, optimizer, _, step = one_rank(device, flags)
     cuda = device.type == "cuda"
     out = {}
-    for step in range(3):
-        if step == 2 and cuda:
+    grads: list[int] = []
+    for k in range(3):
+        if k == 2 and cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             at_start = torch.cuda.memory_allocated(device)
-        parallel.step(batch, loss_fn, autocast_for(device, cfg.train.precision), None)
-        if step == 0:
-            grads = grad_bytes(parallel.model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    report = memory_report(parallel.model, optimizer, grads, device)
+        if k == 0:
+            step(lambda: grads.append(grad_bytes(model)))
+        else:
+            step()
+    report = memory_report(model, optimizer, grads[0], device)
     out["persistent"] = report["persistent_bytes"]
     if cuda:
         torch.cuda.synchronize(device)
@@ -258,32 +271,17 @@ def part_ac_diag(device, tiny):
     blocks' parameters allocated: what holds it, and whether Python's collector frees it."""
     import gc
 
-    from gpupar.cli import build_parser
-    from gpupar.flags import config_from_args
-    from gpupar.job import load_problem
-    from gpupar.loop import autocast_for, make_loss, make_optimizer
-    from gpupar.parallelize import parallelize
-    from gpupar.topology import Topology
-
     flags = PLAN_MODELS["mlp"][1 if tiny else 0]
     rows = {}
     for ac in ("none", "full"):
-        cfg = config_from_args(build_parser().parse_args(["train", *flags, "--device", device.type,
-                                                          "--activation-checkpointing", ac]))
-        problem = load_problem(cfg)
-        parallel = parallelize(problem.model.to(device), Topology.single(device), cfg, problem.spec)
-        del problem.model
-        optimizer, loss_fn = make_optimizer(parallel.model, cfg), make_loss(cfg, problem.spec)
-        batch = [(problem.X[:cfg.train.batch_size].to(device), problem.y[:cfg.train.batch_size].to(device))]
+        model, optimizer, batch, step = one_rank(device, [*flags, "--activation-checkpointing", ac])
         allocated = (lambda: torch.cuda.memory_allocated(device)) if device.type == "cuda" else (lambda: 0)
         gc.collect()
         gc.disable()
         try:
             for _ in range(2):
-                parallel.step(batch, loss_fn, autocast_for(device, cfg.train.precision), None)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            known = {id(t) for t in parallel.model.parameters()} | {id(t) for b in batch for t in b}
+                step()
+            known = {id(t) for t in model.parameters()} | {id(t) for b in batch for t in b}
             known |= {id(v) for st in optimizer.state.values() for v in st.values()}
             strays = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device == device
                       and id(o) not in known]
@@ -293,10 +291,10 @@ def part_ac_diag(device, tiny):
             before = allocated()
             collected = gc.collect()
             rows[ac] = {"allocated_after_step": before, "after_gc_collect": allocated(), "collected": collected,
-                        "grads_none": all(p.grad is None for p in parallel.model.parameters()),
+                        "grads_none": all(p.grad is None for p in model.parameters()),
                         "python_tensors_not_params_or_state": len(strays), "first": seen}
         finally:
             gc.enable()
-        del parallel, optimizer, batch
+        del model, optimizer, batch, step
         gc.collect()
     return rows
