@@ -58,11 +58,11 @@ def check_config(cfg: Config, device_type: str) -> None:
                          f"--optimizer-impl {cfg.optim.optimizer_impl})")
 
 
-def check(cfg: Config, optimizer: torch.optim.Optimizer, scaler) -> None:
+def check(cfg: Config, optimizer: torch.optim.Optimizer) -> None:
     """The same, for the optimizer ``fit`` got (the Python API may pass its own)."""
-    check_config(cfg, "cuda")
+    check_config(cfg, "cuda")  # fp16, the only precision with a loss scaler, is refused here
     group = optimizer.param_groups[0]
-    if scaler is not None or not (group.get("fused") and group.get("capturable")):
+    if not (group.get("fused") and group.get("capturable")):
         raise UsageError("--cuda-graphs captures the optimizer step too: pass no optimizer (gpupar builds a fused, "
                          "capturable one) or one built with fused=True, capturable=True and a tensor lr")
 

@@ -137,7 +137,8 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
             plan = tp_plan(stage, dims.tp, spec)
             check_tp_divisible(stage, plan, dims.tp)
             tied.check_tp(stage, plan)
-    if cfg.train.cuda_graphs and dims.world == 1:  # one process captures its whole step (graphs.py)
+    # One process on one device captures its whole step (graphs.py); layer-split spans devices.
+    if cfg.train.cuda_graphs and dims.world == 1 and lay.process != "layer-split":
         from gpupar import graphs
         from gpupar.devices import pick_device
 

@@ -116,7 +116,7 @@ def spawn(cfg: Config, command: str, extra: tuple[str, ...] = ()) -> None:
         except TrainingError as exc:
             if run.replaced is None:
                 raise
-            raise TrainingError(f"{exc}; the run it was to replace is kept in {run.replaced}") from None
+            raise TrainingError(f"{exc}; {run.unchanged()}") from None
 
 
 def launched_by_torchrun() -> bool:

@@ -210,7 +210,7 @@ def fit(model: nn.Module, train_set: Samples, cfg: Config, topo: Topology, loss_
     if whole_step:
         from gpupar import graphs
 
-        graphs.check(cfg, optimizer, scaler)
+        graphs.check(cfg, optimizer)
         train_step = graphs.WholeStep(train_step)
     checkpoint_every = checkpoints.every if checkpoints is not None else None
     for epoch in range(start.epoch, t.epochs):

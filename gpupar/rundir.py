@@ -38,7 +38,7 @@ from gpupar.errors import UsageError
 
 LOCK = ".gpupar.lock"
 RUN_ID_ENV = "GPUPAR_RUN_ID"
-# What a gpupar run writes into its directory; --overwrite removes these and nothing else.
+# What a gpupar run writes into its directory; --overwrite moves these aside and nothing else.
 RUN_FILES = ("config.toml", "launch.toml", "metrics.jsonl", "step_losses.json", "model.safetensors",
              "summary.json", "loss.png", "checkpoints", "sweep.jsonl", "best.json", "best")
 

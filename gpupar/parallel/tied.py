@@ -90,9 +90,9 @@ def check_tp(model: nn.Module, plan: dict) -> None:
 def check_pp(stages: list[nn.Module], model: nn.Module) -> None:
     """A tie must stay inside one pipeline stage (each stage is a copy of ``model`` without
     the other stages' modules, with the whole model's parameter names)."""
+    holds = [{n for n, _ in stage.named_parameters(remove_duplicate=False)} for stage in stages]
     for names in tied_parameters(model):
-        for stage in stages:
-            held = {n for n, _ in stage.named_parameters(remove_duplicate=False)}
+        for held in holds:
             kept = [n for n in names if n in held]
             if kept and len(kept) < len(names):
                 lost = next(n for n in names if n not in held)
