@@ -74,14 +74,16 @@ def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str
     - a unit's gradients stay unsharded (full size) until its last one is accumulated; then its
       parameters are resharded, the previous reduce-scatter input freed, the gradients copied
       into a new reduce-scatter input (alive until the next unit's reduction) and freed. On
-      gloo the reduce-scatter also allocates a temporary of the input's size.
+      gloo the all-gather allocates a flat temporary of its output's size; so does the
+      reduce-scatter, on a torch too old for gpupar's in-place one (fsdp.GlooReduceScatter).
     """
-    from gpupar.parallel.fsdp import pick_blocks
+    from gpupar.parallel.fsdp import gloo_reduce_in_place, pick_blocks
     from gpupar.plan_probe import unit_parameters
 
     units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
     size = [gathered_bytes(ps, shards) for ps in unit_parameters(model, units)]
     root, scale, gloo = len(units), 1.0 / shards, device_type == "cpu"
+    gloo_reduce_copy = gloo and not gloo_reduce_in_place()
     gathered: dict[int, int] = {}  # all-gather outputs alive
     unsharded: dict[int, int] = {}
     state = {"reduce_input": 0, "reduced": 0, "backward": False, "peak": 0}
@@ -134,7 +136,7 @@ def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str
                 check(at)
                 # the gradients accumulated by now (the marker's own sample counts them) are reduced
                 state["reduced"] = probe.samples[min(i, len(probe.samples) - 1)][1] if probe.samples else 0
-                check(at, size[k] * gloo)  # gloo's reduce-scatter temporary
+                check(at, size[k] * gloo_reduce_copy)  # gloo's own reduce-scatter copies its input
             marker = next(markers, None)
         if i < len(probe.samples):
             check(i)
@@ -142,13 +144,16 @@ def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str
 
 
 def gloo_late_bytes(model: nn.Module, options, shards: int) -> int:
-    """What gloo may still hold under FSDP2 beyond ``fsdp_buffers``' typical step: a reduce-
-    scatter's flat temporary is freed on gloo's worker thread when the collective completes,
-    and when another rank lags that is after the next unit's all-gather (measured: mlp-m
-    fsdp(4), 871 or 1109 KiB above the step's start, rank by rank and launch by launch). At
-    most one unit's worth: part of the runtime allowance (what fits), not of the peak."""
-    from gpupar.parallel.fsdp import pick_blocks
+    """What gloo may still hold under FSDP2 beyond ``fsdp_buffers``' typical step, on a torch
+    too old for gpupar's in-place reduce-scatter (fsdp.GlooReduceScatter): gloo's own frees its
+    copy of the input on its worker thread when the collective completes, and when another rank
+    lags that is after the next unit's all-gather (measured: mlp-m fsdp(4), 871 or 1109 KiB
+    above the step's start, launch by launch). At most one unit's worth: part of the runtime
+    allowance (what fits), not of the peak. Zero where the reduction is in place."""
+    from gpupar.parallel.fsdp import gloo_reduce_in_place, pick_blocks
     from gpupar.plan_probe import unit_parameters
 
+    if gloo_reduce_in_place():
+        return 0
     units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
     return max((gathered_bytes(ps, shards) for ps in unit_parameters(model, units)), default=0)

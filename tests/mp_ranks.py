@@ -101,7 +101,42 @@ def main() -> None:
     else:
         assert "head.weight" in names[1] and any(n.startswith("blocks.1.") for n in names[0])
     ok("pipeline-split")
+
+    gloo_reduce_scatter(topo.mesh["tp"])
+    ok("gloo-reduce-scatter")
     topo.close()
+
+
+def allocated(fn) -> int:
+    """Bytes the calling thread allocates while ``fn`` runs (torch.profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+
+
+def gloo_reduce_scatter(mesh) -> None:
+    """FSDP2 on gloo reduces in place: the same sums as gloo's reduce-scatter, and unlike it no
+    copy of the input (which gloo frees on whichever thread drops its work last)."""
+    from gpupar.parallel.fsdp import GlooReduceScatter, apply_fsdp, gloo_reduce_in_place
+
+    group, rank = mesh.get_group(), dist.get_rank()
+    for op, divide in ((dist.ReduceOp.SUM, 1), (dist.ReduceOp.AVG, 2)):
+        inp = torch.arange(8.0) * (rank + 1)  # ranks 0 and 1: x and 2x; the sum is 3x
+        out = torch.empty(4)
+        GlooReduceScatter()(out, inp, group, op)
+        assert torch.equal(out, torch.arange(8.0).view(2, 4)[rank] * 3 / divide), (op, out)
+    big, out = torch.ones(1 << 16), torch.empty(1 << 15)
+    assert allocated(lambda: dist.reduce_scatter_tensor(out, big, group=group)) >= big.nbytes  # gloo's copy
+    assert allocated(lambda: GlooReduceScatter()(out, big, group, dist.ReduceOp.SUM)) == 0
+    if gloo_reduce_in_place():
+        model = apply_fsdp(mlp(10, 32, 3, 1), mesh, Config().parallel)
+        units = [model, *(m for m in model.modules() if m is not model and hasattr(m, "set_custom_reduce_scatter"))]
+        assert len(units) == 4  # the three Linear layers and the root
+        for unit in units:
+            assert all(isinstance(g._reduce_scatter_comm, GlooReduceScatter)
+                       for g in unit._get_fsdp_state()._fsdp_param_groups)
 
 
 if __name__ == "__main__":

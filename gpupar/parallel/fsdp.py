@@ -26,14 +26,15 @@ import sys
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 try:  # public since torch 2.6
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 except ImportError:  # pragma: no cover - older 2.x builds
-    from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed._composable.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError
@@ -78,6 +79,36 @@ def pick_blocks(model: nn.Module, blocks: str = "auto", min_params: int = 100_00
     return chosen
 
 
+class GlooReduceScatter:
+    """FSDP2's reduce-scatter on gloo, as an in-place all-reduce of FSDP's own input buffer.
+
+    gloo implements a reduce-scatter as an all-reduce of a copy of its input
+    (``ProcessGroupGloo::reduce_scatter_tensor_coalesced`` clones it), and the copy is freed by
+    whichever thread drops the work object last: on a loaded CPU, now and then gloo's worker
+    thread, after the next unit's all-gather. A rank's peak then moves by one unit's
+    gradients from step to step, which no plan can predict. FSDP's reduce-scatter input is a
+    scratch buffer already, so reducing it in place moves the same bytes, gives the same sums,
+    and allocates nothing. Used through FSDP2's ``set_custom_reduce_scatter`` where this torch
+    has it (``gloo_reduce_in_place``; older builds keep gloo's copy).
+    """
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
+        # input [S * n] (S chunks of n, this rank's is chunk `rank`) -> output [n]
+        average = op == dist.ReduceOp.AVG
+        dist.all_reduce(input_tensor, op=dist.ReduceOp.SUM if average else op, group=group)
+        chunk = input_tensor.view(group.size(), -1)[group.rank()]
+        output_tensor.copy_(chunk.div_(group.size()) if average else chunk)
+        return None
+
+
+def gloo_reduce_in_place() -> bool:
+    """Whether this torch lets ``apply_fsdp`` replace gloo's reduce-scatter (see GlooReduceScatter)."""
+    return hasattr(FSDPModule, "set_custom_reduce_scatter")
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, options: ParallelConfig, precision: str = "fp32") -> nn.Module:
     """Shard ``model`` (already on this rank's device) in place over ``mesh``; returns it.
 
@@ -98,13 +129,16 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, options: ParallelConfig, prec
             # the optimizer step runs on the CPU. Each block is copied to the GPU to run.
             offload = {"offload_policy": CPUOffloadPolicy()}
     blocks = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
-    for group in fsdp_groups(model, blocks):  # blocks that share a tied Parameter shard as one unit
-        fully_shard(group if len(group) > 1 else group[0], mesh=mesh,
-                    reshard_after_forward=options.reshard_after_forward, mp_policy=mp_policy, **offload)
+    units = [fully_shard(group if len(group) > 1 else group[0], mesh=mesh,
+                         reshard_after_forward=options.reshard_after_forward, mp_policy=mp_policy, **offload)
+             for group in fsdp_groups(model, blocks)]  # blocks that share a tied Parameter shard as one unit
     # The root takes the remaining parameters. FSDP never reshards the root after forward:
     # backward starts with it, so its parameters would be gathered again at once.
-    fully_shard(model, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
-                mp_policy=mp_policy, **offload)
+    units.append(fully_shard(model, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
+                             mp_policy=mp_policy, **offload))
+    if mesh.device_type == "cpu" and gloo_reduce_in_place():
+        for unit in units:
+            (unit[0] if isinstance(unit, list) else unit).set_custom_reduce_scatter(GlooReduceScatter())
     # FSDP2 warns when a unit returns a view, since an in-place op on it would skip a hook. A
     # tensor-parallel layer's output is one (DTensor.to_local), and the root's output goes only
     # to the loss: for those units the warning is noise on every rank. Other units keep it.
