@@ -12,8 +12,9 @@ Memory per rank (the README's "gpupar plan" section states the model in full):
 - communication buffers: DDP's gradient buckets, FSDP2's all-gather outputs, unsharded
   parameters and gradients and reduce-scatter inputs replayed along the probe's ops
   (plan_buffers.fsdp_buffers), a pipeline stage's receive buffers;
-- a runtime allowance (5%, plus 1 GiB on a GPU for the CUDA context and libraries; on a torch
-  too old for gpupar's in-place gloo reduce-scatter, plus one FSDP unit: plan_buffers.gloo_late_bytes).
+- a runtime allowance (5%, plus 1 GiB on a GPU for the CUDA context and libraries; on gloo,
+  plus the largest tensor one collective holds, which gloo's worker thread may free late:
+  plan_buffers.gloo_late_bytes).
 
 Step time is a roofline: model FLOPs (``bench.flops.count_step_flops``) split over the ranks
 at the measured matmul rate, plus per-op overhead (and on a CPU DTensor's and FSDP2's Python

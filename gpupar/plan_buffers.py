@@ -143,17 +143,22 @@ def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str
     return state["peak"]
 
 
-def gloo_late_bytes(model: nn.Module, options, shards: int) -> int:
-    """What gloo may still hold under FSDP2 beyond ``fsdp_buffers``' typical step, on a torch
-    too old for gpupar's in-place reduce-scatter (fsdp.GlooReduceScatter): gloo's own frees its
-    copy of the input on its worker thread when the collective completes, and when another rank
-    lags that is after the next unit's all-gather (measured: mlp-m fsdp(4), 871 or 1109 KiB
-    above the step's start, launch by launch). At most one unit's worth: part of the runtime
-    allowance (what fits), not of the peak. Zero where the reduction is in place."""
-    from gpupar.parallel.fsdp import gloo_reduce_in_place, pick_blocks
+def gloo_late_bytes(model: nn.Module, options, dims: ParallelDims, activation_bytes: int, sent_bytes: int) -> int:
+    """What gloo may still hold beyond the step's program order: the largest tensor one
+    collective of this layout holds. A gloo work object keeps its tensors until the worker
+    thread that ran it lets go, a moment after the rank's wait returns; on CPU cores shared
+    by the ranks that thread is now and then descheduled, and a tensor the rank has dropped
+    is freed later (measured: FSDP's all-gather output, 453 KiB above a gpt-m fsdp(4) rank's
+    peak in some steps; a DTensor all-reduce's output, 32 KiB on mlp-m tp(4)). Candidates:
+    under FSDP2 a unit's all-gather output (and, on a torch without the in-place
+    reduce-scatter, gloo's copy of its input); under tensor parallelism ``activation_bytes``,
+    the largest activation all-reduced; a pipeline stage's sent output, ``sent_bytes``. One at
+    a time: part of the runtime allowance (what fits), not of the peak."""
+    from gpupar.parallel.fsdp import pick_blocks
     from gpupar.plan_probe import unit_parameters
 
-    if gloo_reduce_in_place():
-        return 0
-    units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
-    return max((gathered_bytes(ps, shards) for ps in unit_parameters(model, units)), default=0)
+    late = [activation_bytes if dims.tp > 1 else 0, sent_bytes if dims.pp > 1 else 0]
+    if dims.fsdp_enabled:
+        units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
+        late += [gathered_bytes(ps, dims.dp_shard) for ps in unit_parameters(model, units)]
+    return max(late)

@@ -198,10 +198,18 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
     from gpupar.parallel.fsdp import pick_blocks
 
     units = pick_blocks(model, cfg.parallel.fsdp_blocks, cfg.parallel.fsdp_min_params)
-    probe = probe_step(model, x, y, loss_fn, amp, units)
+    probe = probe_step(model, x, y, loss_fn, amp, units, keep_output=not last)
     with torch.no_grad():
         out = model(x)
     return probe, out.numel() * out.element_size()
+
+
+def tp_activation_bytes(ctx: Context, model: nn.Module, rowwise: list[str], mb: int) -> int:
+    """The largest activation a tensor-parallel all-reduce moves: a rowwise layer's output
+    [mb, tokens, out_features] in fp32 (its input's gradient backward has the colwise
+    partner's input width, the same in every pair gpupar builds)."""
+    widths = [model.get_submodule(n).out_features for n in rowwise]
+    return mb * ctx.spec.tokens_per_sample * max(widths, default=0) * 4
 
 
 def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
@@ -230,12 +238,21 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         # is kept until the step's sends are waited on (the schedule's last action), so it
         # grows as backward frees the micro-batches' saved bytes.
         in_bytes = probes[stage - 1][3] if dims.pp > 1 and stage > 0 else 0
-        # GPipe waits on its forward sends only as the schedule returns: until then their work
-        # objects hold the output of every micro-batch of a stage that sends one (not the last).
-        sent = m * out_bytes if dims.pp > 1 and p.schedule == "gpipe" and stage < dims.pp - 1 else 0
-        saved = probe.saved_bytes - (out_bytes if sent else 0)  # the probe's saved bytes include the output
+        # A stage that sends its output (not the last) keeps it until the micro-batch's backward
+        # ends (the probe holds it likewise: keep_output). Sends hold outputs longer: GPipe waits
+        # on its forward sends only as the schedule returns, so their work objects hold every
+        # micro-batch's output (counted here, so less each micro-batch's own, `own`); 1F1B keeps
+        # the work of its last warm-up send that fired (micro-batch inflight - 2) through the
+        # steady phase, beyond that micro-batch's backward once m >= 2 * inflight - 1.
+        sends = dims.pp > 1 and stage < dims.pp - 1
+        sent, own = 0, 0
+        if sends and p.schedule == "gpipe":
+            sent, own = m * out_bytes, out_bytes
+        elif sends and p.schedule == "1f1b" and inflight >= 2 and m >= 2 * inflight - 1:
+            sent = out_bytes
+        saved = probe.saved_bytes - own
         held = max((inflight - 1) * saved + (m - inflight) * in_bytes, (m - 1) * in_bytes) + sent
-        activations = held + probe.peak_bytes(grads_scale, m > 1)
+        activations = held + probe.peak_bytes(grads_scale, m > 1) - own
         comm = 0
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
         if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient
@@ -252,7 +269,8 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         peak = pers["params"] + pers["optimizer"] + comm + max(activations, grads_held + optim_temp) + workspace
         # What one step allocates above what it starts with (DDP buckets and pipeline buffers are held across steps).
         transient = peak - pers["params"] - pers["optimizer"] - (0 if dims.fsdp_enabled else comm) - workspace
-        late = gloo_late_bytes(model, p, dims.dp_shard) if dims.fsdp_enabled and device_type == "cpu" else 0
+        late = gloo_late_bytes(model, p, dims, tp_activation_bytes(ctx, model, rowwise, mb), out_bytes) \
+            if device_type == "cpu" else 0
         runtime = int(peak * FRAGMENTATION) + late + (GPU_RUNTIME_BYTES if device_type == "cuda" else 0)
         per_rank.append({"rank": rank, **pers, "activations": activations, "comm_buffers": comm, "peak": peak,
                          "transient": transient, "runtime": runtime})
@@ -305,10 +323,8 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         rowwise = probes[0][2]
         tp_layers = len(tp_plan(model, dims.tp, ctx.spec))  # this stage's sharded layers
         overhead += m * tp_layers * machine.dispatch.get("tp_layer_s", 0.0) * contention
-        width = {n: model.get_submodule(n).out_features for n in rowwise}
-        tokens = ctx.spec.tokens_per_sample
         for n in rowwise:
-            comm += 2 * m * machine.collective_time("all_reduce", dims.tp, mb * tokens * width[n] * 4)
+            comm += 2 * m * machine.collective_time("all_reduce", dims.tp, tp_activation_bytes(ctx, model, [n], mb))
     if dims.pp > 1:  # each micro-batch's activation forward and its gradient backward, per boundary
         comm += 2 * m * machine.collective_time("send_recv", 2, probes[0][3])
     exposed = max(0.0, comm - hidden) if gpu else comm  # gloo on shared CPU cores: no overlap assumed

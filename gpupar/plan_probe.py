@@ -134,11 +134,14 @@ def unit_parameters(model: torch.nn.Module, units) -> list[list[torch.nn.Paramet
     return owned
 
 
-def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp, units=()) -> StepProbe:
+def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, amp, units=(),
+               keep_output: bool = False) -> StepProbe:
     """Run ``loss_fn(model(x), y).backward()`` under the liveness tracker (model and data on
     the same device: meta for shapes only). Parameter gradients are counted apart, from the
     moment each is accumulated, and then dropped (see ``StepProbe.peak_bytes``). ``units``
-    (modules that FSDP would shard, the root last) are marked as they run (``StepProbe.markers``)."""
+    (modules that FSDP would shard, the root last) are marked as they run (``StepProbe.markers``).
+    ``keep_output``: hold the model's output until backward ends, as a pipeline stage that
+    sends it does (torch's ``PipelineStage`` keeps it for the stage's backward)."""
     before = [*model.parameters(), *model.buffers(), x, y]
     tracker = _Liveness({t.untyped_storage()._cdata for t in before})
     markers: list = []
@@ -192,7 +195,10 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
     try:
         with tracker, _fused_attention():
             with amp:
-                loss = loss_fn(model(x), y)
+                out = model(x)
+                loss = loss_fn(out, y)
+            if not keep_output:
+                del out
             saved = tracker.live_bytes()
             loss.backward()
         del loss

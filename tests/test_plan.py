@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from harness import gpupar
 
@@ -43,6 +44,21 @@ def test_activation_checkpointing_keeps_gradients_and_saves_memory():
         for a, b in zip(grads["none"], grads[mode]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert saved["full"] < saved["selective"] < saved["none"], saved
+
+
+def test_probe_keeps_a_sent_output_alive_through_backward():
+    """A pipeline stage keeps the output it sends until its backward ends, and with keep_output
+    the probe does too. A Linear's output (8 x 32 floats), which autograd does not save, then
+    counts at the end of forward; a ReLU's, which autograd saves, counts there either way. Both
+    now count at backward's peak, which comes after autograd has let go of the ReLU's."""
+    from gpupar.plan_probe import probe_step
+
+    off = torch.autocast("cpu", enabled=False)
+    x, out_bytes = torch.randn(8, 16), 8 * 32 * 4
+    for model, at_forward_end in ((nn.Linear(16, 32), out_bytes), (nn.Sequential(nn.Linear(16, 32), nn.ReLU()), 0)):
+        plain, kept = (probe_step(model, x, x, lambda o, _: o.sum(), off, keep_output=keep) for keep in (False, True))
+        assert kept.saved_bytes - plain.saved_bytes == at_forward_end
+        assert kept.peak_bytes() - plain.peak_bytes() == out_bytes
 
 
 def test_persistent_bytes_match_the_memory_report_and_fsdp_chunks():
