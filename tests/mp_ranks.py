@@ -108,7 +108,8 @@ def main() -> None:
 
 
 def allocated(fn) -> int:
-    """Bytes the calling thread allocates while ``fn`` runs (torch.profiler's memory events)."""
+    """The allocations torch.profiler records on the calling thread while ``fn`` runs, summed
+    over its events (an op's and its children's both count): 0 exactly when none was made."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
