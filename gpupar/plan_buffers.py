@@ -60,6 +60,15 @@ def gathered_bytes(params, shards: int) -> int:
     return total
 
 
+def unit_gathered_bytes(model: nn.Module, options, shards: int) -> list[int]:
+    """Each FSDP unit's all-gather output, in the probe's unit order (the root last)."""
+    from gpupar.parallel.fsdp import pick_blocks
+    from gpupar.plan_probe import unit_parameters
+
+    units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
+    return [gathered_bytes(ps, shards) for ps in unit_parameters(model, units)]
+
+
 def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str) -> int:
     """The most a step holds at once under FSDP2: the probe's activations and gradients (a
     reduced gradient counting 1/S) plus FSDP's own buffers, replayed along the probe's
@@ -77,12 +86,10 @@ def fsdp_buffers(probe, model: nn.Module, options, shards: int, device_type: str
       gloo the all-gather allocates a flat temporary of its output's size; so does the
       reduce-scatter, on a torch too old for gpupar's in-place one (fsdp.GlooReduceScatter).
     """
-    from gpupar.parallel.fsdp import gloo_reduce_in_place, pick_blocks
-    from gpupar.plan_probe import unit_parameters
+    from gpupar.parallel.fsdp import gloo_reduce_in_place
 
-    units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
-    size = [gathered_bytes(ps, shards) for ps in unit_parameters(model, units)]
-    root, scale, gloo = len(units), 1.0 / shards, device_type == "cpu"
+    size = unit_gathered_bytes(model, options, shards)
+    root, scale, gloo = len(size) - 1, 1.0 / shards, device_type == "cpu"
     gloo_reduce_copy = gloo and not gloo_reduce_in_place()
     gathered: dict[int, int] = {}  # all-gather outputs alive
     unsharded: dict[int, int] = {}
@@ -154,11 +161,7 @@ def gloo_late_bytes(model: nn.Module, options, dims: ParallelDims, activation_by
     reduce-scatter, gloo's copy of its input); under tensor parallelism ``activation_bytes``,
     the largest activation all-reduced; a pipeline stage's sent output, ``sent_bytes``. One at
     a time: part of the runtime allowance (what fits), not of the peak."""
-    from gpupar.parallel.fsdp import pick_blocks
-    from gpupar.plan_probe import unit_parameters
-
     late = [activation_bytes if dims.tp > 1 else 0, sent_bytes if dims.pp > 1 else 0]
     if dims.fsdp_enabled:
-        units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
-        late += [gathered_bytes(ps, dims.dp_shard) for ps in unit_parameters(model, units)]
+        late += unit_gathered_bytes(model, options, dims.dp_shard)
     return max(late)
