@@ -103,13 +103,16 @@ def part_classic(device, tiny):
 def gpt(device, tiny, compile_):
     """The built-in GPT at ~1B parameters, bf16 autocast, SDPA: tokens/s and MFU against the
     card's dense bf16 peak; peak memory against params + grads + Adam state."""
-    from gpupar.bench.flops import gpu_peak_tflops
+    from gpupar.measure.flops import gpu_peak_tflops
     from gpupar.bench.worker import StepTimer
     from gpupar.config import Config
-    from gpupar.job import load_problem
-    from gpupar.loop import as_samples, fit, make_loss, make_optimizer
+    from gpupar.problem import load_problem
+    from gpupar.data import as_samples
+    from gpupar.training.loop import Hooks, fit
+    from gpupar.training.recipe import make_loss, make_optimizer
     from gpupar.memory import memory_report, peak_bytes
     from gpupar.models import build_model
+    from gpupar.parallelize import compile_in_place
     from gpupar.topology import Topology
 
     cfg = Config()
@@ -129,13 +132,14 @@ def gpt(device, tiny, compile_):
     with torch.device(device):  # initialised on the device: 4 GB of fp32 weights never touch the host
         model = build_model(cfg.model, 0, 0, cfg.train.seed)
     params = sum(p.numel() for p in model.parameters())
+    compile_in_place(model, cfg, whole_step=False)
     optimizer = make_optimizer(model, cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(topo, warmup, steps - 1)
     train_set, _ = as_samples((problem.X, problem.y), cfg)
-    history = fit(model, train_set, cfg, topo, make_loss(cfg, problem.spec), optimizer, log=lambda _: None,
-                  on_step=timer)
+    history = fit(model, train_set, cfg, topo, make_loss(cfg, problem.spec.loss), optimizer,
+                  hooks=Hooks(log=lambda _: None, on_step=timer))
     step_s = statistics.median(timer.step_seconds())
     tokens = batch * m.seq_len
     # Model FLOPs: 6 N per token (forward and backward of every weight) + causal attention's
@@ -218,8 +222,8 @@ def one_rank(device, flags):
     parallelised model, its optimizer, and ``step()``, one training step on the first batch."""
     from gpupar.cli import build_parser
     from gpupar.flags import config_from_args
-    from gpupar.job import load_problem
-    from gpupar.loop import autocast_for, make_loss, make_optimizer
+    from gpupar.problem import load_problem
+    from gpupar.training.recipe import autocast_for, make_loss, make_optimizer
     from gpupar.parallelize import parallelize
     from gpupar.topology import Topology
 
@@ -227,7 +231,7 @@ def one_rank(device, flags):
     problem = load_problem(cfg)
     parallel = parallelize(problem.model.to(device), Topology.single(device), cfg, problem.spec)
     del problem.model  # the parallelised model is the one that trains
-    optimizer, loss_fn = make_optimizer(parallel.model, cfg), make_loss(cfg, problem.spec)
+    optimizer, loss_fn = make_optimizer(parallel.model, cfg), make_loss(cfg, problem.spec.loss)
     rows = cfg.train.batch_size
     batch = [(problem.X[:rows].to(device), problem.y[:rows].to(device))]
 

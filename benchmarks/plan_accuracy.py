@@ -141,8 +141,9 @@ def measure(model, name, flags, ac, world, rank) -> dict:
 
     from gpupar.config import layout
     from gpupar.data import shard_batch
-    from gpupar.job import load_problem, preflight
-    from gpupar.loop import make_loss, make_optimizer
+    from gpupar.job import preflight
+    from gpupar.problem import load_problem
+    from gpupar.training.recipe import make_loss, make_optimizer
     from gpupar.memory import grad_bytes, memory_report
     from gpupar.parallelize import parallelize
     from gpupar.topology import ParallelDims, Topology
@@ -162,7 +163,7 @@ def measure(model, name, flags, ac, world, rank) -> dict:
         parallel = parallelize(problem.model, topo, cfg, problem.spec)
         del problem.model
         optimizer = make_optimizer(parallel.model, cfg)
-        loss_fn = make_loss(cfg, problem.spec)
+        loss_fn = make_loss(cfg, problem.spec.loss)
         rows = shard_batch(torch.arange(BATCH), topo.dp, topo.dp_rank)
         batch = [(problem.X[rows], problem.y[rows])]
         grads, times = 0, []
@@ -251,7 +252,7 @@ def worker(out: str, models, layouts, acs) -> None:
 def predict(entry: dict, machine) -> dict:
     from gpupar.config import layout
     from gpupar.plan import Row
-    from gpupar.plan_memory import Context, predict as predict_row
+    from gpupar.plan.memory import Context, predict as predict_row
     from gpupar.topology import ParallelDims
 
     world = entry["world"]
@@ -288,7 +289,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.models, args.layouts, args.ac)
-    from gpupar.plan_probe import measure_machine
+    from gpupar.plan.probe import measure_machine
 
     machine = measure_machine("cpu", "fp32", args.worlds)
     root = Path(tempfile.mkdtemp(prefix="plan-accuracy-"))

@@ -29,9 +29,11 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from gpupar.bench.driver import strategy_config
-    from gpupar.job import load_problem
-    from gpupar.launch import this_process
-    from gpupar.loop import as_samples, fit, make_loss, make_optimizer
+    from gpupar.problem import load_problem
+    from gpupar.topology import Topology
+    from gpupar.data import as_samples
+    from gpupar.training.loop import Hooks, fit
+    from gpupar.training.recipe import make_loss, make_optimizer
     from gpupar.parallelize import parallelize
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,14 +44,14 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
     base.parallel.reshard_after_forward, base.parallel.fsdp_blocks = not args.no_reshard, args.fsdp_blocks
     base.parallel.ddp_static_graph = args.static_graph
     cfg = strategy_config(base, args.strategy, world, args.steps, 3)
-    topo = this_process(cfg)
+    topo = Topology.from_env(cfg)
     problem = load_problem(cfg)
     train_set, _ = as_samples((problem.X, problem.y), cfg)
     parallel = parallelize(problem.model, topo, cfg, problem.spec)
     optimizer = make_optimizer(parallel.model, cfg)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fit(parallel.model, train_set, cfg, topo, make_loss(cfg, problem.spec), optimizer, log=lambda _: None,
-            step_fn=parallel.step)
+        fit(parallel, train_set, cfg, topo, make_loss(cfg, problem.spec.loss), optimizer,
+            hooks=Hooks(log=lambda _: None))
     if rank == 0:
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)

@@ -36,7 +36,7 @@ import gpupar
 from gpupar.config import Config
 from gpupar.data import synthetic_regression
 from gpupar.devices import describe, pick_device
-from gpupar.fused import FusedOptimizer, fuse, train_step
+from gpupar.sweep.fused import FusedOptimizer, fuse, train_step
 from gpupar.models import build_model
 from gpupar.sweep import grid, run_sweep
 from gpupar.topology import Topology

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gpupar.config import Config
+from gpupar import launch
 from gpupar.job import train_from_config
 from gpupar.topology import Topology
 
@@ -34,7 +35,7 @@ def main() -> None:
             cfg.train.log_every, cfg.train.progress = 1, False
             cfg.train.run_dir = str(tmp / f"{track}-{repeat}")
             cfg.track.track, cfg.track.mlflow_uri = track, f"sqlite:///{tmp / 'mlflow.db'}"
-            _, history, _ = train_from_config(cfg, Topology.single(torch.device("cpu")), log=lambda _: None)
+            _, history, _ = launch.run(cfg, "train", lambda topo, run: train_from_config(cfg, topo, run, log=lambda _: None))
             if repeat:
                 times[track].append(history.wall_time)
     base = statistics.median(times["none"])

@@ -2,7 +2,7 @@
 
 from gpupar.config import Config
 from gpupar.models import SimpleNN
-from gpupar.loop import TrainResult
+from gpupar.training.state import TrainResult
 from gpupar.api import train, verify
 from gpupar.notebook import notebook_launch
 

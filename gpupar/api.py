@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from gpupar.config import Config, layout
+from gpupar.data import as_samples
 from gpupar.errors import UsageError
-from gpupar.loop import TrainResult, as_samples, fit, make_loss, make_optimizer
-from gpupar.loop import train as train_one_device
 from gpupar.models import ModelSpec
+from gpupar.training.loop import Hooks, fit
+from gpupar.training.recipe import make_loss, make_optimizer
+from gpupar.training.state import TrainResult
 
 
 def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
@@ -35,36 +37,37 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     the same model (same seed) and the same data, and takes its own slice of every batch. The
     returned model is this rank's: the whole model under DDP, its shards under FSDP or TP.
     """
-    from gpupar.launch import launched_by_torchrun
+    from gpupar.devices import pick_device
+    from gpupar.launch.elastic import launched_by_torchrun
     from gpupar.parallelize import parallelize
-    from gpupar.topology import Topology
+    from gpupar.topology import ParallelDims, Topology
 
     cfg = (config or Config()).validate()
-    lay = layout(cfg.parallel)
-    if not lay.ranks:
-        return train_one_device(model, data, loss, optimizer, cfg, val_data)
-    if not launched_by_torchrun():
-        raise UsageError(f"config.parallel.strategy {cfg.parallel.strategy!r} runs one process per rank: start this "
-                         "script with torchrun --nproc-per-node N (in a notebook, use gpupar.notebook_launch)")
-    topo = Topology.from_env(cfg)
-    if optimizer is not None and (topo.dims.fsdp_enabled or topo.tp > 1 or topo.pp > 1):
+    if layout(cfg.parallel).ranks:
+        if not launched_by_torchrun():
+            raise UsageError(f"config.parallel.strategy {cfg.parallel.strategy!r} runs one process per rank: start "
+                             "this script with torchrun --nproc-per-node N (in a notebook, use gpupar.notebook_launch)")
+        topo = Topology.from_env(cfg)
+    else:  # the best single device (or a one-process layout: layer-split, DataParallel)
+        topo = Topology.single(pick_device(cfg.train.device), ParallelDims.of(cfg))
+    if optimizer is not None and (topo.dims.fsdp_enabled or topo.tp_enabled or topo.pp_enabled):
         raise UsageError("pass no optimizer with fsdp, tp or pp: their parameters are replaced by shards, so "
                          "gpupar builds the optimizer after sharding (config.optim)")
     train_set, val_set = as_samples(data, cfg)
     if val_data is not None:
         val_set = as_samples(val_data, Config())[0]
     spec = ModelSpec("user", lambda *_: model)
-    inputs = train_set.take(slice(None))[0] if topo.pp > 1 else None
+    inputs = train_set.take(slice(None))[0] if topo.pp_enabled else None
     parallel = parallelize(model, topo, cfg, spec, inputs)
     optimizer = optimizer or make_optimizer(parallel.model, cfg)
-    history = fit(parallel.model, train_set, cfg, topo, loss or make_loss(cfg), optimizer, val_set,
-                  log=print if topo.is_main else (lambda _: None), step_fn=parallel.step)
+    history = fit(parallel, train_set, cfg, topo, loss or make_loss(cfg), optimizer, val_set,
+                  hooks=Hooks(log=print if topo.is_main else (lambda _: None)))
     return TrainResult(getattr(parallel.model, "module", parallel.model), history)
 
 
 def verify(config: Config, rtol: float | None = None, log: Callable[[str], None] = print):
     """Train ``config``'s model with its layout and on one device, and return the ``Verdict``
-    (``verdict.passed``; ``gpupar.verdict.report(verdict)`` is the CLI's table). The model must
+    (``verdict.passed``; ``gpupar.verify.verdict.report(verdict)`` is the CLI's table). The model must
     be importable by the ranks: ``config.model.name = "package.module:factory"`` or a built-in."""
     from gpupar.verify import run_verify
 

@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from dataclasses import asdict
@@ -40,50 +39,16 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from gpupar.loop import Position
+from gpupar.training.state import Position
 from gpupar.safe_dcp import SafeLoadPlanner, SafeReader, read_dcp_metadata
 from gpupar.weights import check_weights_out, save_weights
 from gpupar.config import Config
-from gpupar.errors import TrainingError, UsageError
+from gpupar.errors import TrainingError, UsageError, first_line
 from gpupar.memory import local_shard
-from gpupar.rundir import run_id_of
+from gpupar.run.rundir import COMPLETE, complete_checkpoints, resolve_resume, run_id_of
 from gpupar.topology import Topology
 
 FORMAT = 1
-COMPLETE = "COMPLETE"
-STEP_DIR = re.compile(r"step-(\d+)")
-
-
-# --- finding checkpoints --------------------------------------------------------------------
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Committed checkpoints under ``root`` (RUN/checkpoints), oldest first; partial ones ignored."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(spec: str, run_dir: Path) -> Path | None:
-    """``auto`` -> the newest complete checkpoint of this run (None when there is none yet);
-    a PATH -> that checkpoint, or the newest complete one under a run or checkpoints directory."""
-    if spec == "auto":
-        found = complete_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
-    path = Path(spec)
-    if not path.exists():
-        raise UsageError(f"--resume {spec}: no such checkpoint directory; pass auto or a RUN/checkpoints/step-N path")
-    if (path / ".metadata").exists() or STEP_DIR.fullmatch(path.name):
-        if not (path / COMPLETE).is_file():
-            raise UsageError(f"--resume {spec}: incomplete checkpoint (no {COMPLETE} marker: its save was "
-                             "interrupted); resume from an earlier one or use --resume auto")
-        return path
-    for root in (path / "checkpoints", path):
-        found = complete_checkpoints(root)
-        if found:
-            return found[-1]
-    raise UsageError(f"--resume {spec}: holds no complete checkpoint (expected step-N/ with a {COMPLETE} marker)")
 
 
 # --- saving -----------------------------------------------------------------------------------
@@ -217,7 +182,7 @@ def export_run(checkpoint: str | Path, out: str | Path) -> Path:
     them (predict rebuilds the model from it) unless one is there already."""
     import shutil
 
-    from gpupar.files import atomic_write
+    from gpupar.run.files import atomic_write
 
     written = export_weights(Path(checkpoint), Path(out))
     run_config = Path(checkpoint).resolve().parent.parent / "config.toml"
@@ -367,6 +332,5 @@ def _read_json(path: Path, where: str) -> dict:
 def _first_line(exc: BaseException) -> str:
     if isinstance(exc, CheckpointException) and exc.failures:  # DCP wraps each rank's error
         rank, (inner, _) = next(iter(exc.failures.items()))
-        return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+        return f"rank {rank}: {type(inner).__name__}: {first_line(inner)}"
+    return first_line(exc)

@@ -13,8 +13,10 @@ import sys
 from typing import Sequence
 
 from gpupar.config import to_toml
-from gpupar.errors import Interrupted, TrainingError, UsageError, in_main_thread, raise_interrupted, stdout_closed
-from gpupar.flags import OneLineParser, add_config_flags, add_sweep_flags, config_from_args, number
+from gpupar.errors import (Interrupted, TrainingError, UsageError, first_line, in_main_thread, raise_interrupted,
+                           stdout_closed)
+from gpupar.flags import (OneLineParser, add_config_flags, add_sweep_flags, add_verify_flags, config_from_args,
+                          number)
 
 PEER_FAILED = 3  # a worker's exit code when only a collective with a failed peer broke
 
@@ -30,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="train with a strategy and with one device, and compare them")
     add_config_flags(p)
-    p.add_argument("--rtol", type=float, default=None,
-                   help="relative tolerance for losses and parameters (default: 1e-5 fp32, 2e-2 bf16/fp16)")
+    add_verify_flags(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("predict", help="batched inference with saved weights (data-parallel with --nproc-per-node)")
@@ -107,15 +108,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(to_toml(cfg), end="")
         return 0
     check_available(cfg.track.track)  # a missing extra fails here, before any rank starts
-    launch.run(cfg, "train", lambda topo: train_from_config(cfg, topo))
+    launch.run(cfg, "train", lambda topo, run: train_from_config(cfg, topo, run))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from gpupar.verify import report, run_verify
+    from gpupar.verify.harness import VerifyOptions
 
     cfg = config_from_args(args)
-    verdict = run_verify(cfg, args.rtol)
+    options = VerifyOptions(args.band, args.no_dropout, args.nudge_init, args.first_grads, args.save_step_losses)
+    verdict = run_verify(cfg, args.rtol, options=options)
+    if verdict is None:  # one rank of the strategy run
+        return 0
     print(report(verdict))
     return 0 if verdict.passed else 1
 
@@ -220,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not rank_tag() or os.environ.get("GPUPAR_DEBUG"):
             raise
         # A worker's crash: one line, so the launcher's report of the failing rank stays readable.
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc, "")
         if "gloo" in first or "NCCL" in first:  # a collective broke: the cause is another rank
             print(f"gpupar{rank_tag()}: failed: {type(exc).__name__}: {first} (a peer rank died or is stuck; "
                   "see its message)", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import tomllib
 import types
 import typing
@@ -79,7 +80,6 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model (inductor; the first steps compile)")
     cuda_graphs: bool = opt(False, "CUDA only, for small models with static shapes: one GPU captures the whole "
                             "step as one CUDA graph; across ranks, compile's reduce-overhead mode")
-    save_step_losses: bool = opt(False, "write every step's loss to step_losses.json (gpupar verify reads it)")
 
 
 @dataclass
@@ -143,16 +143,6 @@ class TrackConfig:
 
 
 @dataclass
-class VerifyConfig:
-    band: float = opt(10.0, "verify: every step's gap must stay within this factor of the run's own rounding "
-                      "noise (or the fixed floor: 1e-5 fp32, 1e-4 with --tp, 2e-2 bf16/fp16)")
-    no_dropout: bool = opt(False, "set p=0 in every dropout layer, in every run (verify a model with dropout: "
-                           "its masks cannot match across a different batch split)")
-    nudge_init: bool = opt(False, "move every initial weight by one ulp (verify's rounding-noise reference)")
-    first_grads: bool = opt(False, "write the step-1 gradients to first_grads.safetensors (verify reads them)")
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,7 +151,6 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
-    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def validate(self) -> "Config":
         """Check every field once; raise a UsageError naming the field and what is accepted."""
@@ -225,8 +214,6 @@ class Config:
                              "checkpoint is never deleted, and one more guards against a bad newest one)")
         if self.parallel.timeout <= 0:
             raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
-        if not (self.verify.band >= 1 and math.isfinite(self.verify.band)):
-            raise UsageError(f"--band {self.verify.band} must be a finite factor >= 1")
         layout(self.parallel)  # a combination the layout cannot honour fails here, once
         return self
 
@@ -323,9 +310,14 @@ def sections() -> list[tuple[str, type]]:
 _owner_of = {f.name: cls for _, cls in sections() for f in dataclasses.fields(cls)}
 
 
+# Keys that config files of earlier versions carry: gpupar verify's own flags now.
+RETIRED = {"verify": ("band", "no_dropout", "nudge_init", "first_grads"), "train": ("save_step_losses",)}
+
+
 def merge(cfg: Config, overrides: dict[str, dict[str, Any]], source: str) -> Config:
     """Apply {section: {field: value}} onto cfg, rejecting unknown keys and wrong types."""
     known = dict(sections())
+    overrides = _drop_retired(overrides, source)
     for section, values in overrides.items():
         if section not in known or not isinstance(values, dict):
             raise UsageError(f"{source}: unknown section [{section}]; accepted: {', '.join(known)}")
@@ -336,6 +328,24 @@ def merge(cfg: Config, overrides: dict[str, dict[str, Any]], source: str) -> Con
                 raise UsageError(f"{source}: unknown key {section}.{key}; accepted: {', '.join(names)}")
             setattr(group, key, _coerce(value, field_type(names[key]), f"{source}: {section}.{key}"))
     return cfg
+
+
+def _drop_retired(overrides: dict, source: str) -> dict:
+    """The overrides without verify's knobs, which a config file of an earlier version may
+    carry; a one-line note on stderr says they were ignored."""
+    kept, dropped = {}, []
+    for section, values in overrides.items():
+        retired = RETIRED.get(section, ())
+        if isinstance(values, dict) and retired:
+            dropped += [f"{section}.{k}" for k in values if k in retired]
+            values = {k: v for k, v in values.items() if k not in retired}
+            if not values and section not in dict(sections()):
+                continue
+        kept[section] = values
+    if dropped:
+        print(f"gpupar: note: {source}: {', '.join(dropped)} ignored (gpupar verify's own flags now: "
+              "--band, --no-dropout, --nudge-init, --first-grads, --save-step-losses)", file=sys.stderr)
+    return kept
 
 
 def _coerce(value: Any, kind: type, where: str) -> Any:

@@ -8,7 +8,6 @@ and every data-parallel rank see the same global batches in the same order.
 from __future__ import annotations
 
 import csv
-import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from gpupar.errors import UsageError
+from gpupar.config import Config
+from gpupar.errors import UsageError, first_line
 from gpupar.weights import refusal
 
 DATA_FORMS = ".csv (with --target), .npz (arrays X and y) or .pt (dict with tensors X and y)"
@@ -83,7 +83,7 @@ def _load_npz(p: Path, need_target: bool) -> tuple[torch.Tensor, torch.Tensor | 
     try:
         arrays = np.load(p, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UsageError(f"--data {p}: not a readable .npz archive ({_first_line(exc)}); "
+        raise UsageError(f"--data {p}: not a readable .npz archive ({first_line(exc)}); "
                          "expected arrays X and y saved with numpy.savez") from None
     if not isinstance(arrays, np.lib.npyio.NpzFile):  # a bare .npy renamed to .npz
         raise UsageError(f"--data {p}: a single array, not an .npz archive; save X and y with numpy.savez")
@@ -94,7 +94,7 @@ def _load_npz(p: Path, need_target: bool) -> tuple[torch.Tensor, torch.Tensor | 
             X = _tensor(arrays["X"], str(p), "X")
             y = _tensor(arrays["y"], str(p), "y") if "y" in arrays else None
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # object arrays, a damaged member
-            raise UsageError(f"--data {p}: cannot read its arrays ({_first_line(exc)}); "
+            raise UsageError(f"--data {p}: cannot read its arrays ({first_line(exc)}); "
                              "expected numeric arrays X and y") from None
     return X, y
 
@@ -119,7 +119,7 @@ def _load_csv(p: Path, target: str | None, need_target: bool) -> tuple[torch.Ten
         raise UsageError(f"--data {p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
                          "save the CSV as UTF-8") from None
     except csv.Error as exc:
-        raise UsageError(f"--data {p}: not a readable CSV ({_first_line(exc)})") from None
+        raise UsageError(f"--data {p}: not a readable CSV ({first_line(exc)})") from None
     if len(rows) < 2:
         raise UsageError(f"--data {p}: a CSV needs a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
@@ -147,9 +147,6 @@ def _load_csv(p: Path, target: str | None, need_target: bool) -> tuple[torch.Ten
     return data[:, keep], data[:, t:t + 1]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def prepare_targets(y: torch.Tensor, task: str) -> torch.Tensor:
@@ -237,7 +234,7 @@ def shard_batch(batch: torch.Tensor, parts: int, part: int) -> torch.Tensor:
     return batch[part * size:(part + 1) * size]
 
 
-def check_divisible(batch_size: int, grad_accum: int, dp: int, samples: int, microbatches: int = 1,
+def check_batch_divisible(batch_size: int, grad_accum: int, dp: int, samples: int, microbatches: int = 1,
                     full_batch: bool = False) -> None:
     """A global batch must split evenly into grad_accum micro-batches over dp ranks (and each
     rank's part into the pipeline's micro-batches); the error suggests a size that fits the
@@ -253,3 +250,19 @@ def check_divisible(batch_size: int, grad_accum: int, dp: int, samples: int, mic
     hint = (f"try --batch-size {min(fits, key=lambda size: abs(size - batch_size))}" if fits else
             f"the {samples} training samples cannot fill even one batch of {unit}: use fewer ranks")
     raise UsageError(f"{what} must be divisible by {' x '.join(parts)} = {unit}; {hint}")
+
+
+def as_samples(data, cfg: Config) -> tuple[Samples, Samples | None]:
+    """Tensors ``(X, y)`` or a Dataset of ``(x, y)``, split into train and validation samples."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        X, y = data
+        if len(X) != len(y):
+            raise UsageError(f"data: X has {len(X)} rows but y has {len(y)}")
+        n = len(X)
+    elif isinstance(data, Dataset):
+        n = len(data)  # type: ignore[arg-type]
+    else:
+        raise UsageError("data must be a pair of tensors (X, y) or a torch Dataset of (x, y) pairs")
+    train_idx, val_idx = split_validation(n, cfg.data.val_fraction, cfg.train.seed)
+    train_set = Samples.of(data, train_idx)
+    return train_set, (Samples.of(data, val_idx) if len(val_idx) else None)

@@ -45,3 +45,10 @@ def stdout_closed() -> int:
     except (OSError, ValueError):  # no real file descriptor (stdout captured in-process)
         pass
     return 0
+
+
+def first_line(exc: BaseException, fallback: str | None = None) -> str:
+    """An exception's message cut to its first non-blank line, for a one-line error (its type's
+    name, or ``fallback``, when it has no message). Many of torch's errors run to pages."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else (fallback if fallback is not None else type(exc).__name__)

@@ -95,3 +95,24 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", dest="train.overwrite", type=parse_bool, nargs="?", const=True,
                    metavar="true|false", default=argparse.SUPPRESS,
                    help="replace the run or sweep already in --run-dir (kept aside until this sweep succeeds)")
+
+
+def add_verify_flags(p: argparse.ArgumentParser) -> None:
+    """verify's own knobs (``verify.harness.VerifyOptions``): flags of `gpupar verify` only."""
+    g = p.add_argument_group("verify")
+    g.add_argument("--rtol", type=number(float), default=None,
+                   help="relative tolerance for losses and parameters, with no noise reference "
+                        "(default: calibrated against rounding noise)")
+    g.add_argument("--band", type=number(float), default=10.0,
+                   help="every step's gap must stay within this factor of the run's own rounding noise (or the "
+                        "fixed floor: 1e-5 fp32, 1e-4 with --tp, 2e-2 bf16/fp16) (default: 10.0)")
+    for name, default, help_text in (
+            ("--no-dropout", False, "set p=0 in every dropout layer, in every run (a dropout mask cannot match "
+                                    "across a different batch split)"),
+            ("--nudge-init", True, "train the rounding-noise reference, whose initial weights are one ulp off; "
+                                   "false judges with the fixed tolerance"),
+            ("--first-grads", True, "record and compare the whole model's step-1 gradients "
+                                    "(first_grads.safetensors in each run)"),
+            ("--save-step-losses", True, "keep every run's step_losses.json after the verdict")):
+        g.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="true|false",
+                       help=f"{help_text} (default: {str(default).lower()})")

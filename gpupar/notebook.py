@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from gpupar.errors import TrainingError, UsageError
-from gpupar.launch import free_port
+from gpupar.launch.elastic import free_port
 
 START_METHODS = ("fork", "spawn", "forkserver")
 

@@ -1,12 +1,20 @@
-"""The one place that composes parallel strategies, in a fixed, visible order.
+"""The one place that composes parallel strategies, in a fixed, visible order, and checks them
+in that same order before launch.
 
-Order (as torchtitan's ``parallelize`` with its pipeline split): first the pipeline split
-(this rank keeps its stage or stages), then tensor parallel on each stage (it rewrites
-layers into sharded DTensor layers; planning it per stage means a colwise/rowwise pair never
-straddles two stages), then activation checkpointing per block, then data parallel over the
-data-parallel mesh dimensions: FSDP or HSDP wherever parameters are sharded, DDP for whole
-replicas. Every step reads the
-``ParallelDims`` of the topology, never a strategy name.
+Order (as torchtitan's ``parallelize`` with its pipeline split):
+
+1. the pipeline split: this rank keeps its stage or stages;
+2. tensor parallel on each stage (it rewrites layers into sharded DTensor layers; planning it
+   per stage means a colwise/rowwise pair never straddles two stages);
+3. activation checkpointing per block;
+4. compile (``--compile``, and ``--cuda-graphs`` across ranks);
+5. data parallel over the data-parallel mesh dimensions: SyncBatchNorm where asked, then FSDP
+   or HSDP wherever parameters are sharded, DDP for whole replicas.
+
+One-process layouts (layer-split over devices, DataParallel) place the model first. Each
+step reads the resolved ``ParallelDims``; the strategy name was translated once, in
+``config.layout``. ``check_layout`` walks the same numbered steps on the meta-device model
+before any rank starts, so a layout that cannot work is one line and exit 2.
 """
 
 from __future__ import annotations
@@ -19,23 +27,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpupar.config import Config, layout
+from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec
+from gpupar.parallel import tied
 from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
-from gpupar.parallel.pipeline import Pipeline, layer_units, split_model, traceable
-from gpupar.step import StepFn, forward_backward
-from gpupar.topology import Topology
+from gpupar.parallel.pipeline import (Pipeline, layer_units, split_model, stage_module, stage_names, stage_starts,
+                                      trace_stages, traceable)
+from gpupar.topology import ParallelDims, Topology
+from gpupar.training.step import StepFn, forward_backward
 
 
 @dataclass
 class Parallelized:
-    """The model as this rank holds it, and the function that runs one step's forward and backward."""
+    """The model as this rank holds it, the function that runs one step's forward and
+    backward, and what the loop needs to know of the layout."""
 
     model: nn.Module
     step: StepFn
+    pipeline: bool = False
+    """The step is a pipeline schedule's (it cuts the micro-batches itself)."""
+    devices: tuple[torch.device, ...] = ()
+    """The devices this rank's parameters live on (several under layer-split)."""
 
 
 def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
@@ -43,26 +58,18 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     """Place the model on this rank's device and apply the layout's strategies in order.
 
     ``inputs`` (a few rows of the data) let the pipeline trace a model that is not a Sequential."""
+    dims = topo.dims
     model = model.to(topo.device)
-    process = layout(cfg.parallel).process
-    if process == "layer-split":
+    if dims.process == "layer-split":
         model = apply_layer_split(model, parse_devices(cfg.parallel.devices), pipeline_units(model, spec),
                                   cfg.parallel.split_points)
-    elif process == "dataparallel":
+    elif dims.process == "dataparallel":
         model = apply_data_parallel(model, topo)
-    ac = cfg.parallel.activation_checkpointing
-    if not topo.distributed:
-        model = apply_activation_checkpointing(model, ac)
-        return Parallelized(model, functools.partial(forward_backward, model))
-    check_same_model(model, topo)
-    dims = topo.dims
-    # DTensor-based strategies are imported only by the runs that use them (~0.6 s per process).
-    from gpupar.parallel.fsdp import apply_fsdp
-    from gpupar.parallel.tensor import apply_tp
-
-    # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module).
+    if topo.distributed:
+        check_same_model(model, topo)
     stages = [(0, model)]
-    if dims.pp > 1:
+    # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module).
+    if dims.pp_enabled:
         example = None
         if traceable(model, spec.pipeline_units is not None):
             if inputs is None:
@@ -70,35 +77,100 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
                                  "parallelize needs inputs")
             example = inputs[:micro_batch_size(cfg, dims, len(inputs))].to(topo.device)
         stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel, example)
-    # 2. Tensor parallel: shard each stage's layers across the "tp" ranks.
-    if dims.tp > 1:
+    # 2. Tensor parallel: shard each stage's layers across the "tp" ranks (DTensor strategies
+    #    are imported only by the runs that use them: ~0.6 s per process).
+    if dims.tp_enabled:
+        from gpupar.parallel.tensor import apply_tp
+
         stages = [(s, apply_tp(m, topo.mesh["tp"], tp_plan(m, dims.tp, spec))) for s, m in stages]
     # 3. Activation checkpointing per block (on the TP-sharded layers, inside the FSDP units to come).
-    stages = [(s, apply_activation_checkpointing(m, ac)) for s, m in stages]
-    # 4. Data parallel: BatchNorm over the global batch (--sync-bn; only in pure data-parallel
-    #    layouts, where the data-parallel group is the world: preflight checks), then FSDP /
-    #    HSDP where parameters are sharded, DDP for whole replicas.
-    if cfg.parallel.sync_bn and dims.dp > 1:
+    stages = [(s, apply_activation_checkpointing(m, cfg.parallel.activation_checkpointing)) for s, m in stages]
+    # 4. Compile each stage in place (its state-dict names stay): before data parallel wraps it.
+    whole_step = captures_whole_step(cfg, topo)
+    for _, m in stages:
+        compile_in_place(m, cfg, whole_step)
+    # 5. Data parallel: BatchNorm over the global batch (--sync-bn; only in pure data-parallel
+    #    layouts, where the data-parallel group is the world: check_layout says so), then
+    #    FSDP / HSDP where parameters are sharded, DDP for whole replicas.
+    if cfg.parallel.sync_bn and dims.dp_enabled:
         from gpupar.parallel.sync_bn import apply_sync_bn
 
         stages = [(s, apply_sync_bn(m, None, topo.device)) for s, m in stages]
     if dims.fsdp_enabled:
+        from gpupar.parallel.fsdp import apply_fsdp
+
         stages = [(s, apply_fsdp(m, topo.dp_mesh(), cfg.parallel, cfg.train.precision)) for s, m in stages]
     elif dims.ddp_enabled:  # the layout allows DDP only without tp and pp: one stage
         stages = [(s, apply_ddp(m, topo, cfg.parallel)) for s, m in stages]
 
-    if dims.pp > 1:
+    devices = tuple(sorted({p.device for _, m in stages for p in m.parameters()}, key=str))
+    if dims.pp_enabled:
         num_stages = dims.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
         pipeline = Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel,
-                            topo.comm_device())
-        return Parallelized(pipeline, pipeline.forward_backward)
+                            topo.comm_device(), dims.microbatches)
+        return Parallelized(pipeline, pipeline.forward_backward, True, devices)
     model = stages[0][1]
-    return Parallelized(model, functools.partial(forward_backward, model))
+    return Parallelized(model, functools.partial(forward_backward, model), False, devices)
 
 
-def micro_batch_size(cfg: Config, dims, samples: int) -> int:
-    """Rows in one pipeline micro-batch: the batch over the data-parallel ranks and --microbatches."""
-    return (cfg.train.batch_size or samples) // dims.dp // (cfg.parallel.microbatches or 2 * dims.pp)
+def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelSpec,
+                 example: torch.Tensor) -> None:
+    """The checks of ``parallelize``'s steps, in its order, on the model as built for the checks
+    before launch (on the meta device where it can be). ``example`` is one micro-batch of
+    inputs (zeros of the data's shape): a pipeline that traces the forward traces it on them."""
+    if dims.process == "layer-split":
+        stage_starts(model, pipeline_units(model, spec), len(parse_devices(cfg.parallel.devices)),
+                     cfg.parallel.split_points, flag="--devices")
+    # 1. Pipeline split: the stages against the model's layers, the trace, ties kept in a stage.
+    stages = [model]
+    if dims.pp_enabled:
+        units = pipeline_units(model, spec)
+        names = [name for unit in units for name in unit]
+        every = stage_names(model, units, dims.pp, cfg.parallel)
+        stages = [stage_module(model, keep, [n for n in names if n not in keep]) for keep in every]
+        if traceable(model, spec.pipeline_units is not None):  # its stages will be cut from its traced forward
+            if dims.tp_enabled:
+                raise UsageError(f"--tp {dims.tp} with --pp {dims.pp}: {type(model).__name__} is split by tracing its "
+                                 "forward, and a traced stage's layers are graph modules that tensor parallel cannot "
+                                 "shard yet; use --pp with dp, or build the model as an nn.Sequential")
+            trace_stages(model, every, example)
+        tied.check_pp(stages, model)
+    # 2. Tensor parallel: divisibility and ties of every sharded layer of every stage.
+    if dims.tp_enabled:
+        from gpupar.parallel.tensor import check_tp_divisible
+
+        for stage in stages:
+            plan = tp_plan(stage, dims.tp, spec)
+            check_tp_divisible(stage, plan, dims.tp)
+            tied.check_tp(stage, plan)
+    # 4. Compile: a pipeline's stages are not compiled.
+    if (cfg.train.compile or cfg.train.cuda_graphs) and dims.pp_enabled:
+        raise UsageError("--compile / --cuda-graphs with --pp: pipeline stages are not compiled yet")
+    # 5. Data parallel: SyncBatchNorm needs the data-parallel group to be the world.
+    if cfg.parallel.sync_bn and (dims.tp_enabled or dims.pp_enabled):
+        raise UsageError("--sync-bn with --tp/--pp: only pure data-parallel layouts (ddp, fsdp, hsdp) sync BatchNorm yet")
+
+
+def captures_whole_step(cfg: Config, topo: Topology) -> bool:
+    """``--cuda-graphs`` on one process and one device captures the whole step (training/graphs.py);
+    across ranks, or over several devices, it is compile's ``reduce-overhead`` mode."""
+    return cfg.train.cuda_graphs and not topo.distributed and topo.dims.process != "layer-split"
+
+
+def compile_in_place(model: nn.Module, cfg: Config, whole_step: bool) -> None:
+    """``nn.Module.compile`` keeps the module (and its state-dict names) and compiles its
+    forward; backward follows through AOTAutograd. ``--cuda-graphs`` without a whole-step
+    capture is compile's ``reduce-overhead`` mode, which records the forward and backward
+    kernels as CUDA graphs. Either way the shapes must stay the same: full batches, or
+    batches that divide the data."""
+    graphs_by_compile = cfg.train.cuda_graphs and not whole_step
+    if cfg.train.compile or graphs_by_compile:
+        model.compile(mode="reduce-overhead" if graphs_by_compile else None)
+
+
+def micro_batch_size(cfg: Config, dims: ParallelDims, samples: int) -> int:
+    """Rows in one pipeline micro-batch: the batch over the data-parallel ranks and the micro-batches."""
+    return (cfg.train.batch_size or samples) // dims.dp // dims.microbatches
 
 
 def pipeline_units(model: nn.Module, spec: ModelSpec) -> list[list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import torch
@@ -12,8 +11,8 @@ import torch.distributed as dist
 from gpupar.weights import load_into, load_weights
 from gpupar.config import Config, load_toml
 from gpupar.data import load_file
-from gpupar.errors import UsageError
-from gpupar.files import atomic_write, check_out_path
+from gpupar.errors import UsageError, first_line
+from gpupar.run.files import atomic_write, check_out_path
 from gpupar.models import build_model
 from gpupar.topology import Topology
 
@@ -55,7 +54,7 @@ def predict_rows(weights: str, data: str, topo: Topology, batch_size: int = 4096
             model(X[:1].to(topo.device))
         except RuntimeError as exc:  # a user model that does not take rows of this width
             raise UsageError(f"--data {data}: the model of --weights {weights} does not accept rows of shape "
-                             f"{list(X.shape[1:])} ({str(exc).strip().splitlines()[0]})") from None
+                             f"{list(X.shape[1:])} ({first_line(exc)})") from None
 
     block = torch.tensor_split(torch.arange(len(X)), topo.world_size)[topo.rank]
     outputs = []
@@ -117,22 +116,22 @@ def main(cfg: Config, weights: str, data: str, out: str, batch_size: int) -> Non
     """`gpupar predict`: here, or data-parallel over the ranks --nproc-per-node starts (each
     predicts a block of rows, rank 0 writes them all in input order)."""
     from gpupar import launch
-    from gpupar.topology import ParallelDims
+    from gpupar.launch.elastic import launched_by_torchrun
 
     check_request(out, batch_size)
     ranks = cfg.parallel.nproc_per_node or 1
-    if ranks > 1 and not launch.launched_by_torchrun():
-        launch.run_workers(cfg, ["predict", "--weights", weights, "--data", data, "--out", out,
-                                 "--batch-size", str(batch_size), "--nproc-per-node", str(ranks),
-                                 "--timeout", str(cfg.parallel.timeout)])
+    extra = ["--weights", weights, "--data", data, "--out", out, "--batch-size", str(batch_size),
+             "--nproc-per-node", str(ranks), "--timeout", str(cfg.parallel.timeout)]
+    launch.run(cfg, "predict", lambda topo, _: _predict_here(topo, weights, data, out, batch_size), extra,
+               replicas=True, claim=False)
+    if ranks > 1 and not launched_by_torchrun():
         print(f"Wrote predictions to {out}")
-        return
-    topo = launch.this_process(cfg, ParallelDims(dp_replicate=int(os.environ.get("WORLD_SIZE", 1))))
+
+
+def _predict_here(topo: Topology, weights: str, data: str, out: str, batch_size: int) -> None:
     saved = model_config_for(Path(weights))
     preds = predict_rows(weights, data, topo, batch_size, saved)
     if topo.is_main:
         write_predictions(preds, out, saved.data.task)
         if not topo.distributed:
             print(f"Wrote {len(preds)} predictions to {out}")
-    topo.close()
-

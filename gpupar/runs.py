@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpupar.errors import UsageError
+from gpupar.errors import UsageError, first_line
 
 
 @dataclass
@@ -55,7 +55,7 @@ def run_row(run_dir: Path, root: Path) -> RunRow:
     except (OSError, ValueError, TypeError, AttributeError, KeyError, tomllib.TOMLDecodeError) as exc:
         name = str(run_dir.relative_to(root))
         date = time.strftime("%Y-%m-%d %H:%M", time.localtime(run_dir.stat().st_mtime))
-        return RunRow(name, date, "?", "?", "-", "-", "-", f"unreadable: {_first_line(exc)}")
+        return RunRow(name, date, "?", "?", "-", "-", "-", f"unreadable: {first_line(exc)}")
 
 
 def _sweep_row(run_dir: Path, root: Path) -> RunRow:
@@ -184,7 +184,7 @@ def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path.name}: {_first_line(exc)}") from None
+        raise ValueError(f"{path.name}: {first_line(exc)}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path.name} holds a {type(obj).__name__}, not an object")
     return obj
@@ -203,9 +203,6 @@ def _read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path.name}: {_first_line(exc)}") from None
+        raise ValueError(f"{path.name}: {first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -16,6 +16,7 @@ training loop. Nothing reaches for it through a global.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -34,12 +35,28 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The degrees of one run; their product is the world size."""
+    """The layout of one run, resolved once: its degrees (their product is the world size),
+    how it runs, and how many micro-batches a pipeline step takes."""
 
     pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    process: str = "one-device"
+    """"ranks" (one process per rank), or a one-process layout: "one-device", "dataparallel",
+    "layer-split" (``config.Layout.process``)."""
+    microbatches: int = 1
+    """Micro-batches per pipeline step: --microbatches, by default 2 x pp (1 without a pipeline)."""
+
+    @classmethod
+    def of(cls, cfg: Config, world: int = 1, ranks_per_node: int = 1) -> "ParallelDims":
+        """The layout ``cfg`` asks for at ``world`` ranks: the one place it is resolved."""
+        lay = layout(cfg.parallel)
+        if not lay.ranks:
+            return cls(process=lay.process)
+        dims = cls.resolve(lay, world, ranks_per_node)
+        pp_micro = cfg.parallel.microbatches or 2 * dims.pp
+        return dataclasses.replace(dims, process="ranks", microbatches=pp_micro if dims.pp_enabled else 1)
 
     @classmethod
     def resolve(cls, lay: Layout, world: int, ranks_per_node: int) -> "ParallelDims":
@@ -85,14 +102,26 @@ class ParallelDims:
         return self.dp_replicate > 1 and self.dp_shard == 1
 
     @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
     def grads_replicated(self) -> bool:
         """Every rank holds every whole gradient after backward (one device or DDP)."""
-        return not (self.fsdp_enabled or self.tp > 1 or self.pp > 1)
+        return not (self.fsdp_enabled or self.tp_enabled or self.pp_enabled)
 
     def describe(self, schedule: str = "") -> str:
         """What runs, for the start line: ``fsdp(dp=2) x tp(2)``, ``pp(2, 1f1b) x hsdp(2x2)``."""
         parts = []
-        if self.pp > 1:
+        if self.pp_enabled:
             parts.append(f"pp({self.pp}{', ' + schedule if schedule else ''})")
         if self.fsdp_enabled and self.dp_replicate > 1:
             parts.append(f"hsdp(replicate={self.dp_replicate}, shard={self.dp_shard})")
@@ -100,7 +129,7 @@ class ParallelDims:
             parts.append(f"fsdp(dp={self.dp_shard})")
         elif self.ddp_enabled:
             parts.append(f"ddp(dp={self.dp_replicate})")
-        if self.tp > 1:
+        if self.tp_enabled:
             parts.append(f"tp({self.tp})")
         return " x ".join(parts) or "single"
 
@@ -143,8 +172,9 @@ class Topology:
     """The named mesh over the dimensions of size > 1; None in a single process."""
 
     @classmethod
-    def single(cls, device: torch.device) -> "Topology":
-        return cls(device=device)
+    def single(cls, device: torch.device, dims: ParallelDims = ParallelDims()) -> "Topology":
+        """This process alone on ``device`` (``dims``: a one-process layout, layer-split or DataParallel)."""
+        return cls(device=device, dims=dims)
 
     @classmethod
     def from_env(cls, cfg: Config, dims: ParallelDims | None = None) -> "Topology":
@@ -165,7 +195,7 @@ class Topology:
         elif "OMP_NUM_THREADS" not in os.environ:
             # W ranks on one machine share its cores; more threads than cores thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dims = dims or ParallelDims.resolve(layout(cfg.parallel), world, local_world)
+        dims = dims or ParallelDims.of(cfg, world, local_world)
         if not dist.is_initialized():
             timeout = timedelta(seconds=cfg.parallel.timeout)
             dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
@@ -219,15 +249,15 @@ class Topology:
 
     @property
     def tp_enabled(self) -> bool:
-        return self.tp > 1
+        return self.dims.tp_enabled
 
     @property
     def pp_enabled(self) -> bool:
-        return self.pp > 1
+        return self.dims.pp_enabled
 
     @property
     def dp_enabled(self) -> bool:
-        return self.dp > 1
+        return self.dims.dp_enabled
 
     def dp_mesh(self) -> DeviceMesh:
         """The data-parallel part of the mesh: 1-D ("dp_shard") for FSDP, 2-D for HSDP."""

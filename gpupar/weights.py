@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpupar.errors import UsageError
-from gpupar.files import atomic_write, check_out_path
+from gpupar.run.files import atomic_write, check_out_path
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, flag: str = "--out") -> Path:

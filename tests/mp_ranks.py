@@ -14,7 +14,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from gpupar.config import Config
 from gpupar.errors import UsageError
-from gpupar.gpt import GPT, tp_plan
+from gpupar.models.gpt import GPT, tp_plan
 from gpupar.models import ModelSpec, mlp
 from gpupar.parallel.pipeline import split_model
 from gpupar.parallel.tensor import apply_tp, auto_plan

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gpupar.bench.driver import run_combination, strategy_config
-from gpupar.bench.flops import count_step_flops, gpu_peak_tflops
+from gpupar.measure.flops import count_step_flops, gpu_peak_tflops
 from gpupar.bench.report import update_markdown
 from gpupar.config import Config
 from gpupar.errors import UsageError

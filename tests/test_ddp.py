@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from gpupar.config import Config, ParallelConfig
 from gpupar.errors import UsageError
-from gpupar.launch import first_slurm_host, plan
+from gpupar.launch.elastic import first_slurm_host, launch_plan as plan
+from gpupar import launch
 from gpupar.job import train_from_config
 from gpupar.topology import Topology
 from gpupar.verify import compare, report
@@ -30,7 +31,7 @@ def _single_reference(tmp_path, **train):
     cfg.train.run_dir, cfg.train.progress = str(tmp_path / "single"), False
     for key, value in train.items():
         setattr(cfg.train, key, value)
-    train_from_config(cfg, Topology.single(torch.device("cpu")), log=lambda _: None)
+    launch.run(cfg, "train", lambda topo, run: train_from_config(cfg, topo, run, log=lambda _: None))
     return load_file(str(tmp_path / "single" / "model.safetensors"))
 
 
@@ -177,7 +178,7 @@ def test_predict_is_data_parallel_and_keeps_row_order(tmp_path):
     run = tmp_path / "run"
     cfg = Config()
     cfg.train.run_dir, cfg.train.progress, cfg.train.epochs = str(run), False, 30
-    model, _, _ = train_from_config(cfg, Topology.single(torch.device("cpu")), log=lambda _: None)
+    model, _, _ = launch.run(cfg, "train", lambda topo, run: train_from_config(cfg, topo, run, log=lambda _: None))
     proc, _ = gpupar("predict", "--weights", run / "model.safetensors", "--data", tmp_path / "x.pt",
                      "--out", tmp_path / "p.csv", "--nproc-per-node", 4, "--batch-size", 7, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -192,7 +193,9 @@ def test_predict_is_data_parallel_and_keeps_row_order(tmp_path):
 def test_no_sync_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path):
     """With --grad-accum 4, DDP must communicate once per optimizer step, not four times."""
     from gpupar.data import synthetic_regression
-    from gpupar.loop import as_samples, fit, make_optimizer
+    from gpupar.data import as_samples
+    from gpupar.training.loop import fit
+    from gpupar.training.recipe import make_optimizer
     from gpupar.parallel.ddp import apply_ddp
 
     store = dist.FileStore(str(tmp_path / "store"), 1)

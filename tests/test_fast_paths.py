@@ -12,7 +12,9 @@ import gpupar
 from gpupar.config import Config
 from gpupar.data import synthetic_regression
 from gpupar.errors import TrainingError
-from gpupar.loop import as_samples, fit, make_loss, make_optimizer
+from gpupar.data import as_samples
+from gpupar.training.loop import Hooks, fit
+from gpupar.training.recipe import make_loss, make_optimizer
 from gpupar.topology import Topology
 
 from conftest import REPO
@@ -49,7 +51,7 @@ def _reads_per_step(cfg, monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     history = fit(model, train_set, cfg, Topology.single(torch.device("cpu")), make_loss(cfg),
-                  make_optimizer(model, cfg), log=lambda _: None, on_step=lambda step: marks.append(len(reads)))
+                  make_optimizer(model, cfg), hooks=Hooks(log=lambda _: None, on_step=lambda step: marks.append(len(reads))))
     monkeypatch.undo()
     per_step = [b - a for a, b in zip(marks, marks[1:])]  # reads after step k, up to step k + 1's end
     return per_step, history
@@ -83,7 +85,7 @@ def test_nan_skip_masks_the_step_on_the_device_and_stop_names_the_first_bad_step
 
     cfg = _config(epochs=9, batch_size=None, on_nan="skip")
     history = fit(model, as_samples((X, y), cfg)[0], cfg, Topology.single(torch.device("cpu")), make_loss(cfg),
-                  make_optimizer(model, cfg), log=lambda _: None, on_step=remember)
+                  make_optimizer(model, cfg), hooks=Hooks(log=lambda _: None, on_step=remember))
     assert history.skipped_steps == [7, 8, 9]
     for p, q in zip(before, model.parameters()):  # fused Adam's found_inf left weights and moments alone
         assert torch.equal(p, q)

@@ -15,6 +15,7 @@ from gpupar.config import Config, ParallelConfig
 from gpupar.errors import UsageError
 from gpupar.models import SimpleNN, mlp
 from gpupar.parallel.fsdp import apply_fsdp, pick_blocks
+from gpupar import launch
 from gpupar.job import train_from_config
 from gpupar.topology import Topology, hsdp_degrees
 
@@ -110,7 +111,7 @@ def test_fsdp_trains_reports_memory_and_saves_weights_predict_loads(gpupar_cli, 
     # The saved weights are the full, unsharded tensors, equal to the single-device run's.
     cfg = Config()
     cfg.train.run_dir, cfg.train.progress = str(tmp_path / "single"), False
-    train_from_config(cfg, Topology.single(torch.device("cpu")), log=lambda _: None)
+    launch.run(cfg, "train", lambda topo, run: train_from_config(cfg, topo, run, log=lambda _: None))
     ref, got = load_file(str(tmp_path / "single/model.safetensors")), load_file(str(tmp_path / "fsdp/model.safetensors"))
     assert got["fc1.weight"].shape == (50, 10)
     for name in ref:  # fp32 reduce-scatter of 2 half-batch means vs one mean: summation order only

@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import gpupar
-from gpupar import graphs
+from gpupar.training import graphs
 from gpupar.config import Config
 from gpupar.data import synthetic_regression
-from gpupar.loop import as_samples, fit, make_loss, make_optimizer
+from gpupar.data import as_samples
+from gpupar.training.loop import Hooks, fit
+from gpupar.training.recipe import make_loss, make_optimizer
 from gpupar.topology import Topology
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -69,7 +71,7 @@ def test_no_host_sync_between_log_points_on_cuda(on_nan):
         torch.cuda.set_sync_debug_mode("warn")
         try:
             history = fit(model, train_set, cfg, Topology.single(CUDA), make_loss(cfg), make_optimizer(model, cfg),
-                          log=lambda _: None, on_step=lambda step: marks.append(len(caught)))
+                          hooks=Hooks(log=lambda _: None, on_step=lambda step: marks.append(len(caught))))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught]
@@ -170,7 +172,7 @@ def _fit_batchnorm(cuda_graphs: bool, X, y, on_nan="skip"):
         torch.cuda.set_sync_debug_mode("warn")
         try:
             history = fit(model, as_samples((X, y), cfg)[0], cfg, Topology.single(CUDA), make_loss(cfg), optimizer,
-                          log=lambda _: None, on_step=lambda step: marks.append(len(caught)))
+                          hooks=Hooks(log=lambda _: None, on_step=lambda step: marks.append(len(caught))))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     per_step = [b - a for a, b in zip(marks, marks[1:])]  # syncs after step k, up to step k + 1's end

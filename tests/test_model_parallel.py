@@ -18,10 +18,10 @@ import torch
 
 from gpupar.config import Config
 from gpupar.errors import UsageError
-from gpupar.gpt import GPT, synthetic_tokens
+from gpupar.models.gpt import GPT, synthetic_tokens
 from gpupar.models import mlp
 from gpupar.parallel.pipeline import balanced_starts, layer_units, stage_starts
-from gpupar.parallel.tensor import auto_plan, check_divisible
+from gpupar.parallel.tensor import auto_plan, check_tp_divisible
 from gpupar.config import layout
 from gpupar.topology import ParallelDims
 
@@ -84,7 +84,7 @@ def test_auto_plan_pairs_consecutive_linears_and_checks_divisibility():
     assert {k: type(v) for k, v in plan.items()} == {"0": ColwiseParallel, "2": RowwiseParallel,
                                                      "4": ColwiseParallel, "6": RowwiseParallel}
     with pytest.raises(UsageError, match="does not divide the 33 output features of '0'"):
-        check_divisible(mlp(10, 33, 2, 1), auto_plan(mlp(10, 33, 2, 1)), 2)
+        check_tp_divisible(mlp(10, 33, 2, 1), auto_plan(mlp(10, 33, 2, 1)), 2)
     with pytest.raises(UsageError, match="has no two consecutive nn.Linear layers"):
         auto_plan(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 1)))
 

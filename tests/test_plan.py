@@ -16,7 +16,7 @@ from torch import nn
 from harness import gpupar
 
 from gpupar.config import Config
-from gpupar.plan_probe import Machine
+from gpupar.plan.probe import Machine
 
 MACHINE = Machine("cpu", tflops=0.05, op_overhead_s=5e-6, cores=2,
                   collectives={"2": {"all_reduce": [1e-4, 1e8], "all_gather": [1e-4, 1e8], "send_recv": [5e-5, 2e8]}})
@@ -25,9 +25,9 @@ MACHINE = Machine("cpu", tflops=0.05, op_overhead_s=5e-6, cores=2,
 def test_activation_checkpointing_keeps_gradients_and_saves_memory():
     """full and selective give the same gradients as none (to float rounding: the recompute
     runs the same ops), and on the GPT the probe sees full keep fewer bytes than none."""
-    from gpupar.gpt import GPT
+    from gpupar.models.gpt import GPT
     from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
-    from gpupar.plan_probe import probe_step
+    from gpupar.plan.probe import probe_step
 
     torch.manual_seed(0)
     model, x = GPT(64, 32, 2, 4, 16), torch.randint(0, 64, (4, 16))
@@ -51,7 +51,7 @@ def test_probe_keeps_a_sent_output_alive_through_backward():
     the probe does too. A Linear's output (8 x 32 floats), which autograd does not save, then
     counts at the end of forward; a ReLU's, which autograd saves, counts there either way. Both
     now count at backward's peak, which comes after autograd has let go of the ReLU's."""
-    from gpupar.plan_probe import probe_step
+    from gpupar.plan.probe import probe_step
 
     off = torch.autocast("cpu", enabled=False)
     x, out_bytes = torch.randn(8, 16), 8 * 32 * 4
@@ -64,10 +64,10 @@ def test_probe_keeps_a_sent_output_alive_through_backward():
 def test_persistent_bytes_match_the_memory_report_and_fsdp_chunks():
     """Persistent bytes of a single-device run equal memory_report's after one real Adam step;
     FSDP's per-rank shard sizes follow torch.chunk (uneven: 50 rows over 4 ranks = 13,13,13,11)."""
-    from gpupar.job import load_problem
-    from gpupar.loop import make_optimizer
+    from gpupar.problem import load_problem
+    from gpupar.training.recipe import make_optimizer
     from gpupar.memory import grad_bytes, memory_report
-    from gpupar.plan_memory import Context, persistent, shard_bytes
+    from gpupar.plan.memory import Context, persistent, shard_bytes
     from gpupar.topology import ParallelDims
 
     cfg = Config()
@@ -89,7 +89,7 @@ def test_persistent_bytes_match_the_memory_report_and_fsdp_chunks():
 def test_plan_json_rows_reasons_and_order(gpupar_cli, monkeypatch):
     """--json: every layout at world 1 and 2, sorted by predicted throughput among those that
     fit; one that cannot run says why (tp 2 cannot split 5 heads); a tiny --device-memory fits nothing."""
-    import gpupar.plan_probe as probe
+    import gpupar.plan.probe as probe
 
     monkeypatch.setattr(probe, "measure_machine", lambda *a, **k: MACHINE)
     code, out, err = gpupar_cli("plan", "--model", "gpt", "--heads", 5, "--hidden", 40, "--world-sizes", "1,2",
@@ -124,7 +124,7 @@ def test_plan_bad_input_is_one_line_exit_2(gpupar_cli, flags, named):
 
 
 def test_train_plan_auto_runs_the_layout_it_chose(gpupar_cli, tmp_path, monkeypatch):
-    import gpupar.plan_probe as probe
+    import gpupar.plan.probe as probe
 
     monkeypatch.setattr(probe, "measure_machine", lambda *a, **k: MACHINE)
     code, out, err = gpupar_cli("train", "--plan", "auto", "--model", "gpt", "--epochs", 1, "--samples", 16,
@@ -146,8 +146,8 @@ def test_the_meta_probe_sees_attention_as_the_fused_kernels_save_it():
     """On the meta device SDPA would take the math path and save the [B, H, T, T] scores; the
     probe routes it through the fused kernel's shapes, so meta and CPU (a real fused kernel)
     see the same bytes. An H200 measured the GPT's transient to within 1 KiB this way."""
-    from gpupar.gpt import GPT
-    from gpupar.plan_probe import probe_step
+    from gpupar.models.gpt import GPT
+    from gpupar.plan.probe import probe_step
 
     torch.manual_seed(0)
     model, x = GPT(64, 32, 2, 4, 64), torch.randint(0, 64, (4, 64))
@@ -188,8 +188,8 @@ def test_optimizer_temporaries_match_what_the_step_allocates(impl):
     largest parameter for torch's for-loop (to the step's few scalars). A regression in the term fails here."""
     from torch.profiler import ProfilerActivity, profile
 
-    from gpupar.loop import make_optimizer
-    from gpupar.plan_buffers import optimizer_temporaries
+    from gpupar.training.recipe import make_optimizer
+    from gpupar.plan.buffers import optimizer_temporaries
     from gpupar.topology import ParallelDims
 
     cfg = Config()
@@ -219,8 +219,8 @@ def test_fsdp_buffers_replay_fsdp2_allocation_order():
     its copied-out parameters (256), the second unit's reduce-scatter input (256) and the
     shard (128)."""
     from gpupar.config import ParallelConfig
-    from gpupar.plan_buffers import fsdp_buffers
-    from gpupar.plan_probe import StepProbe
+    from gpupar.plan.buffers import fsdp_buffers
+    from gpupar.plan.probe import StepProbe
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
     root, g = 2, 256

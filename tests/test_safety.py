@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpupar import files, rundir
+from gpupar.run import files, rundir
 
 from harness import env
 
@@ -144,7 +144,7 @@ def test_the_root_cause_rank_is_named_whatever_the_timing():
     broke (exit 3) in the same second or earlier; a SIGKILLed rank over the launcher's SIGTERM."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from gpupar.launch import root_cause
+    from gpupar.launch.elastic import root_cause
 
     def failure(rank: int, code: int, when: int) -> ProcessFailure:
         f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")

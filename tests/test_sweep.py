@@ -24,8 +24,8 @@ from gpupar.weights import load_into, load_weights
 from gpupar.config import Config, load_toml
 from gpupar.data import synthetic_regression
 from gpupar.errors import UsageError
-from gpupar.fused import FusedOptimizer, clip_per_model, fuse, train_step
-from gpupar.loop import as_samples
+from gpupar.sweep.fused import FusedOptimizer, clip_per_model, fuse, train_step
+from gpupar.data import as_samples
 from gpupar.models import build_model
 from gpupar.sweep import Member, chunks, grid, parse_list, parse_seeds, run_sweep, shard, train_chunk
 from gpupar.topology import ParallelDims, Topology

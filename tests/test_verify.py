@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.parallel.pipeline import layer_units, stage_starts
-from gpupar.verdict import Trajectory, judge, judge_fixed, report
+from gpupar.verify.verdict import Trajectory, judge, judge_fixed, report
 from gpupar.verify import model_notes
 
 from harness import TESTS, gpupar
@@ -74,8 +74,7 @@ def test_notes_for_batchnorm_without_sync_bn_and_for_dropout():
     cfg.model.name = "user_models:dropout_mlp"
     (note,) = model_notes(cfg, dp=2)
     assert "cannot match across a different batch split" in note and "--no-dropout" in note
-    cfg.verify.no_dropout = True
-    assert model_notes(cfg, dp=2) == []
+    assert model_notes(cfg, dp=2, no_dropout=True) == []
 
 
 def test_modulelist_layers_and_split_points_by_name():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from gpupar.bench.flops import count_step_flops, gpu_peak_tflops
+from gpupar.measure.flops import count_step_flops, gpu_peak_tflops
 from gpupar.config import Config, to_toml
 from gpupar.errors import TrainingError, UsageError
 
@@ -92,7 +92,7 @@ def check_runnable(strategy: str, world: int, device: torch.device) -> None:
 def run_combination(cfg: Config, out_dir: Path, steps: int, warmup: int, peer: str | None = None,
                     threads: int | None = None) -> dict:
     """Run one combination in fresh processes; its result dict, or {"skipped": reason}."""
-    from gpupar.launch import run_workers
+    from gpupar import launch
 
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def run_combination(cfg: Config, out_dir: Path, steps: int, warmup: int, peer: s
             failure = None if proc.returncode == 0 else _last_line(proc.stderr)
         else:
             try:
-                run_workers(cfg, argv)
+                launch.run(cfg, argv[0], None, argv[1:], claim=False, checked=True)
                 failure = None
             except (TrainingError, UsageError) as exc:
                 failure = str(exc)
@@ -165,7 +165,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
     """Every combination of spec.strategies x spec.world_sizes, then the peers; returns bench.json's dict."""
     from gpupar.devices import pick_device
     from gpupar.job import load_problem
-    from gpupar.loop import make_loss
+    from gpupar.training.recipe import make_loss
 
     base = spec.base
     device = pick_device(base.train.device)
@@ -180,7 +180,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
 
     # Model FLOPs of one step of the global batch, counted once: every strategy does this work.
     problem = load_problem(strategy_config(base, "single", 1, spec.steps, spec.warmup))
-    flops = count_step_flops(problem.model, problem.X[:batch], problem.y[:batch], make_loss(base, problem.spec))
+    flops = count_step_flops(problem.model, problem.X[:batch], problem.y[:batch], make_loss(base, problem.spec.loss))
     precision = base.train.precision
     if spec.peak_tflops:
         peak, peak_source = spec.peak_tflops, "--peak-tflops"

@@ -34,13 +34,13 @@ def missing_reason(peer: str) -> str | None:
 def train_peer(peer: str, cfg: Config, topo: Topology, on_step) -> None:
     """Train ``cfg``'s model for its epochs (one global batch each) with ``peer``'s DDP."""
     from gpupar.data import shard_batch
-    from gpupar.loop import make_loss, make_optimizer
+    from gpupar.training.recipe import make_loss, make_optimizer
     from gpupar.job import load_problem
 
     problem = load_problem(cfg)
     rows = shard_batch(torch.arange(cfg.train.batch_size), topo.world_size, topo.rank)
     x, y = problem.X[rows].to(topo.device), problem.y[rows].to(topo.device)  # this rank's slice
-    loss_fn, model = make_loss(cfg, problem.spec), problem.model.to(topo.device)
+    loss_fn, model = make_loss(cfg, problem.spec.loss), problem.model.to(topo.device)
     optimizer = make_optimizer(model, cfg)
 
     if peer == "raw":

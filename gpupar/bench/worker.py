@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gpupar.bench.flops import cpu_matmul_probe
+from gpupar.measure.flops import cpu_matmul_probe
 from gpupar.config import Config, load_toml
+from gpupar.errors import first_line
 from gpupar.memory import peak_bytes
 
 class StepTimer:
@@ -77,42 +78,47 @@ def bench_worker(config_path: str, result_path: str, steps: int, warmup: int, pe
     A failure is written to RESULT.rankN.err (one line) before it propagates, so the
     bench can name the reason in its table.
     """
-    from gpupar.launch import this_process
+    from gpupar import launch
 
     rank = int(os.environ.get("RANK", 0))
     try:
         cfg = load_toml(config_path)
-        topo = this_process(cfg)
-        if topo.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(topo.device)
-        probe = None
-        if topo.device.type == "cpu":
-            if topo.distributed:
-                dist.barrier()  # all ranks probe at once: they share the machine's cores
-            probe = cpu_matmul_probe(cfg.train.precision, seconds=0.3)
-        timer = StepTimer(topo, warmup, steps)
-        if peer is None:
-            _train_gpupar(cfg, topo, timer)
-        else:
-            from gpupar.bench.peers import train_peer
-
-            train_peer(peer, cfg, topo, timer)
-        result = gather_result(topo, timer, probe)
-        if topo.is_main:
-            Path(result_path).write_text(json.dumps(result))
-        topo.close()
+        launch.run(cfg, "bench-worker", lambda topo, _: _bench_here(cfg, topo, result_path, steps, warmup, peer),
+                   claim=False, checked=True)
     except BaseException as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc, "")
         Path(f"{result_path}.rank{rank}.err").write_text(f"{type(exc).__name__}: {first}"[:300])
         raise
 
+def _bench_here(cfg: Config, topo, result_path: str, steps: int, warmup: int, peer: str | None) -> None:
+    if topo.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(topo.device)
+    probe = None
+    if topo.device.type == "cpu":
+        if topo.distributed:
+            dist.barrier()  # all ranks probe at once: they share the machine's cores
+        probe = cpu_matmul_probe(cfg.train.precision, seconds=0.3)
+    timer = StepTimer(topo, warmup, steps)
+    if peer is None:
+        _train_gpupar(cfg, topo, timer)
+    else:
+        from gpupar.bench.peers import train_peer
+
+        train_peer(peer, cfg, topo, timer)
+    result = gather_result(topo, timer, probe)
+    if topo.is_main:
+        Path(result_path).write_text(json.dumps(result))
+
+
 def _train_gpupar(cfg: Config, topo, timer: StepTimer) -> None:
     from gpupar.job import load_problem
-    from gpupar.loop import as_samples, fit, make_loss, make_optimizer
+    from gpupar.data import as_samples
+    from gpupar.training.loop import Hooks, fit
+    from gpupar.training.recipe import make_loss, make_optimizer
     from gpupar.parallelize import parallelize
 
     problem = load_problem(cfg)
     train_set, _ = as_samples((problem.X, problem.y), cfg)
     parallel = parallelize(problem.model, topo, cfg, problem.spec)
-    fit(parallel.model, train_set, cfg, topo, make_loss(cfg, problem.spec), make_optimizer(parallel.model, cfg),
-        log=lambda _: None, on_step=timer, step_fn=parallel.step)
+    fit(parallel, train_set, cfg, topo, make_loss(cfg, problem.spec.loss), make_optimizer(parallel.model, cfg),
+        hooks=Hooks(log=lambda _: None, on_step=timer))

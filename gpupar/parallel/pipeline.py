@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpupar.config import ParallelConfig
-from gpupar.errors import UsageError
+from gpupar.errors import UsageError, first_line
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
@@ -182,7 +182,7 @@ def trace_stages(model: nn.Module, every: list[list[str]], example: torch.Tensor
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return pipeline(model, mb_args=(example,), split_spec=split_spec)
     except Exception as exc:  # data-dependent control flow, an op torch.export cannot capture, ...
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        first = first_line(exc, "")[:160]
         raise UsageError(f"--pp: cannot trace {type(model).__name__}'s forward to cut it into stages "
                          f"({type(exc).__name__}: {first}); wrap its layers in an nn.Sequential") from None
     finally:
@@ -202,12 +202,13 @@ class Pipeline(nn.Module):
     """
 
     def __init__(self, stages: list[tuple[int, nn.Module]], num_stages: int, device: torch.device,
-                 pp_group: dist.ProcessGroup, options: ParallelConfig, comm_device: torch.device):
+                 pp_group: dist.ProcessGroup, options: ParallelConfig, comm_device: torch.device,
+                 microbatches: int):
         super().__init__()
         self.stages = nn.ModuleList(module for _, module in stages)
         self.stage_ids = [s for s, _ in stages]
         self.num_stages, self.device, self.pp_group, self.comm_device = num_stages, device, pp_group, comm_device
-        self.microbatches = options.microbatches or 2 * dist.get_world_size(pp_group)
+        self.microbatches = microbatches  # ParallelDims.microbatches: --microbatches, or 2 x pp
         self.schedule_name = options.schedule
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # The last stage lives on the last pp rank; its loss is broadcast from there.

@@ -29,7 +29,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     """Shard ``model`` over the 1-D ``tp_mesh`` by ``plan``: a dict of module name ->
     ``ColwiseParallel()`` / ``RowwiseParallel()`` (or any ``ParallelStyle``), exactly as
     ``parallelize_module`` takes it. The model's spec gives the plan (``auto_plan`` by default)."""
-    check_divisible(model, plan, tp_mesh.size())
+    check_tp_divisible(model, plan, tp_mesh.size())
     check_tp(model, plan)
     ties = tied_parameters(model)
     parallelize_module(model, tp_mesh, plan)
@@ -62,7 +62,7 @@ def auto_plan(model: nn.Module) -> Plan:
     return plan
 
 
-def check_divisible(model: nn.Module, plan: Plan, tp: int) -> None:
+def check_tp_divisible(model: nn.Module, plan: Plan, tp: int) -> None:
     """A colwise layer's output width and a rowwise layer's input width must divide by tp."""
     for name, style in plan.items():
         layer = model.get_submodule(name)

@@ -53,17 +53,17 @@ class Context:
 
     @classmethod
     def build(cls, cfg: Config) -> "Context":
-        from gpupar.bench.flops import count_step_flops
+        from gpupar.measure.flops import count_step_flops
         from gpupar.data import split_validation
         from gpupar.job import load_problem
-        from gpupar.loop import make_loss
+        from gpupar.training.recipe import make_loss
 
         problem = load_problem(cfg, meta=True)
         n_train = len(split_validation(len(problem.X), cfg.data.val_fraction, cfg.train.seed)[0])
         batch = cfg.train.batch_size or n_train
         x, y = problem.X[:1].clone(), problem.y[:1].clone()
         model = problem.model.to("meta")
-        loss = make_loss(cfg, problem.spec)
+        loss = make_loss(cfg, problem.spec.loss)
         flops = count_step_flops(model, x.expand(batch, *x.shape[1:]), y.expand(batch, *y.shape[1:]), loss)
         return cls(cfg, model, problem.spec, x, y, batch, flops)
 
@@ -79,7 +79,7 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
     from gpupar.parallelize import pipeline_units, tp_plan
 
     model = ctx.model
-    if dims.pp > 1:
+    if dims.pp_enabled:
         units = pipeline_units(model, ctx.spec)
         names = [n for u in units for n in u]
         keep = stage_names(model, units, dims.pp, cfg.parallel)[stage]
@@ -89,7 +89,7 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
 
         model = copy.deepcopy(model)
     rowwise = []
-    if dims.tp > 1:
+    if dims.tp_enabled:
         for name, style in tp_plan(model, dims.tp, ctx.spec).items():
             layer = model.get_submodule(name)
             if not isinstance(layer, nn.Linear):
@@ -145,7 +145,7 @@ def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, 
     the samples; what does not, like the parameters' gradients and temporaries, is the
     intercept). A micro-batch of 4 or fewer is probed as is. Layouts with the same stage, TP
     degree and checkpointing share the probes."""
-    from gpupar.plan_probe import StepProbe
+    from gpupar.plan.probe import StepProbe
 
     key = (dims.pp, stage, dims.tp, cfg.parallel.activation_checkpointing, cfg.parallel.split_points)
     if key not in ctx.probes:
@@ -185,14 +185,14 @@ def _local_probe_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int
 
 def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: nn.Module, mb: int, device: str):
     """(the probe of one micro-batch of ``mb`` samples, the bytes of the stage's output)."""
-    from gpupar.loop import autocast_for, make_loss
-    from gpupar.plan_probe import probe_step
+    from gpupar.training.recipe import autocast_for, make_loss
+    from gpupar.plan.probe import probe_step
 
     x = _chain_input(ctx, cfg, dims, stage, mb, device)
     if x.is_floating_point():
         x = x.detach().requires_grad_(stage > 0)
     last = stage == dims.pp - 1
-    loss_fn = make_loss(cfg, ctx.spec) if last else (lambda out, _: out.sum())
+    loss_fn = make_loss(cfg, ctx.spec.loss) if last else (lambda out, _: out.sum())
     amp = autocast_for(torch.device("cpu"), cfg.train.precision)
     y = ctx.y.expand(mb, *ctx.y.shape[1:]).contiguous().to(device)
     from gpupar.parallel.fsdp import pick_blocks
@@ -215,15 +215,15 @@ def tp_activation_bytes(ctx: Context, model: nn.Module, rowwise: list[str], mb: 
 def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
     """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
     from gpupar.parallelize import tp_plan
-    from gpupar.plan_buffers import fsdp_buffers, gloo_late_bytes, optimizer_temporaries
+    from gpupar.plan.buffers import fsdp_buffers, gloo_late_bytes, optimizer_temporaries
 
     p = cfg.parallel
-    m = (p.microbatches or 2 * dims.pp) if dims.pp > 1 else cfg.train.grad_accum
+    m = (p.microbatches or 2 * dims.pp) if dims.pp_enabled else cfg.train.grad_accum
     mb = ctx.batch // (dims.dp * m)
     per_rank, worst = [], None
     probes = {}
     workspace = cublas_workspace_bytes() if device_type == "cuda" else 0  # allocated once, kept
-    tp_layers = set(tp_plan(ctx.model, dims.tp, ctx.spec)) if dims.tp > 1 else set()
+    tp_layers = set(tp_plan(ctx.model, dims.tp, ctx.spec)) if dims.tp_enabled else set()
     for rank in range(dims.world):
         stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
         if stage not in probes:
@@ -231,20 +231,20 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
         probe, model, rowwise, out_bytes = probes[stage]
         pers = persistent(model, cfg, dims, shard_index)
         # Micro-batches whose activations a stage holds at once: GPipe all M, 1F1B at most p - stage.
-        inflight = (m if p.schedule == "gpipe" else min(m, dims.pp - stage)) if dims.pp > 1 else 1
+        inflight = (m if p.schedule == "gpipe" else min(m, dims.pp - stage)) if dims.pp_enabled else 1
         # DDP's gradients are views of its buckets (counted below): the step allocates none.
         grads_scale = 0.0 if dims.ddp_enabled else 1.0 / dims.dp_shard
         # A later stage's input, received per micro-batch; its gradient, computed by backward,
         # is kept until the step's sends are waited on (the schedule's last action), so it
         # grows as backward frees the micro-batches' saved bytes.
-        in_bytes = probes[stage - 1][3] if dims.pp > 1 and stage > 0 else 0
+        in_bytes = probes[stage - 1][3] if dims.pp_enabled and stage > 0 else 0
         # A stage that sends its output (not the last) keeps it until the micro-batch's backward
         # ends (the probe holds it likewise: keep_output). Sends hold outputs longer: GPipe waits
         # on its forward sends only as the schedule returns, so their work objects hold every
         # micro-batch's output (counted here, so less each micro-batch's own, `own`); 1F1B keeps
         # the work of its last warm-up send that fired (micro-batch inflight - 2) through the
         # steady phase, beyond that micro-batch's backward once m >= 2 * inflight - 1.
-        sends = dims.pp > 1 and stage < dims.pp - 1
+        sends = dims.pp_enabled and stage < dims.pp - 1
         sent, own = 0, 0
         if sends and p.schedule == "gpipe":
             sent, own = m * out_bytes, out_bytes
@@ -259,7 +259,7 @@ def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str
             comm = full_local
         if dims.fsdp_enabled:  # gathered units, unsharded gradients, reduce-scatter inputs, in step order
             comm = fsdp_buffers(probe, model, p, dims.dp_shard, device_type) - probe.peak_bytes(grads_scale)
-        if dims.pp > 1:  # per micro-batch: the input's receive buffer, and the output's gradient's receive
+        if dims.pp_enabled:  # per micro-batch: the input's receive buffer, and the output's gradient's receive
             # buffer (the last stage instead keeps every micro-batch's output, which the schedule merges)
             comm += m * (in_bytes + out_bytes)
         if p.cpu_offload:
@@ -319,17 +319,17 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         if dims.dp_replicate > 1:
             comm += units * machine.collective_time("all_reduce", dims.dp_replicate, per / dims.dp_shard)
         hidden = compute  # prefetched gathers overlap the previous unit's compute
-    if dims.tp > 1:  # two all-reduces per rowwise layer and micro-batch (forward output, backward input grad)
+    if dims.tp_enabled:  # two all-reduces per rowwise layer and micro-batch (forward output, backward input grad)
         rowwise = probes[0][2]
         tp_layers = len(tp_plan(model, dims.tp, ctx.spec))  # this stage's sharded layers
         overhead += m * tp_layers * machine.dispatch.get("tp_layer_s", 0.0) * contention
         for n in rowwise:
             comm += 2 * m * machine.collective_time("all_reduce", dims.tp, tp_activation_bytes(ctx, model, [n], mb))
-    if dims.pp > 1:  # each micro-batch's activation forward and its gradient backward, per boundary
+    if dims.pp_enabled:  # each micro-batch's activation forward and its gradient backward, per boundary
         comm += 2 * m * machine.collective_time("send_recv", 2, probes[0][3])
     exposed = max(0.0, comm - hidden) if gpu else comm  # gloo on shared CPU cores: no overlap assumed
     work = compute + overhead
-    if dims.pp > 1:
+    if dims.pp_enabled:
         bubble = (dims.pp - 1) / (m + dims.pp - 1)
         work = work / (1 - bubble)
     return work + exposed

@@ -23,7 +23,7 @@ def optimizer_fused(model: nn.Module, cfg: Config, dims: ParallelDims, tp_layers
     whose other layers stay whole, without FSDP, which makes every parameter a DTensor)."""
     if cfg.optim.optimizer_impl != "fused":
         return False
-    if dims.tp > 1 and not dims.fsdp_enabled:
+    if dims.tp_enabled and not dims.fsdp_enabled:
         owners = {name.rpartition(".")[0] for name, _ in model.named_parameters()}
         if owners - tp_layers and owners & tp_layers:
             return False
@@ -63,7 +63,7 @@ def gathered_bytes(params, shards: int) -> int:
 def unit_gathered_bytes(model: nn.Module, options, shards: int) -> list[int]:
     """Each FSDP unit's all-gather output, in the probe's unit order (the root last)."""
     from gpupar.parallel.fsdp import pick_blocks
-    from gpupar.plan_probe import unit_parameters
+    from gpupar.plan.probe import unit_parameters
 
     units = pick_blocks(model, options.fsdp_blocks, options.fsdp_min_params)
     return [gathered_bytes(ps, shards) for ps in unit_parameters(model, units)]
@@ -161,7 +161,7 @@ def gloo_late_bytes(model: nn.Module, options, dims: ParallelDims, activation_by
     reduce-scatter, gloo's copy of its input); under tensor parallelism ``activation_bytes``,
     the largest activation all-reduced; a pipeline stage's sent output, ``sent_bytes``. One at
     a time: part of the runtime allowance (what fits), not of the peak."""
-    late = [activation_bytes if dims.tp > 1 else 0, sent_bytes if dims.pp > 1 else 0]
+    late = [activation_bytes if dims.tp_enabled else 0, sent_bytes if dims.pp_enabled else 0]
     if dims.fsdp_enabled:
         late += unit_gathered_bytes(model, options, dims.dp_shard)
     return max(late)

@@ -1,14 +1,11 @@
-"""Where a job runs: checked once here, then in this process or in ranks started through
-TorchElastic's launcher API, on one node or many (also under SLURM).
+"""TorchElastic, the rendezvous, SLURM and the loopback stores: how ranks are started.
 
-``run`` is the one place that decides. It first runs ``job.preflight``: every check that
-depends only on the config, the data's shape and the model, so a layout that cannot work is
-one line and exit 2 before any rank starts. A multi-process layout then re-runs
-`gpupar COMMAND` in N worker processes through ``torch.distributed.launcher.api.elastic_launch``
-(what torchrun uses); the workers see torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-...) and run the job instead of launching. A single node rendezvouses on 127.0.0.1;
-multi-node needs an explicit ``--rdzv-endpoint host:port`` (c10d rendezvous) or a SLURM
-allocation.
+``run_workers`` re-runs ``python -m gpupar ARGV`` in N worker processes through
+``torch.distributed.launcher.api.elastic_launch`` (what torchrun uses); the workers see
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...). A single node rendezvouses on
+127.0.0.1; multi-node needs an explicit ``--rdzv-endpoint host:port`` (c10d rendezvous) or a
+SLURM allocation. What to start, and when, is the orchestrator's (``gpupar.launch``); this
+module imports only the config and the errors.
 """
 
 from __future__ import annotations
@@ -22,101 +19,14 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from gpupar.config import Config, layout, to_toml
-from gpupar.errors import Interrupted, TrainingError, UsageError
+from gpupar.config import Config
+from gpupar.errors import Interrupted, TrainingError, UsageError, first_line
 
 SLURM_PORT = 29500
 MAX_CPU_RANKS_PER_CORE = 4  # more CPU ranks than this per core is a warning before launch
-
-
-def run(cfg: Config, command: str, here: Callable, extra: tuple[str, ...] = ()) -> None:
-    """Run a job: check it, then call ``here(topology)`` in this process, or start the ranks,
-    each of which re-runs `gpupar COMMAND` (with ``extra`` flags that are not config fields)
-    and so comes back here as a rank."""
-    from gpupar.topology import Topology
-
-    if launched_by_torchrun():  # this process is one rank of a started job
-        if not layout(cfg.parallel).ranks:
-            raise UsageError(f"{os.environ['WORLD_SIZE']} ranks were launched but the layout runs in one process; "
-                             "use --strategy ddp (or another multi-process layout)")
-        topo = Topology.from_env(cfg)
-        here(topo)
-        topo.close()
-        return
-    check(cfg)
-    start(cfg, command, here, extra)
-
-
-def start(cfg: Config, command: str, here: Callable, extra: tuple[str, ...] = ()) -> None:
-    """Run a job that ``check`` passed: ``here`` in this process for one-process layouts,
-    else in started ranks."""
-    if not layout(cfg.parallel).ranks:
-        from gpupar.devices import pick_device
-        from gpupar.topology import Topology
-
-        here(Topology.single(pick_device(cfg.train.device)))
-        return
-    spawn(cfg, command, extra)
-
-
-def this_process(cfg: Config, dims=None):
-    """This process's topology: a rank of a started job (``dims`` overrides the layout's
-    degrees), or the single best device."""
-    from gpupar.devices import pick_device
-    from gpupar.topology import Topology
-
-    if launched_by_torchrun():
-        return Topology.from_env(cfg, dims)
-    return Topology.single(pick_device(cfg.train.device))
-
-
-def check(cfg: Config):
-    """The checks before anything starts or is written (``job.preflight``) at the world size
-    this launch will have, after ``--plan auto`` chose the layout; more than 4 CPU ranks per
-    core is a warning, once they passed. Returns the layout's ``ParallelDims``."""
-    from gpupar.job import preflight
-
-    if cfg.parallel.plan == "auto":  # gpupar plan picks the layout; then it is checked like any other
-        from gpupar.plan import apply_auto
-
-        cfg.parallel = apply_auto(cfg).parallel  # in place: the caller's ``here`` holds this cfg
-
-    lay = layout(cfg.parallel)
-    if not lay.ranks:
-        if (cfg.parallel.nproc_per_node or 1) > 1:
-            raise UsageError(f"--nproc-per-node {cfg.parallel.nproc_per_node} needs a multi-process --strategy, "
-                             "for example ddp")
-        return preflight(cfg, 1, 1)
-    lp = plan(cfg)
-    dims = preflight(cfg, lp.nproc_per_node * lp.nnodes, lp.nproc_per_node)
-    cores = os.cpu_count() or 1
-    if not torch.cuda.is_available() and lp.nproc_per_node > MAX_CPU_RANKS_PER_CORE * cores:
-        print(f"gpupar: warning: {lp.nproc_per_node} CPU ranks on {cores} cores will crawl (each rank imports "
-              "torch and takes a share of the cores)", file=sys.stderr)
-    return dims
-
-
-def spawn(cfg: Config, command: str, extra: tuple[str, ...] = ()) -> None:
-    """Write the effective config into the run directory and start `gpupar COMMAND` on every rank with it."""
-    from gpupar import rundir
-    from gpupar.files import atomic_write_text
-    from gpupar.job import default_run_dir
-
-    run_dir = default_run_dir(cfg)
-    cfg.train.run_dir = str(run_dir)  # one run directory for all ranks
-    # The launcher holds the directory for the life of the job, TorchElastic's restarts included.
-    with rundir.claim(run_dir, cfg.checkpoint.resume, cfg.train.overwrite) as run:
-        atomic_write_text(run_dir / "launch.toml", to_toml(cfg))
-        try:
-            run_workers(cfg, [command, "--config", str(run_dir / "launch.toml"), *extra], run.run_id)
-        except TrainingError as exc:
-            if run.replaced is None:
-                raise
-            raise TrainingError(f"{exc}; {run.unchanged()}") from None
 
 
 def launched_by_torchrun() -> bool:
@@ -133,7 +43,7 @@ class LaunchPlan:
     local_addr: str | None
 
 
-def plan(cfg: Config, env: dict[str, str] | None = None) -> LaunchPlan:
+def launch_plan(cfg: Config, env: dict[str, str] | None = None) -> LaunchPlan:
     """Resolve node counts, ranks and the rendezvous endpoint from flags, then SLURM, then defaults."""
     env = dict(os.environ if env is None else env)
     p = cfg.parallel
@@ -191,7 +101,7 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    lp = plan(cfg)
+    lp = launch_plan(cfg)
     # gpupar reports the failing rank itself; TorchElastic's own log lines would repeat it.
     for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
         if name.startswith("torch.distributed.elastic"):  # its children set their own levels
@@ -229,7 +139,7 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
                             "the other ranks were stopped") from None
     except Exception as exc:  # rendezvous timeouts and the like
         if type(exc).__module__.startswith("torch.distributed"):
-            detail = (str(exc).strip().splitlines() or ["no detail"])[0]
+            detail = first_line(exc, "no detail")
             raise TrainingError(f"launch failed at rendezvous {lp.endpoint} ({lp.nnodes} node(s), "
                                 f"--timeout {cfg.parallel.timeout:g}s): {type(exc).__name__}: {detail}") from None
         raise

@@ -16,12 +16,10 @@ trained alone with ``gpupar.train`` on the sweep's data, which is what the tests
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,12 +28,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from gpupar.files import atomic_write_text
+from gpupar.run.files import atomic_write_text
 from gpupar.weights import save_weights
 from gpupar.config import MAX_SEED, Config, to_toml
 from gpupar.data import Samples, epoch_batches
 from gpupar.errors import UsageError
-from gpupar.fused import FusedOptimizer, check_vmappable, clip_per_model, evaluate, fuse, train_step
+from gpupar.sweep.fused import FusedOptimizer, check_vmappable, clip_per_model, evaluate, fuse, train_step
 from gpupar.models import build_model
 from gpupar.topology import Topology
 
@@ -155,7 +153,7 @@ def check_supported(cfg: Config) -> None:
 
 def lr_factors(cfg: Config, total_steps: int) -> list[float]:
     """The schedule's factor at every step, from the same LambdaLR that gpupar train uses."""
-    from gpupar.loop import make_scheduler
+    from gpupar.training.recipe import make_scheduler
 
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = make_scheduler(probe, cfg, total_steps)
@@ -227,7 +225,7 @@ def train_chunk(members: list[Member], cfg: Config, train_set: Samples, val_set:
 
 def _validation(f, samples: Samples, loss_name: str, device: torch.device, batch_size: int) -> torch.Tensor:
     """Mean validation loss of each model [M], batch by batch, as gpupar train's evaluate."""
-    from gpupar.fused import loss_divisor
+    from gpupar.sweep.fused import loss_divisor
 
     total, n = torch.zeros(f.M, dtype=torch.float64), 0
     for start in range(0, len(samples), batch_size):
@@ -270,7 +268,7 @@ class SweepResult:
 def run_sweep(cfg: Config, members: list[Member], topo: Topology, max_fused: int | None = None,
               log: Callable[[str], None] = print) -> SweepResult:
     """Train this rank's slice of ``members`` in fused chunks; gather all results on rank 0."""
-    from gpupar.loop import as_samples
+    from gpupar.data import as_samples
     from gpupar.job import load_problem
 
     check_supported(cfg)
@@ -348,10 +346,10 @@ def export_model(best: Result, cfg: Config, path: Path, flag_name: str = "--expo
 def main(cfg: Config, args) -> None:
     """`gpupar sweep`: the grid from the flags, trained here or sliced across started ranks
     (each rank trains its own models: no layout, only its share of the grid)."""
-    from gpupar import launch, rundir
+    from gpupar import launch
+    from gpupar.run import rundir
     from gpupar.models import hidden_width
     from gpupar.weights import check_weights_out
-    from gpupar.topology import ParallelDims
 
     if "data.val_fraction" not in vars(args) and cfg.data.val_fraction == 0.0:
         cfg.data.val_fraction = 0.2  # a sweep ranks its models by validation loss
@@ -362,31 +360,24 @@ def main(cfg: Config, args) -> None:
         check_weights_out(args.export_best, "--export-best")
     if args.max_fused is not None and args.max_fused < 1:
         raise UsageError(f"--max-fused {args.max_fused} must be a positive integer")
-    run_dir = Path(cfg.train.run_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
-    cfg.train.run_dir = str(run_dir)
-    if (cfg.parallel.nproc_per_node or 1) > 1 and not launch.launched_by_torchrun():
-        extra = ["--seeds", args.seeds]
-        for flag_name, value in (("--lr", args.sweep_lr), ("--hidden", args.sweep_hidden),
-                                 ("--max-fused", args.max_fused), ("--export-best", args.export_best)):
-            if value is not None:
-                extra += [flag_name, str(value)]
-        launch.spawn(cfg, "sweep", tuple(extra))
-        return
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    # One process claims its directory here (under ranks, the launcher holds it): a sweep never
-    # writes over another run's or sweep's files, and --overwrite keeps them until it succeeds.
-    claimed = contextlib.nullcontext() if launch.launched_by_torchrun() else \
-        rundir.claim(run_dir, None, cfg.train.overwrite)
-    with claimed:
-        topo = launch.this_process(cfg, ParallelDims(dp_replicate=world))
-        sweep = run_sweep(cfg, members, topo, args.max_fused, log=print if topo.is_main else lambda _: None)
-        if topo.is_main:
-            print(table(sweep.results))
-            write_outputs(sweep, cfg, run_dir, args.export_best)
-            b = sweep.best.member
-            print(f"{len(sweep.results)} models in {sweep.chunks} fused chunk(s), {sweep.wall_time:.2f} s on "
-                  f"{topo.device}; best: model {b.index} (seed {b.seed}, lr {b.lr:g}, hidden {b.hidden})")
-            print(f"Saved sweep to {run_dir}/ (sweep.jsonl, best.json, best/model.safetensors)"
-                  + (f"; best model exported to {args.export_best}" if args.export_best else ""))
-        topo.close()
+    cfg.train.run_dir = str(rundir.default_path(cfg.train.run_dir, "sweep-"))
+    extra = ["--seeds", args.seeds]
+    for flag_name, value in (("--lr", args.sweep_lr), ("--hidden", args.sweep_hidden),
+                             ("--max-fused", args.max_fused), ("--export-best", args.export_best)):
+        if value is not None:
+            extra += [flag_name, str(value)]
+    # Each rank trains its own share of the grid: the ranks are replicas, not one layout.
+    launch.run(cfg, "sweep", lambda topo, run: _sweep_here(cfg, members, topo, run.path, args), extra, replicas=True)
+
+
+def _sweep_here(cfg: Config, members: list[Member], topo: Topology, run_dir: Path, args) -> None:
+    sweep = run_sweep(cfg, members, topo, args.max_fused, log=print if topo.is_main else lambda _: None)
+    if topo.is_main:
+        print(table(sweep.results))
+        write_outputs(sweep, cfg, run_dir, args.export_best)
+        b = sweep.best.member
+        print(f"{len(sweep.results)} models in {sweep.chunks} fused chunk(s), {sweep.wall_time:.2f} s on "
+              f"{topo.device}; best: model {b.index} (seed {b.seed}, lr {b.lr:g}, hidden {b.hidden})")
+        print(f"Saved sweep to {run_dir}/ (sweep.jsonl, best.json, best/model.safetensors)"
+              + (f"; best model exported to {args.export_best}" if args.export_best else ""))
 

@@ -28,8 +28,10 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,8 @@ from pathlib import Path
 from gpupar.errors import UsageError
 
 LOCK = ".gpupar.lock"
+COMPLETE = "COMPLETE"  # the marker of a committed checkpoint (gpupar.checkpoint writes it)
+STEP_DIR = re.compile(r"step-(\d+)")
 RUN_ID_ENV = "GPUPAR_RUN_ID"
 # What a gpupar run writes into its directory; --overwrite moves these aside and nothing else.
 RUN_FILES = ("config.toml", "launch.toml", "metrics.jsonl", "step_losses.json", "model.safetensors",
@@ -159,21 +163,54 @@ def _resumed_checkpoint(resume: str | None, path: Path) -> Path | None:
     checkpoints and the new ones are pruned together. It is checked fully when loaded."""
     if resume is None:
         return None
-    from gpupar.checkpoint import resolve_resume
-
     return resolve_resume(resume, path)
 
 
-def for_rank(cfg, is_main: bool, launched: bool, command: str = "") -> RunDir:
-    """The run directory as a process of the job sees it. A rank started by gpupar's launcher
-    finds it claimed (``GPUPAR_RUN_ID``); a single process, or rank 0 under an external
-    torchrun, claims it here; other ranks of an external torchrun only need the path."""
-    from gpupar.job import default_run_dir
-
-    path = default_run_dir(cfg)
-    if launched and RUN_ID_ENV in os.environ:
+def for_rank(cfg, is_main: bool, command: str = "") -> RunDir:
+    """The run directory as a rank of a started job sees it. A rank started by gpupar's
+    launcher finds it claimed (``GPUPAR_RUN_ID``); rank 0 under an outside torchrun claims it
+    here; the other ranks of an outside torchrun only need the path."""
+    path = default_path(cfg.train.run_dir)
+    if RUN_ID_ENV in os.environ:
         run_id = os.environ[RUN_ID_ENV]
         return RunDir(path, run_id, earlier=["config.toml"] if (path / "config.toml").exists() else [])
     if not is_main:
         return RunDir(path, "")
     return claim(path, cfg.checkpoint.resume, cfg.train.overwrite, command)
+
+
+def default_path(run_dir: str | None, prefix: str = "") -> Path:
+    """``--run-dir``, or ``runs/<prefix><timestamp>`` (train and verify: no prefix; ``sweep-``, ``bench-``)."""
+    return Path(run_dir or Path("runs") / time.strftime(f"{prefix}%Y%m%d-%H%M%S"))
+
+
+# --- finding checkpoints --------------------------------------------------------------------
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoints under ``root`` (RUN/checkpoints), oldest first; partial ones ignored."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(spec: str, run_dir: Path) -> Path | None:
+    """``auto`` -> the newest complete checkpoint of this run (None when there is none yet);
+    a PATH -> that checkpoint, or the newest complete one under a run or checkpoints directory."""
+    if spec == "auto":
+        found = complete_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"--resume {spec}: no such checkpoint directory; pass auto or a RUN/checkpoints/step-N path")
+    if (path / ".metadata").exists() or STEP_DIR.fullmatch(path.name):
+        if not (path / COMPLETE).is_file():
+            raise UsageError(f"--resume {spec}: incomplete checkpoint (no {COMPLETE} marker: its save was "
+                             "interrupted); resume from an earlier one or use --resume auto")
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise UsageError(f"--resume {spec}: holds no complete checkpoint (expected step-N/ with a {COMPLETE} marker)")

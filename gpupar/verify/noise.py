@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpupar.step import StepFn
+from gpupar.training.step import StepFn
 from gpupar.topology import Topology
 
 RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)

@@ -250,7 +250,7 @@ def measure_machine(device_type: str, precision: str, worlds: list[int], cache: 
     """This machine's numbers: collectives and DTensor/FSDP2 dispatch from the cache (or short
     probes, then cached); matmul and per-op overhead measured now (they follow the machine's
     current load)."""
-    from gpupar.plan_dispatch import probe_dispatch
+    from gpupar.plan.dispatch import probe_dispatch
 
     path = cache_path()
     stored = json.loads(path.read_text()) if cache and path.is_file() else {}
@@ -267,13 +267,13 @@ def measure_machine(device_type: str, precision: str, worlds: list[int], cache: 
         path.write_text(json.dumps({"collectives": collectives, **({"dispatch": dispatch} if dispatch else {})},
                                    indent=1))
     if device_type == "cuda":
-        from gpupar.bench.flops import gpu_peak_tflops
+        from gpupar.measure.flops import gpu_peak_tflops
 
         tflops = gpu_peak_tflops(torch.cuda.get_device_name(), precision) or 100.0
         overhead = 10e-6
         dispatch = {}  # the host's Python runs ahead of the GPU's kernels: not priced (see plan_dispatch)
     else:
-        from gpupar.bench.flops import cpu_matmul_probe
+        from gpupar.measure.flops import cpu_matmul_probe
 
         tflops = cpu_matmul_probe(precision, seconds=0.2, n=512)
         overhead = probe_op_overhead()

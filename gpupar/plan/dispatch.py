@@ -11,7 +11,7 @@ unit, on a one-rank gloo mesh in a child process (so the caller's process group 
 untouched); the differences per layer are the costs. A one-rank mesh runs the same Python
 paths; what more ranks add (the wire) is the collective probe's part.
 
-    python -m gpupar.plan_dispatch   # prints {"tp_layer_s": ..., "fsdp_unit_s": ...}
+    python -m gpupar.plan.dispatch   # prints {"tp_layer_s": ..., "fsdp_unit_s": ...}
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def probe_dispatch(timeout_s: float = 120.0) -> dict:
     one forward and backward, from a child process (0 for both if it fails: then the time
     model prices plain dispatch only, as before)."""
     try:
-        out = subprocess.run([sys.executable, "-m", "gpupar.plan_dispatch"], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "gpupar.plan.dispatch"], capture_output=True, text=True,
                              timeout=timeout_s, env={**os.environ, "OMP_NUM_THREADS": "1"})
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError, OSError):

@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpupar.config import Config
+from gpupar.errors import first_line
 from gpupar.models import SimpleNN
 
 TILE_BYTES = 1 << 20  # activations per sample tile in the 'linear' path: about one L2 cache
 
 
 @dataclass
-class Block:
+class ParamSlot:
     """Where one parameter of all M models lives in ``flat``: ``shape`` is ``[M, *its shape]``.
 
     Every path stores a parameter as ``nn.Module`` does (a Linear weight as [out, in]), so
@@ -67,7 +68,7 @@ class Fused:
     base: nn.Module  # one of the models: its structure, for functional_call and for export
     flat: torch.Tensor  # [T] every trainable parameter of every model
     model_of: torch.Tensor  # [T] int64, the model each element belongs to
-    blocks: dict[str, Block]
+    blocks: dict[str, ParamSlot]
     fixed: dict[str, torch.Tensor]  # buffers and frozen parameters, each [M, ...]
     kind: str  # 'linear', 'vmap' or 'loop'
     M: int
@@ -109,13 +110,13 @@ def fuse(models: list[nn.Module], device: torch.device, allow_linear: bool = Tru
     base = copy.deepcopy(models[0]).to(device)
     M = len(models)
     chain = linear_chain(base) if allow_linear and all(p.requires_grad for p in base.parameters()) else None
-    blocks: dict[str, Block] = {}
+    blocks: dict[str, ParamSlot] = {}
     pieces, owners, offset = [], [], 0
     for name, p in base.named_parameters():
         if not p.requires_grad:
             continue
         stacked = torch.stack([m.get_parameter(name).detach() for m in models])  # [M, *shape]
-        blocks[name] = Block(offset, tuple(stacked.shape))
+        blocks[name] = ParamSlot(offset, tuple(stacked.shape))
         owners.append(torch.arange(M).repeat_interleave(stacked[0].numel()))
         pieces.append(stacked.reshape(-1))
         offset += stacked.numel()
@@ -152,7 +153,7 @@ def check_vmappable(f: Fused, x: torch.Tensor, log: Callable[[str], None]) -> No
             with torch.no_grad():
                 _autograd_forward(probe, x[:2])
         except Exception as exc:  # vmap raises RuntimeError, ValueError or NotImplementedError
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            reason = first_line(exc)[:160]
     if reason:
         log(f"note: {type(f.base).__name__} cannot be vmapped exactly ({reason}); its {f.M} copies run one "
             "after another in each fused step (exact, but slower)")

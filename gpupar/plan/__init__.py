@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from gpupar.config import Config, layout
+from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.topology import ParallelDims
 
@@ -142,7 +142,7 @@ def flags_of(c: Config, dims: ParallelDims) -> str:
     if p.strategy == "hsdp":
         out.append(f"--dp-replicate {p.dp_replicate} --dp-shard {p.dp_shard}")
     out += [f"--{n} {getattr(p, n)}" for n in ("tp", "pp") if getattr(p, n) > 1]
-    if dims.pp > 1:
+    if dims.pp_enabled:
         out.append(f"--schedule {p.schedule}")
     if p.activation_checkpointing != "none":
         out.append(f"--activation-checkpointing {p.activation_checkpointing}")
@@ -155,7 +155,7 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
     """Every layout x activation checkpointing x CPU offload at every world size, sorted by throughput
     (layouts that fit first)."""
     from gpupar.job import preflight
-    from gpupar.plan_memory import Context, predict
+    from gpupar.plan.memory import Context, predict
 
     ctx = Context.build(cfg)
     rows: list[Row] = []
@@ -163,12 +163,12 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
         memory = device_memory or default_device_memory(device_type, world)
         ranks_per_node = cfg.parallel.nproc_per_node or world
         for dims, strategy in candidates(world):
-            schedules = ("gpipe", "1f1b") if dims.pp > 1 else (cfg.parallel.schedule,)
+            schedules = ("gpipe", "1f1b") if dims.pp_enabled else (cfg.parallel.schedule,)
             for schedule in schedules:
                 base = layout_config(cfg, dims, strategy, schedule, "none", False)
                 reason = ""
                 try:  # the launcher's own resolution and checks
-                    resolved = ParallelDims.resolve(layout(base.parallel), world, ranks_per_node)
+                    resolved = ParallelDims.of(base, world, ranks_per_node)
                     if resolved != dims:
                         continue  # another spelling of a layout already listed
                     preflight(base, world, ranks_per_node)
@@ -178,7 +178,7 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
                     # CPU offload only where there is a device to offload from (a GPU).
                     for offload in ((False, True) if dims.fsdp_enabled and device_type == "cuda" else (False,)):
                         c = layout_config(cfg, dims, strategy, schedule, ac, offload)
-                        name = dims.describe(schedule if dims.pp > 1 else "")
+                        name = dims.describe(schedule if dims.pp_enabled else "")
                         row = Row(name, world, ac, offload, flags_of(c, dims), device_memory=memory, reason=reason,
                                   parallel={k: getattr(c.parallel, k) for k in LAYOUT_FIELDS})
                         if not row.reason:
@@ -216,7 +216,7 @@ def format_table(rows: list[Row], limit: int | None = None) -> str:
 
 
 def rows_json(rows: list[Row], machine) -> str:
-    from gpupar.plan_probe import machine_dict
+    from gpupar.plan.probe import machine_dict
 
     return json.dumps({"machine": machine_dict(machine),
                        "rows": [dataclasses.asdict(r) | {"peak": r.peak} for r in rows]}, indent=1)
@@ -235,7 +235,7 @@ def run_plan(cfg: Config, worlds: list[int], device_memory: str | None, as_json:
              machine=None, out=print) -> list[Row]:
     """What `gpupar plan` prints: the table (or JSON) of every layout."""
     from gpupar.devices import pick_device
-    from gpupar.plan_probe import measure_machine
+    from gpupar.plan.probe import measure_machine
 
     memory = parse_memory(device_memory) if device_memory else None
     device_type = pick_device(cfg.train.device).type
@@ -248,7 +248,7 @@ def run_plan(cfg: Config, worlds: list[int], device_memory: str | None, as_json:
 def apply_auto(cfg: Config, machine=None, out=print) -> Config:
     """`--plan auto`: the fastest layout that fits at --nproc-per-node ranks, as this config."""
     from gpupar.devices import pick_device
-    from gpupar.plan_probe import measure_machine
+    from gpupar.plan.probe import measure_machine
 
     world = (cfg.parallel.nproc_per_node or 1) * cfg.parallel.nnodes
     device_type = pick_device(cfg.train.device).type

@@ -21,7 +21,7 @@ from torch import nn
 
 from gpupar.config import ModelConfig
 from gpupar.errors import UsageError
-from gpupar.models import ModelSpec
+from gpupar.models.spec import ModelSpec
 
 
 class Attention(nn.Module):

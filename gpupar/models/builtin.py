@@ -1,18 +1,18 @@
-"""Built-in models (the classic SimpleNN and an MLP), user factories by import path, and each
-model's spec: what gpupar needs to know about a model, kept beside the model."""
+"""Built-in models (the classic SimpleNN and an MLP), user factories by import path, and the
+spec of the model that --model names."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from gpupar.config import ModelConfig
-from gpupar.errors import UsageError
+from gpupar.errors import UsageError, first_line
+from gpupar.models.gpt import gpt_spec
+from gpupar.models.spec import ModelSpec
 
 BUILTIN = ("simple-nn", "mlp", "gpt")
 
@@ -48,28 +48,6 @@ def hidden_width(cfg: ModelConfig) -> int:
     return cfg.hidden or (64 if cfg.name == "gpt" else 50)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything model-specific that the loop, the job, bench and the strategies need.
-
-    The rest of gpupar asks the spec and never tests a model's name or class.
-    """
-
-    name: str
-    build: Callable[[int, int], nn.Module]
-    """(input width, output width) -> a freshly initialised module (widths follow the data)."""
-    loss: Callable[[], nn.Module] | None = None
-    """The model's own loss; None = --loss, or the task's default."""
-    synthetic_data: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
-    """(samples, seed) -> (X, y) when no --data is given; None = the classic regression example."""
-    tokens_per_sample: int = 1
-    """Tokens in one sample, for tokens/s (a sequence model's sequence length)."""
-    tp_plan: Callable[[nn.Module, int], dict] | None = None
-    """(module or pipeline stage, tp) -> {module name: ParallelStyle}; None = consecutive Linear pairs."""
-    pipeline_units: Callable[[nn.Module], list[list[str]]] | None = None
-    """module -> its layers in order, each a list of module names; None = a Sequential's children."""
-
-
 def model_spec(cfg: ModelConfig) -> ModelSpec:
     """The spec of the model named by --model."""
     hidden = hidden_width(cfg)
@@ -78,8 +56,7 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
     if cfg.name == "mlp":
         return ModelSpec("mlp", lambda n_in, n_out: mlp(n_in, hidden, cfg.layers, n_out))
     if cfg.name == "gpt":
-        from gpupar.gpt import gpt_spec
-
+        
         return gpt_spec(cfg, hidden)
     if ":" in cfg.name:
         factory = load_factory(cfg.name)
@@ -122,7 +99,7 @@ def load_factory(path: str):
         try:
             model = factory()
         except Exception as exc:  # the user's code failed: say where, in one line
-            first = (str(exc).strip().splitlines() or [""])[0]
+            first = first_line(exc, "")
             raise UsageError(f"--model {path!r}: the factory {attr}() raised {type(exc).__name__}"
                              + (f": {first}" if first else "")) from None
         if not isinstance(model, nn.Module):
@@ -151,7 +128,7 @@ def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) 
         if x.device.type == "meta":  # an op without a meta kernel, or one that reads values
             raise NotImplementedError(str(exc)) from None  # (Tensor.item()): the caller probes a real model
         raise UsageError(f"model does not accept input of shape {list(x.shape[1:])} per sample "
-                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
+                         f"({type(exc).__name__}: {first_line(exc, '')})") from None
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)

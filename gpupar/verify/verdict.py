@@ -10,7 +10,7 @@ while a bug can stay at 1e-4 for ever. So the verdict is calibrated on the run i
    what Adam hides later (gradients scaled by W or by the micro-batch count: Adam is
    invariant to a constant gradient scale) and names the parameter.
 2. **Every later step stays in the noise band.** A second single-device reference starts from
-   weights moved one ulp each (``gpupar.noise.nudge_weights``): its gap to the reference is
+   weights moved one ulp each (``gpupar.verify.noise.nudge_weights``): its gap to the reference is
    this run's own amplification of one rounding, the *noise floor*. The strategy's gap at
    step t must stay within ``band`` x the noise floor's running maximum up to t, or under the
    fixed floor (the old fixed tolerance), whichever is larger.

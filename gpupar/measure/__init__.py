@@ -1,0 +1,1 @@
+"""Measuring a step: its FLOPs, and the peak rate of the device it runs on."""

@@ -1,0 +1,31 @@
+"""A model's spec: what gpupar needs to know about a model, kept beside the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything model-specific that the loop, the job, bench and the strategies need.
+
+    The rest of gpupar asks the spec and never tests a model's name or class.
+    """
+
+    name: str
+    build: Callable[[int, int], nn.Module]
+    """(input width, output width) -> a freshly initialised module (widths follow the data)."""
+    loss: Callable[[], nn.Module] | None = None
+    """The model's own loss; None = --loss, or the task's default."""
+    synthetic_data: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    """(samples, seed) -> (X, y) when no --data is given; None = the classic regression example."""
+    tokens_per_sample: int = 1
+    """Tokens in one sample, for tokens/s (a sequence model's sequence length)."""
+    tp_plan: Callable[[nn.Module, int], dict] | None = None
+    """(module or pipeline stage, tp) -> {module name: ParallelStyle}; None = consecutive Linear pairs."""
+    pipeline_units: Callable[[nn.Module], list[list[str]]] | None = None
+    """module -> its layers in order, each a list of module names; None = a Sequential's children."""
