@@ -139,7 +139,6 @@ def measure(model, name, flags, ac, world, rank) -> dict:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from gpupar.config import layout
     from gpupar.data import shard_batch
     from gpupar.job import preflight
     from gpupar.problem import load_problem
@@ -153,7 +152,7 @@ def measure(model, name, flags, ac, world, rank) -> dict:
         preflight(cfg, world, world)
     except Exception as exc:  # UsageError: the layout cannot run
         return {"skipped": str(exc)}
-    dims = ParallelDims.resolve(layout(cfg.parallel), world, world) if world > 1 else ParallelDims()
+    dims = ParallelDims.of(cfg, world, world)
     count_all_threads(True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         problem = load_problem(cfg)
@@ -250,14 +249,13 @@ def worker(out: str, models, layouts, acs) -> None:
 
 
 def predict(entry: dict, machine) -> dict:
-    from gpupar.config import layout
     from gpupar.plan import Row
-    from gpupar.plan.memory import Context, predict as predict_row
+    from gpupar.plan.memory import Context, predict_memory as predict_row
     from gpupar.topology import ParallelDims
 
     world = entry["world"]
     cfg = config(entry["model"], world, dict(LAYOUTS[world])[entry["layout"]], entry["ac"])
-    dims = ParallelDims.resolve(layout(cfg.parallel), world, world) if world > 1 else ParallelDims()
+    dims = ParallelDims.of(cfg, world, world)
     row = Row(entry["layout"], world, entry["ac"], False, "")
     predict_row(Context.build(cfg), cfg, dims, row, "cpu", machine)
     return {"per_rank": row.per_rank, "step_s": row.step_s}

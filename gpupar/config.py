@@ -333,19 +333,14 @@ def merge(cfg: Config, overrides: dict[str, dict[str, Any]], source: str) -> Con
 def _drop_retired(overrides: dict, source: str) -> dict:
     """The overrides without verify's knobs, which a config file of an earlier version may
     carry; a one-line note on stderr says they were ignored."""
-    kept, dropped = {}, []
-    for section, values in overrides.items():
-        retired = RETIRED.get(section, ())
-        if isinstance(values, dict) and retired:
-            dropped += [f"{section}.{k}" for k in values if k in retired]
-            values = {k: v for k, v in values.items() if k not in retired}
-            if not values and section not in dict(sections()):
-                continue
-        kept[section] = values
+    dropped = [f"{section}.{key}" for section, keys in RETIRED.items() if isinstance(overrides.get(section), dict)
+               for key in overrides[section] if key in keys]
     if dropped:
         print(f"gpupar: note: {source}: {', '.join(dropped)} ignored (gpupar verify's own flags now: "
               "--band, --no-dropout, --nudge-init, --first-grads, --save-step-losses)", file=sys.stderr)
-    return kept
+    kept = {s: ({k: v for k, v in vals.items() if f"{s}.{k}" not in dropped} if isinstance(vals, dict) else vals)
+            for s, vals in overrides.items()}
+    return {s: vals for s, vals in kept.items() if s != "verify" or vals}
 
 
 def _coerce(value: Any, kind: type, where: str) -> Any:

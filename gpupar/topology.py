@@ -78,9 +78,14 @@ class ParallelDims:
         local_dp = ranks_per_node // (tp * pp) if ranks_per_node % (tp * pp) == 0 else dp
         replicate, shard = hsdp_degrees(dp, lay.dp_replicate, lay.dp_shard, max(local_dp, 1))
         if shard == 1 and dp > 1 and tp * pp > 1:
-            raise UsageError(f"--strategy hsdp with --dp-shard 1 beside --tp/--pp only replicates, which "
+            raise UsageError("--strategy hsdp with --dp-shard 1 beside --tp/--pp only replicates, which "
                              "DDP cannot do for model-parallel layers; use --strategy fsdp")
         return cls(pp, replicate, shard, tp)
+
+    @property
+    def degrees(self) -> tuple[int, int, int, int]:
+        """(pp, dp_replicate, dp_shard, tp), in the mesh's order."""
+        return self.pp, self.dp_replicate, self.dp_shard, self.tp
 
     @property
     def world(self) -> int:
@@ -135,8 +140,7 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         """One named mesh over the dimensions of size > 1 (None when every degree is 1)."""
-        dims = [(name, size) for name, size in zip(MESH_DIMS, (self.pp, self.dp_replicate, self.dp_shard, self.tp))
-                if size > 1]
+        dims = [(name, size) for name, size in zip(MESH_DIMS, self.degrees) if size > 1]
         if not dims:
             return None
         names, sizes = zip(*dims)

@@ -155,7 +155,7 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
     """Every layout x activation checkpointing x CPU offload at every world size, sorted by throughput
     (layouts that fit first)."""
     from gpupar.job import preflight
-    from gpupar.plan.memory import Context, predict
+    from gpupar.plan.memory import Context, predict_memory
 
     ctx = Context.build(cfg)
     rows: list[Row] = []
@@ -169,8 +169,9 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
                 reason = ""
                 try:  # the launcher's own resolution and checks
                     resolved = ParallelDims.of(base, world, ranks_per_node)
-                    if resolved != dims:
+                    if resolved.degrees != dims.degrees:
                         continue  # another spelling of a layout already listed
+                    dims = resolved  # with its process mode and micro-batch count
                     preflight(base, world, ranks_per_node)
                 except UsageError as exc:
                     reason = str(exc)
@@ -182,7 +183,7 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
                         row = Row(name, world, ac, offload, flags_of(c, dims), device_memory=memory, reason=reason,
                                   parallel={k: getattr(c.parallel, k) for k in LAYOUT_FIELDS})
                         if not row.reason:
-                            predict(ctx, c, dims, row, device_type, machine)
+                            predict_memory(ctx, c, dims, row, device_type, machine)
                             row.fits = row.total <= memory
                             if not row.fits:
                                 row.reason = f"needs {fmt_bytes(row.total)} > {fmt_bytes(memory)} per rank"

@@ -212,13 +212,13 @@ def tp_activation_bytes(ctx: Context, model: nn.Module, rowwise: list[str], mb: 
     return mb * ctx.spec.tokens_per_sample * max(widths, default=0) * 4
 
 
-def predict(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
+def predict_memory(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
     """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
     from gpupar.parallelize import tp_plan
     from gpupar.plan.buffers import fsdp_buffers, gloo_late_bytes, optimizer_temporaries
 
     p = cfg.parallel
-    m = (p.microbatches or 2 * dims.pp) if dims.pp_enabled else cfg.train.grad_accum
+    m = dims.microbatches if dims.pp_enabled else cfg.train.grad_accum
     mb = ctx.batch // (dims.dp * m)
     per_rank, worst = [], None
     probes = {}
