@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpupar.launch import free_port  # noqa: F401  (tests import it from here)
+from gpupar.launch.elastic import free_port  # noqa: F401  (tests import it from here)
 
 TESTS = Path(__file__).parent
 
