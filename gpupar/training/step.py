@@ -9,14 +9,40 @@ which layout it drives.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # a collated batch: a tensor, a tuple or list, a dict, or a nesting of them
 StepFn = Callable[[list[Batch], nn.Module, contextlib.AbstractContextManager, "torch.amp.GradScaler | None"],
                   torch.Tensor]
+
+
+def split_batch(batch: Batch) -> tuple[tuple, dict, Any]:
+    """How a batch feeds the model: (positional arguments, keyword arguments, target).
+
+    - ``(x, y)``, the classic pair: ``model(x)`` (``model(*x)`` when ``x`` is itself a tuple or
+      list: several inputs), against target ``y``;
+    - a dict with an ``"x"`` key: ``model(batch["x"])`` against ``batch.get("y")``;
+    - any other dict (a Hugging Face batch: ``input_ids``, ``attention_mask``, ``labels``): its
+      entries are keyword arguments, and the target is ``batch.get("labels")``;
+    - a tuple or list of another length: positional arguments, no target;
+    - a tensor: the one input, no target (the loss comes from the output, or the user's loss).
+    """
+    if isinstance(batch, dict):
+        if "x" in batch:
+            return _as_args(batch["x"]), {}, batch.get("y")
+        return (), dict(batch), batch.get("labels")
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2:
+            return _as_args(batch[0]), {}, batch[1]
+        return tuple(batch), {}, None
+    return (batch,), {}, None
+
+
+def _as_args(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.Module,
@@ -28,13 +54,14 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
     device: reading it here (``.item()``) would make the host wait for the GPU every step.
     """
     step_loss = None
-    for k, (x, y) in enumerate(micro_batches):
+    for k, batch in enumerate(micro_batches):
+        args, kwargs, target = split_batch(batch)
         # DDP all-reduces gradients inside backward; on all but the last micro-step that
         # traffic is wasted, since gradients just add up locally (no_sync).
         skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             with amp:
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(model(*args, **kwargs), target)
             # Each micro-batch is 1/grad_accum of the global batch: scale so the summed
             # gradients equal those of the mean loss over the whole batch.
             if len(micro_batches) > 1:
