@@ -11,6 +11,7 @@ module imports only the config and the errors.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -68,7 +69,23 @@ def launch_plan(cfg: Config, env: dict[str, str] | None = None) -> LaunchPlan:
     if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", endpoint):
         raise UsageError(f"--rdzv-endpoint {endpoint!r} must look like host:port, for example 10.0.0.1:29500")
     host = endpoint.rsplit(":", 1)[0]
-    return LaunchPlan(nproc, nnodes, node_rank, endpoint, "127.0.0.1" if host in ("127.0.0.1", "localhost") else None)
+    if is_loopback(host):
+        return LaunchPlan(nproc, nnodes, node_rank, endpoint, host.strip("[]"))
+    if nnodes == 1:  # a one-node job has no peer on the network: it must not listen there
+        raise UsageError(f"--rdzv-endpoint {endpoint} is not a loopback address; a one-node job rendezvouses on "
+                         "loopback (127.0.0.1, localhost, ::1): leave it out, or give --nnodes N for a multi-node job")
+    return LaunchPlan(nproc, nnodes, node_rank, endpoint, None)
+
+
+def is_loopback(host: str) -> bool:
+    """True for every spelling of this machine's loopback: localhost, 127.0.0.0/8, ::1, [::1]."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -118,7 +135,7 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
         local_addr=lp.local_addr or route_source(lp.endpoint),
     )
     handed = {"GPUPAR_LAUNCHER_PID": str(os.getpid()), **({"GPUPAR_RUN_ID": run_id} if run_id else {})}
-    loopback = lp.nnodes == 1 and lp.local_addr == "127.0.0.1"
+    loopback = lp.local_addr is not None and is_loopback(lp.local_addr)  # reachable from this machine only
     if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and loopback_interface():
         handed["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo's own sockets: not the hostname's address
     saved = {k: os.environ.get(k) for k in handed}
@@ -174,6 +191,8 @@ def hosts_store(endpoint: str) -> dict:
     store. TorchElastic guesses from the hostname, and guesses wrong where the hostname resolves
     to 127.0.0.1 or another interface's address; empty where the endpoint is not resolvable."""
     host = endpoint.rsplit(":", 1)[0].strip("[]")
+    if is_loopback(host):  # only this machine can reach it: this node serves it
+        return {"is_host": True}
     try:
         address = socket.getaddrinfo(host, None)[0][4][0]
     except OSError:
@@ -211,7 +230,8 @@ def loopback_stores():
     stores (the rendezvous store, and the one the ranks share) are ``TCPStore`` servers, which
     bind every interface whatever host they are given; TCPStore can instead serve on a socket
     it is handed (``master_listen_fd``). While the launcher starts its ranks, a store server
-    for 127.0.0.1 gets a socket bound to 127.0.0.1 only; clients are unchanged."""
+    for a loopback host (any spelling: ``is_loopback``) gets a socket bound to that address
+    only; clients are unchanged."""
     import torch.distributed as dist
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
 
@@ -219,11 +239,12 @@ def loopback_stores():
 
     class LoopbackTCPStore(original):
         def __init__(self, host_name, port, *args, is_master=False, master_listen_fd=None, **kwargs):
-            if is_master and master_listen_fd is None and host_name in ("127.0.0.1", "localhost"):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if is_master and master_listen_fd is None and is_loopback(host_name):
+                host = "127.0.0.1" if host_name.lower() == "localhost" else host_name.strip("[]")
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(("127.0.0.1", port))
+                    sock.bind((host, port))
                     sock.listen(1024)
                     master_listen_fd = sock.detach()  # the store owns (and closes) it now
                 except OSError:  # the port is taken: let TCPStore say so as it always does
