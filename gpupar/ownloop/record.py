@@ -12,6 +12,12 @@ from pathlib import Path
 from gpupar.topology import Topology
 
 DIR_ENV, NUDGE_ENV = "GPUPAR_VERIFY_DIR", "GPUPAR_VERIFY_NUDGE"
+_OPEN: list = []  # recorders not yet written: at exit, or when `gpupar run` finishes the script
+
+
+def flush() -> None:
+    while _OPEN:
+        _OPEN.pop().write()
 
 
 def from_env(topo: Topology) -> "Recorder | None":
@@ -25,7 +31,8 @@ class Recorder:
         self.losses, self.final, self.model = [], None, None
         if topo.is_main:
             root.mkdir(parents=True, exist_ok=True)
-        atexit.register(self.write)
+        _OPEN.append(self)
+        atexit.register(flush)
 
     def prepare(self, model) -> None:
         if self.nudge:
