@@ -26,6 +26,9 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: s
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # the modes of --activation-checkpointing
+
+
 @dataclass
 class ModelConfig:
     name: str = opt("simple-nn", "simple-nn, mlp, gpt, or an import path package.module:factory", flag="model")
@@ -116,7 +119,7 @@ class ParallelConfig:
     devices: str | None = opt(None, "devices for --strategy layer-split, in layer order, e.g. cuda:0,cuda:1")
     activation_checkpointing: str = opt("none", "recompute activations in backward, per block: full keeps only "
                                         "each block's input, selective also keeps matmul and attention outputs",
-                                        ("none", "full", "selective"))
+                                        ACTIVATION_CHECKPOINTING)
     plan: str | None = opt(None, "auto: let gpupar plan pick the fastest layout that fits (with --nproc-per-node "
                            "ranks) and run it", ("auto",))
     device_memory: str | None = opt(None, "memory per rank for --plan auto, e.g. 80GiB; none = the device's "
@@ -310,8 +313,7 @@ def sections() -> list[tuple[str, type]]:
 _owner_of = {f.name: cls for _, cls in sections() for f in dataclasses.fields(cls)}
 
 
-# Keys that config files of earlier versions carry: gpupar verify's own flags now.
-RETIRED = {"verify": ("band", "no_dropout", "nudge_init", "first_grads"), "train": ("save_step_losses",)}
+RETIRED = {"verify": ("band", "no_dropout", "nudge_init", "first_grads"), "train": ("save_step_losses",)}  # now verify's
 
 
 def merge(cfg: Config, overrides: dict[str, dict[str, Any]], source: str) -> Config:
@@ -331,8 +333,7 @@ def merge(cfg: Config, overrides: dict[str, dict[str, Any]], source: str) -> Con
 
 
 def _drop_retired(overrides: dict, source: str) -> dict:
-    """The overrides without verify's knobs, which a config file of an earlier version may
-    carry; a one-line note on stderr says they were ignored."""
+    """The overrides without verify's knobs (earlier config files carry them), noted in one line."""
     dropped = [f"{section}.{key}" for section, keys in RETIRED.items() if isinstance(overrides.get(section), dict)
                for key in overrides[section] if key in keys]
     if dropped:

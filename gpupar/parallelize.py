@@ -119,8 +119,8 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
     before launch (on the meta device where it can be). ``example`` is one micro-batch of
     inputs (zeros of the data's shape): a pipeline that traces the forward traces it on them."""
     if dims.process == "layer-split":
-        stage_starts(model, pipeline_units(model, spec), len(parse_devices(cfg.parallel.devices)),
-                     cfg.parallel.split_points, flag="--devices")
+        devices = parse_devices(cfg.parallel.devices)
+        stage_starts(model, pipeline_units(model, spec), len(devices), cfg.parallel.split_points, flag="--devices")
     # 1. Pipeline split: the stages against the model's layers, the trace, ties kept in a stage.
     stages = [model]
     if dims.pp_enabled:
@@ -187,33 +187,41 @@ def tp_plan(model: nn.Module, tp: int, spec: ModelSpec) -> dict:
 
 def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict with the unparallelised names, on rank 0 (None elsewhere).
+    Every rank must call it (see ``full_tensors``)."""
+    return full_tensors(model, topo, lambda module: module.state_dict().items())
 
-    Every rank must call it. DTensor shards (FSDP, HSDP, tensor parallel) are gathered with
-    ``full_tensor()``, one tensor at a time, a collective over their mesh; DDP and
-    DataParallel wrappers lose their ``module.`` prefix; pipeline stages each hold part of
-    the names and are gathered to rank 0.
+
+def full_tensors(model: nn.Module, topo: Topology, named) -> dict[str, torch.Tensor] | None:
+    """``named(module)``'s (name, tensor) pairs of the whole model, whole and on the CPU, on
+    rank 0 (None elsewhere); None tensors are left out. Every rank must call it.
+
+    DTensor shards (FSDP, HSDP, tensor parallel) are gathered with ``full_tensor()``, one
+    tensor at a time, a collective over their mesh; DDP and DataParallel wrappers lose their
+    ``module.`` prefix; pipeline stages each hold part of the names and are gathered to rank 0.
     """
     from torch.distributed.tensor import DTensor
 
     modules = list(model.stages) if isinstance(model, Pipeline) else [model]
     keep = topo.is_main or topo.pp_enabled  # other ranks only join the gathers
-    state: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     # A 2-D (FSDP x TP) gather is two all-gathers; torch warns about that on every rank.
     redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
     level = redistribute_log.level
     redistribute_log.setLevel(logging.ERROR)
     try:
         for module in modules:
-            for name, value in getattr(module, "module", module).state_dict().items():
+            for name, value in named(getattr(module, "module", module)):
+                if value is None:
+                    continue
                 if isinstance(value, DTensor):
                     value = value.full_tensor()
                 if keep:
-                    state[name] = value.detach().cpu()
+                    out[name] = value.detach().cpu()
     finally:
         redistribute_log.setLevel(level)
     if not topo.pp_enabled:
-        return state if topo.is_main else None
-    return topo.merge_on_main(state)
+        return out if topo.is_main else None
+    return topo.merge_on_main(out)
 
 
 def check_same_model(model: nn.Module, topo: Topology) -> None:

@@ -132,7 +132,7 @@ def test_runs_lists_past_runs_and_report_draws_a_legible_png(gpupar_cli, tmp_pat
     root = tmp_path / "runs"
     assert gpupar_cli("train", "--run-dir", root / "a", "--epochs", 20, "--log-every", 5)[0] == 0
     assert gpupar_cli("train", "--run-dir", root / "b", "--model", "mlp", "--epochs", 10, "--val-fraction", 0.2,
-                      "--log-every", 2, "--save-step-losses")[0] == 0
+                      "--log-every", 2)[0] == 0
     (root / "crashed").mkdir()
     (root / "crashed" / "config.toml").write_text('[model]\nname = "simple-nn"\n')
     code, out, err = gpupar_cli("runs", "--run-root", root)

@@ -2,7 +2,7 @@
 
 "Which strategy should I use, and what did I gain?" Each (strategy, world size) pair trains
 the same model on the same global batch in fresh processes, through gpupar's own training
-loop (``loop.fit``), and reports the median step time, samples/s (tokens/s for sequence models),
+loop (``training.loop.fit``), and reports the median step time, samples/s (tokens/s for sequence models),
 per-rank peak memory, the model FLOP/s and MFU, and the scaling efficiency against world 1.
 A pair that fails or is not supported is reported as skipped, with the reason; it never
 stops the run.
@@ -85,7 +85,7 @@ def _set_degree(cfg: Config, name: str, world: int) -> None:
     setattr(cfg.parallel, name, world)
     cfg.parallel.strategy, cfg.parallel.nproc_per_node = name, world
 
-def check_runnable(strategy: str, world: int, device: torch.device) -> None:
+def check_runnable(world: int, device: torch.device) -> None:
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise UsageError(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
 
@@ -200,7 +200,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             row = {"strategy": strategy, "world_size": world}
             try:
                 cfg = strategy_config(base, strategy, world, spec.steps, spec.warmup)
-                check_runnable(strategy, world, device)
+                check_runnable(world, device)
             except UsageError as exc:
                 row["skipped"] = str(exc)
             else:
@@ -215,7 +215,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             row = {"framework": peer, "world_size": world}
             try:
                 cfg = strategy_config(base, "ddp", world, spec.steps, spec.warmup)
-                check_runnable("ddp", world, device)
+                check_runnable(world, device)
                 _check_peer_installed(peer)
             except UsageError as exc:
                 row["skipped"] = str(exc)

@@ -103,10 +103,11 @@ def _warn_crowded(ranks: int) -> None:
 
 
 def _single(cfg: Config):
+    """This process's topology for a one-process layout: one device, layer-split or DataParallel."""
     from gpupar.devices import pick_device
-    from gpupar.topology import Topology
+    from gpupar.topology import ParallelDims, Topology
 
-    return Topology.single(pick_device(cfg.train.device))
+    return Topology.single(pick_device(cfg.train.device), ParallelDims.of(cfg))
 
 
 def _as_rank(cfg: Config, here: Here | None, replicas: bool, claim: bool) -> Any:

@@ -31,8 +31,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-MODES = ("none", "full", "selective")
-
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 

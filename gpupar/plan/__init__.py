@@ -5,20 +5,20 @@ Memory per rank (the README's "gpupar plan" section states the model in full):
   stage, tensor-parallel layers at their local width, FSDP's dim-0 chunk of each of those;
   gradients like the parameters; Adam's two moments like the parameters plus one 4-byte
   step per tensor (what ``memory.memory_report`` counts); nothing on the device with CPU offload;
-- activations are measured by ``plan_probe.probe_step`` on the rank's local model at its real
+- activations are measured by ``plan.probe.probe_step`` on the rank's local model at its real
   micro-batch size (on the meta device), and scaled by the micro-batches a pipeline keeps
   in flight: all M with GPipe, at most p - stage with 1F1B;
-- the optimizer's temporaries (plan_buffers.py): none for the fused kernel;
+- the optimizer's temporaries (plan/buffers.py): none for the fused kernel;
 - communication buffers: DDP's gradient buckets, FSDP2's all-gather outputs, unsharded
   parameters and gradients and reduce-scatter inputs replayed along the probe's ops
-  (plan_buffers.fsdp_buffers), a pipeline stage's receive buffers;
+  (plan.buffers.fsdp_buffers), a pipeline stage's receive buffers;
 - a runtime allowance (5%, plus 1 GiB on a GPU for the CUDA context and libraries; on gloo,
   plus the largest tensor one collective holds, which gloo's worker thread may free late:
-  plan_buffers.gloo_late_bytes).
+  plan.buffers.gloo_late_bytes).
 
 Step time is a roofline: model FLOPs (``bench.flops.count_step_flops``) split over the ranks
 at the measured matmul rate, plus per-op overhead (and on a CPU DTensor's and FSDP2's Python
-per layer, measured once by plan_dispatch.py), plus collectives at the measured
+per layer, measured once by plan/dispatch.py), plus collectives at the measured
 latency and bandwidth, plus recomputation, divided by (1 - bubble) with the pipeline bubble
 (p - 1) / (M + p - 1).
 """
@@ -34,11 +34,10 @@ import re
 from dataclasses import dataclass
 
 import torch
-from gpupar.config import Config
+from gpupar.config import ACTIVATION_CHECKPOINTING, Config
 from gpupar.errors import UsageError
 from gpupar.topology import ParallelDims
 
-AC_MODES = ("none", "full", "selective")
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -175,7 +174,7 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
                     preflight(base, world, ranks_per_node)
                 except UsageError as exc:
                     reason = str(exc)
-                for ac in ("none", "full", "selective"):
+                for ac in ACTIVATION_CHECKPOINTING:
                     # CPU offload only where there is a device to offload from (a GPU).
                     for offload in ((False, True) if dims.fsdp_enabled and device_type == "cuda" else (False,)):
                         c = layout_config(cfg, dims, strategy, schedule, ac, offload)

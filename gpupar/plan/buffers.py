@@ -2,7 +2,7 @@
 and the communication buffers of each layout, derived from how torch allocates them.
 
 Each term is the bytes alive at once at the moment that matters (the step's peak), per rank,
-from the shapes of the rank's local model (plan_memory.local_model): no per-model constants.
+from the shapes of the rank's local model (plan.memory.local_model): no per-model constants.
 """
 
 from __future__ import annotations
@@ -11,23 +11,20 @@ from torch import nn
 
 from gpupar.config import Config
 from gpupar.topology import ParallelDims
+from gpupar.training.recipe import fused_kernels
 
 
 def nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def optimizer_fused(model: nn.Module, cfg: Config, dims: ParallelDims, tp_layers: set[str]) -> bool:
-    """Whether ``loop.make_optimizer`` picks the fused kernel for this rank's parameters: asked
-    for (the default), and not a mix of DTensor and plain parameters (a tensor-parallel model
-    whose other layers stay whole, without FSDP, which makes every parameter a DTensor)."""
-    if cfg.optim.optimizer_impl != "fused":
-        return False
-    if dims.tp_enabled and not dims.fsdp_enabled:
-        owners = {name.rpartition(".")[0] for name, _ in model.named_parameters()}
-        if owners - tp_layers and owners & tp_layers:
-            return False
-    return all(p.is_floating_point() for p in model.parameters())
+def optimizer_fused(model: nn.Module, cfg: Config, dims: ParallelDims, tp_layers: set[str], device_type: str) -> bool:
+    """Whether ``recipe.make_optimizer`` picks the fused kernel for this rank's parameters,
+    by its own rule (``recipe.fused_kernels``) on the parameters as they will be: DTensors
+    under FSDP, and in the tensor-parallel layers."""
+    kinds = [(dims.fsdp_enabled or (dims.tp_enabled and name.rpartition(".")[0] in tp_layers),
+              p.is_floating_point(), device_type) for name, p in model.named_parameters()]
+    return fused_kernels(cfg, kinds)
 
 
 def optimizer_temporaries(model: nn.Module, cfg: Config, dims: ParallelDims, tp_layers: set[str],
@@ -40,7 +37,7 @@ def optimizer_temporaries(model: nn.Module, cfg: Config, dims: ParallelDims, tp_
     only the latter), the foreach kernels on a GPU (the same temporaries, for every tensor of
     the group at once). ``shard`` scales a parameter to the part the rank updates (1/S under FSDP).
     """
-    if optimizer_fused(model, cfg, dims, tp_layers):
+    if optimizer_fused(model, cfg, dims, tp_layers, device_type):
         return 0
     o = cfg.optim
     per_tensor = {"adam": 2 + (o.weight_decay != 0), "adamw": 2}.get(o.optimizer, int(o.weight_decay != 0))

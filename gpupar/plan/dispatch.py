@@ -1,6 +1,6 @@
 """What DTensor and FSDP2 cost per layer on this machine, apart from arithmetic and bytes moved.
 
-The roofline (plan_memory.step_time) prices FLOPs, collectives and plain op dispatch. A
+The roofline (plan.memory.step_time) prices FLOPs, collectives and plain op dispatch. A
 tensor-parallel layer also runs DTensor's sharding propagation and redistribution in Python,
 and an FSDP2 unit its pre/post-forward and backward hooks, the copy-in and copy-out around
 each all-gather and the reduce-scatter's bookkeeping: on a CPU these cost tens to hundreds

@@ -286,7 +286,7 @@ def predict_memory(ctx: Context, cfg: Config, dims: ParallelDims, row, device_ty
 
 def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: int, mb: int, machine) -> float:
     """Roofline: compute + per-op overhead (plain dispatch, and DTensor's per tensor-parallel
-    layer and FSDP2's per unit, measured by plan_dispatch) + exposed communication, over (1 - bubble)."""
+    layer and FSDP2's per unit, measured by plan.dispatch) + exposed communication, over (1 - bubble)."""
     from gpupar.parallelize import tp_plan
 
     p = cfg.parallel

@@ -3,7 +3,7 @@
 Activation probe. One forward and backward of a rank's local model (its pipeline stage,
 with tensor-parallel layers at their local width, with activation checkpointing as
 planned), at micro-batches of 2 and 4 samples, extended linearly to the real micro-batch
-(plan_memory.py): on the CPU when the local model is small (<= 64 MiB of parameters; real
+(plan/memory.py): on the CPU when the local model is small (<= 64 MiB of parameters; real
 kernels, so attention saves what the fused kernel saves), otherwise
 on the meta device (shapes only, no arithmetic, no memory). The meta device has no fused
 attention kernel, so there ``scaled_dot_product_attention`` goes through the CPU flash
@@ -223,7 +223,7 @@ class Machine:
     collectives: dict = field(default_factory=dict)
     """{world: {"all_reduce" | "all_gather" | "send_recv": [latency_s, bytes_per_s]}}"""
     dispatch: dict = field(default_factory=dict)
-    """{"tp_layer_s", "fsdp_unit_s"}: DTensor's and FSDP2's Python per layer and step (plan_dispatch)"""
+    """{"tp_layer_s", "fsdp_unit_s"}: DTensor's and FSDP2's Python per layer and step (plan.dispatch)"""
 
     def collective_time(self, kind: str, world: int, nbytes: float) -> float:
         """Seconds for one collective of ``nbytes`` (per rank's full buffer) at ``world`` ranks."""
@@ -271,7 +271,7 @@ def measure_machine(device_type: str, precision: str, worlds: list[int], cache: 
 
         tflops = gpu_peak_tflops(torch.cuda.get_device_name(), precision) or 100.0
         overhead = 10e-6
-        dispatch = {}  # the host's Python runs ahead of the GPU's kernels: not priced (see plan_dispatch)
+        dispatch = {}  # the host's Python runs ahead of the GPU's kernels: not priced (see plan.dispatch)
     else:
         from gpupar.measure.flops import cpu_matmul_probe
 
@@ -339,10 +339,6 @@ def probe_collectives(world: int, sizes: tuple[int, ...] = (1 << 12, 1 << 20), r
         bw = (large - small) / max(times[large] - latency, 1e-6)
         fitted[kind] = [max(latency, 1e-6), bw]
     return fitted
-
-
-def machine_from_dict(d: dict) -> Machine:
-    return Machine(**d)
 
 
 def machine_dict(m: Machine) -> dict:

@@ -45,25 +45,10 @@ def umask() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` through ``write(tmp)``, then fsync and rename; nothing is left on failure.
-
-    The temporary file is created with mode 0o666 & ~umask, as ``open()`` would create
-    the target itself, so the rename does not leave a file that only its owner can read.
-    """
+    """Write ``path`` through ``write(tmp)``, then fsync and rename; nothing is left on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_many([(path, write)])
     return path
 
 
@@ -76,7 +61,11 @@ def atomic_write_many(items: list[tuple[Path, Callable[[Path], None]]]) -> None:
     """Write several files as one result: every temporary file is written and fsynced first,
     then all are renamed in order. A failure while writing (a full disk, a read-only
     directory) removes the temporary files and renames nothing, so the targets keep their
-    earlier contents byte for byte; renames need no space and do not fail that way."""
+    earlier contents byte for byte; renames need no space and do not fail that way.
+
+    Each temporary file is created with mode 0o666 & ~umask, as ``open()`` would create the
+    target itself, so the rename does not leave a file that only its owner can read.
+    """
     written: list[tuple[Path, Path]] = []
     try:
         for path, write in items:

@@ -171,7 +171,7 @@ def train_chunk(members: list[Member], cfg: Config, train_set: Samples, val_set:
                 log: Callable[[str], None] = print) -> tuple[list[Result], torch.Tensor]:
     """Train one group of same-width models fused; returns their results and step losses [steps, M].
 
-    The loop mirrors gpupar.loop.fit: the same batches, schedule and logging intervals.
+    The loop mirrors gpupar.training.loop.fit: the same batches, schedule and logging intervals.
     """
     models = [build_model(dataclasses.replace(cfg.model, hidden=m.hidden), in_features, out_features, m.seed)
               for m in members]

@@ -39,7 +39,9 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
-    fused = {"fused": True} if o.optimizer_impl == "fused" and _fusable(params) else {}
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())  # loaded only if used
+    kinds = [(isinstance(p, dtensor), p.is_floating_point(), p.device.type) for p in params]
+    fused = {"fused": True} if fused_kernels(cfg, kinds) else {}
     lr = o.lr
     if fused and cfg.train.cuda_graphs and o.optimizer != "sgd" and all(p.is_cuda for p in params):
         # graphs.py captures the step: the learning rate must be a tensor the scheduler fills.
@@ -53,14 +55,15 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, weight_decay=o.weight_decay, **fused)
 
 
-def _fusable(params: list[torch.Tensor]) -> bool:
-    """Fused kernels take floating-point tensors on CPU and CUDA, and DTensor parameters only
-    when all of them are (a tensor-parallel stage beside whole embeddings mixes the two, and
-    the fused op refuses the mix): such a model keeps torch's default implementation."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # loaded only if used
-    dtensors = sum(isinstance(p, dtensor) for p in params) if dtensor else 0
-    return bool(params) and dtensors in (0, len(params)) and \
-        all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+def fused_kernels(cfg: Config, params: list[tuple[bool, bool, str]]) -> bool:
+    """Whether the optimizer runs torch's fused kernels, each parameter given as (is a DTensor,
+    is floating point, device type); ``gpupar plan`` asks the same of the model it predicts.
+    They take floating-point tensors on CPU and CUDA, and DTensor parameters only when all of
+    them are (a tensor-parallel stage beside whole embeddings mixes the two, and the fused op
+    refuses the mix): such a model keeps torch's default implementation."""
+    dtensors = sum(is_dtensor for is_dtensor, _, _ in params)
+    return cfg.optim.optimizer_impl == "fused" and bool(params) and dtensors in (0, len(params)) and \
+        all(floating and device in ("cpu", "cuda") for _, floating, device in params)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):

@@ -103,8 +103,9 @@ def run_verify(cfg: Config, rtol: float | None = None, log: Callable[[str], None
         if "GPUPAR_LAUNCHER_PID" not in os.environ:
             raise UsageError("gpupar verify starts its own ranks (and trains the single-device references "
                              "itself): run it without torchrun, with --nproc-per-node N")
-        launch.run(cfg, "verify", lambda topo, run: train_from_config(cfg, topo, run, lambda _: None,
-                                                                         probes(options, False, rtol is None and options.first_grads)))
+        # The strategy's ranks log as `gpupar train` does: its start line, its epochs.
+        launch.run(cfg, "verify", lambda topo, run: train_from_config(cfg, topo, run, print,
+                                                                         probes(options, False, options.first_grads)))
         return None
     lay = layout(cfg.parallel)
     if lay.process == "one-device":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gpupar.parallelize import full_tensors
 from gpupar.training.step import StepFn
 from gpupar.topology import Topology
 
@@ -69,20 +70,6 @@ def record_first_grads(step: StepFn, model: nn.Module, topo: Topology, path: Pat
 
 
 def full_grads(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
-    """The gradients under the unparallelised parameter names, on rank 0 (None elsewhere):
-    DTensor shards gathered, DDP's ``module.`` dropped, pipeline stages gathered to rank 0."""
-    from torch.distributed.tensor import DTensor  # imported only by the runs that need it
-
-    modules = list(model.stages) if hasattr(model, "stages") else [model]
-    grads: dict[str, torch.Tensor] = {}
-    for module in modules:
-        for name, p in getattr(module, "module", module).named_parameters():
-            g = p.grad
-            if g is None:
-                continue
-            if isinstance(g, DTensor):
-                g = g.full_tensor()
-            grads[name] = g.detach().float().cpu().clone()
-    if not topo.distributed or not topo.pp_enabled:
-        return grads if topo.is_main else None
-    return topo.merge_on_main(grads)
+    """The gradients under the unparallelised parameter names, in fp32, on rank 0 (None elsewhere)."""
+    grads = full_tensors(model, topo, lambda module: ((n, p.grad) for n, p in module.named_parameters()))
+    return None if grads is None else {name: g.float().clone() for name, g in grads.items()}
