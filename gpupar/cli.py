@@ -93,9 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG file to write (default: RUN/loss.png)")
     p.set_defaults(func=cmd_report)
 
+    _add_run(sub)
+
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="launch any script (yours, with gpupar.setup) in N ranks with gpupar's launcher")
+    add_config_flags(p, only=("parallel",))
+    p.add_argument("script", help="the Python script every rank runs")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=cmd_run)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -187,6 +197,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = plot_run(Path(args.run), Path(args.out) if args.out else None)
     print(f"Wrote the loss curve to {out}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gpupar.ownloop.script import run_script
+
+    return run_script(config_from_args(args), args.script, args.script_args, args.command_line[1:])
 
 
 def cmd_info(args: argparse.Namespace) -> int:

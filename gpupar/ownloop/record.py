@@ -1,0 +1,79 @@
+"""What `gpupar verify -- python script.py` records through ``gpupar.setup``: every step's
+loss, the first step's gradients and the final state, in the run directory verify names
+(``GPUPAR_VERIFY_DIR``); and the one-ulp nudge of its rounding-noise reference."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from pathlib import Path
+
+from gpupar.topology import Topology
+
+DIR_ENV, NUDGE_ENV = "GPUPAR_VERIFY_DIR", "GPUPAR_VERIFY_NUDGE"
+_OPEN: list = []  # recorders not yet written: at exit, or when `gpupar run` finishes the script
+
+
+def flush() -> None:
+    while _OPEN:
+        _OPEN.pop().write()
+
+
+def from_env(topo: Topology) -> "Recorder | None":
+    return Recorder(Path(os.environ[DIR_ENV]), topo, os.environ.get(NUDGE_ENV) == "1") if DIR_ENV in os.environ \
+        else None
+
+
+class Recorder:
+    def __init__(self, root: Path, topo: Topology, nudge: bool):
+        self.root, self.topo, self.nudge = root, topo, nudge
+        self.losses, self.final, self.model = [], None, None
+        if topo.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+        _OPEN.append(self)
+        atexit.register(flush)
+
+    def prepare(self, model) -> None:
+        if self.nudge:
+            import torch
+
+            from gpupar.verify.noise import nudge_weights
+
+            with torch.no_grad():
+                nudge_weights(model)
+
+    def watch(self, model, optimizer) -> None:
+        """Gather the step-1 gradients before the first step, the whole state after each
+        (a collective while every rank is still in the loop; written at exit)."""
+        from gpupar.parallelize import full_state_dict
+        from gpupar.verify.noise import full_grads
+        from gpupar.weights import save_weights
+
+        self.model = model
+        first = {"done": False}
+
+        def before(*_):
+            if not first["done"]:
+                first["done"] = True
+                grads = full_grads(model, self.topo)
+                if grads is not None:
+                    save_weights(grads, self.root / "first_grads.safetensors")
+
+        def after(*_):
+            self.final = full_state_dict(model, self.topo)
+
+        optimizer.register_step_pre_hook(before)
+        optimizer.register_step_post_hook(after)
+
+    def loss(self, loss) -> None:
+        self.losses.append(loss.detach().clone())
+
+    def write(self) -> None:
+        if not self.topo.is_main:
+            return
+        from gpupar.weights import save_weights
+
+        (self.root / "step_losses.json").write_text(json.dumps([float(v) for v in self.losses]))
+        if self.final is not None:
+            save_weights(self.final, self.root / "model.safetensors")
