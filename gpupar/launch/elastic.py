@@ -130,7 +130,7 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
                                                    else f"gpupar-{uuid.uuid4().hex[:8]}"),
         rdzv_backend="c10d", rdzv_endpoint=lp.endpoint,
         rdzv_configs={"rank": lp.node_rank, "join_timeout": max(cfg.parallel.timeout, 30.0),
-                      **hosts_store(lp.endpoint)},
+                      **hosts_store(lp.endpoint, lp.node_rank)},
         max_restarts=cfg.parallel.max_restarts, monitor_interval=0.1, start_method="spawn",
         local_addr=lp.local_addr or route_source(lp.endpoint),
     )
@@ -186,13 +186,13 @@ def root_cause(failures: dict) -> tuple[int, object]:
     return min(failures.items(), key=lambda kv: (kind(kv[1].exitcode), kv[1].timestamp, kv[0]))
 
 
-def hosts_store(endpoint: str) -> dict:
+def hosts_store(endpoint: str, node_rank: int = 0) -> dict:
     """``{"is_host": True}`` on the node whose address the endpoint is: it serves the rendezvous
     store. TorchElastic guesses from the hostname, and guesses wrong where the hostname resolves
     to 127.0.0.1 or another interface's address; empty where the endpoint is not resolvable."""
     host = endpoint.rsplit(":", 1)[0].strip("[]")
-    if is_loopback(host):  # only this machine can reach it: this node serves it
-        return {"is_host": True}
+    if is_loopback(host):  # only this machine can reach it: its first node serves it
+        return {"is_host": node_rank == 0}
     try:
         address = socket.getaddrinfo(host, None)[0][4][0]
     except OSError:
