@@ -25,12 +25,15 @@ from gpupar.models import ModelSpec
 from gpupar.training.loop import Hooks, fit
 from gpupar.training.recipe import make_loss, make_optimizer
 from gpupar.training.state import TrainResult
+from gpupar.training.step import split_batch
 
 
 def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
           optimizer: torch.optim.Optimizer | None = None, config: Config | None = None,
           val_data=None) -> TrainResult:
-    """Train ``model`` on ``data`` (``(X, y)`` tensors or a Dataset of ``(x, y)`` pairs).
+    """Train ``model`` on ``data``: ``(X, y)`` tensors, a map-style Dataset (items of any
+    structure ``default_collate`` takes), or a DataLoader over one whose ``batch_size`` is the
+    global batch (see gpupar.data.as_samples).
 
     Without a parallel layout in ``config`` it trains on one device. With one (say
     ``config.parallel.strategy = "ddp"``) the script must run under torchrun: every rank passes
@@ -57,7 +60,9 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     if val_data is not None:
         val_set = as_samples(val_data, Config())[0]
     spec = ModelSpec("user", lambda *_: model)
-    inputs = train_set.take(slice(None))[0] if topo.pp_enabled else None
+    # A pipeline traces the forward on a few samples (never the whole Dataset collated).
+    inputs = split_batch(train_set.take(slice(0, cfg.train.batch_size or len(train_set))))[0][0] \
+        if topo.pp_enabled else None
     parallel = parallelize(model, topo, cfg, spec, inputs)
     optimizer = optimizer or make_optimizer(parallel.model, cfg)
     history = fit(parallel, train_set, cfg, topo, loss or make_loss(cfg), optimizer, val_set,

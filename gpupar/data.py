@@ -11,10 +11,12 @@ import csv
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from gpupar.config import Config
 from gpupar.errors import UsageError, first_line
@@ -176,17 +178,25 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
 
 @dataclass
 class Samples:
-    """Training samples: tensors X, y, or a Dataset of (x, y) pairs restricted to ``index``."""
+    """Training samples: tensors X, y, or a map-style Dataset restricted to ``index``.
+
+    A Dataset's items may be anything ``collate_fn`` takes (tensors, tuples, dicts, nestings
+    of them); ``workers`` > 0 loads batches in DataLoader worker processes that prefetch while
+    the model steps (training/loop.py), as a user's DataLoader asked for.
+    """
 
     source: tuple[torch.Tensor, torch.Tensor] | Dataset
     index: torch.Tensor  # [n] positions into a Dataset source (tensors are stored already gathered)
+    collate_fn: Callable = default_collate
+    workers: int = 0
+    pin_memory: bool = False
 
     @classmethod
-    def of(cls, data, index: torch.Tensor) -> "Samples":
+    def of(cls, data, index: torch.Tensor, **loading) -> "Samples":
         if isinstance(data, (tuple, list)):
             X, y = data
             return cls((X[index], y[index]), torch.arange(len(index)))
-        return cls(data, index)
+        return cls(data, index, **loading)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -197,21 +207,46 @@ class Samples:
             return Samples(tuple(t.to(device) for t in self.source), self.index)  # type: ignore[arg-type]
         return self
 
-    def take(self, positions: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, positions: torch.Tensor | slice):
         """The batch at ``positions`` (into this Samples). A slice of tensors is a view, not a copy."""
         if isinstance(self.source, tuple):
             X, y = self.source
             return X[positions], y[positions]
-        rows = self.index[positions]
-        return default_collate([self.source[int(i)] for i in rows])
+        return self.collate([int(i) for i in self.index[positions]])
 
-    def take_to(self, positions: torch.Tensor | slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, rows: list[int]):
+        """The collated batch of Dataset rows ``rows`` (what a DataLoader worker runs)."""
+        items = [self.source[i] for i in rows]
+        for row, item in zip(rows, items):
+            if item is None:
+                raise UsageError(f"data: sample {row} is None; a Dataset must return a sample "
+                                 "(a tensor, tuple, list or dict of tensors)")
+        try:
+            return self.collate_fn(items)
+        except (TypeError, RuntimeError, KeyError) as exc:  # items of different structure or shape
+            raise UsageError(f"data: samples {rows[0]}..{rows[-1]} do not collate into one batch "
+                             f"({first_line(exc)}); every sample must have the same structure and shapes") from None
+
+    def collate_index(self, positions: list[int]):
+        """The collated batch at ``positions`` into this Samples (a DataLoader worker's job)."""
+        return self.take(torch.as_tensor(positions, dtype=torch.long))
+
+    def take_to(self, positions: torch.Tensor | slice, device: torch.device):
         if isinstance(self.source, tuple) and isinstance(positions, torch.Tensor):
             # Samples already on the GPU: send the [batch] index there without waiting, else
             # indexing copies it synchronously, a host stall every step.
             positions = positions.to(self.source[0].device, non_blocking=True)
-        x, y = self.take(positions)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return to_device(self.take(positions), device)
+
+
+def to_device(batch, device: torch.device):
+    """A collated batch (a pytree of tensors) on ``device``; copies from pinned memory do not wait."""
+    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def batch_rows(batch) -> int:
+    """Samples in a collated batch: the leading size of its first tensor."""
+    return next((int(t.shape[0]) for t in tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim()), 1)
 
 
 def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -252,17 +287,67 @@ def check_batch_divisible(batch_size: int, grad_accum: int, dp: int, samples: in
     raise UsageError(f"{what} must be divisible by {' x '.join(parts)} = {unit}; {hint}")
 
 
+# A Dataset collated whole at every step would climb in memory without a word: past this many
+# samples, a Dataset source needs a batch size.
+FULL_BATCH_LIMIT = 4096
+
+
 def as_samples(data, cfg: Config) -> tuple[Samples, Samples | None]:
-    """Tensors ``(X, y)`` or a Dataset of ``(x, y)``, split into train and validation samples."""
+    """The user's data, split into train and validation samples.
+
+    Accepted: tensors ``(X, y)`` (a 1-D float ``y`` is one output column, as the classic
+    example writes it); a map-style Dataset whose items ``default_collate`` takes; a
+    DataLoader over one, whose dataset, ``collate_fn``, ``num_workers`` and ``pin_memory`` are
+    kept and whose ``batch_size`` is the GLOBAL batch (the model's math does not change with
+    the number of ranks); its shuffling becomes gpupar's seeded shuffle, the same on every rank.
+    """
+    loading: dict = {}
+    if isinstance(data, DataLoader):
+        data, loading = _from_loader(data, cfg)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         X, y = data
+        if X.dim() == 0 or y.dim() == 0:
+            raise UsageError("data: X and y need one row per sample; got a single number")
         if len(X) != len(y):
             raise UsageError(f"data: X has {len(X)} rows but y has {len(y)}")
-        n = len(X)
+        if y.dim() == 1 and y.is_floating_point():  # regression: one output column, [N] -> [N, 1]
+            y = y[:, None]
+        data, n = (X, y), len(X)
+    elif isinstance(data, IterableDataset):
+        raise UsageError("data: an IterableDataset is not supported yet; pass a map-style Dataset "
+                         "(__getitem__ and __len__), a DataLoader over one, or tensors (X, y)")
     elif isinstance(data, Dataset):
-        n = len(data)  # type: ignore[arg-type]
+        try:
+            n = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise UsageError(f"data: {type(data).__name__} has no __len__; a map-style Dataset needs one") from None
+        if n == 0:
+            raise UsageError("data: the Dataset is empty; expected at least one sample")
+        if cfg.train.batch_size is None and n > FULL_BATCH_LIMIT:
+            raise UsageError(f"data: a Dataset of {n} samples needs a batch size (config.train.batch_size or "
+                             f"--batch-size): the default full batch would collate all {n} samples every step")
     else:
-        raise UsageError("data must be a pair of tensors (X, y) or a torch Dataset of (x, y) pairs")
+        raise UsageError(f"data: got {type(data).__name__}; accepted: tensors (X, y), a map-style torch "
+                         "Dataset, or a DataLoader over one")
     train_idx, val_idx = split_validation(n, cfg.data.val_fraction, cfg.train.seed)
-    train_set = Samples.of(data, train_idx)
-    return train_set, (Samples.of(data, val_idx) if len(val_idx) else None)
+    train_set = Samples.of(data, train_idx, **loading)
+    return train_set, (Samples.of(data, val_idx, **loading) if len(val_idx) else None)
+
+
+def _from_loader(loader: DataLoader, cfg: Config) -> tuple[Dataset, dict]:
+    """A user's DataLoader: its dataset and loading options; its batch size is the global batch."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    sampler = loader.sampler if loader.batch_size is not None else None
+    if not isinstance(sampler, (RandomSampler, SequentialSampler)):
+        raise UsageError(f"data: a DataLoader with {type(loader.sampler).__name__ if sampler is None else type(sampler).__name__}"
+                         " and batch_size " f"{loader.batch_size}: gpupar plans the batches itself, so pass "
+                         "batch_size=N and shuffle=True/False (no sampler or batch_sampler)")
+    if cfg.train.batch_size is None:
+        cfg.train.batch_size = loader.batch_size
+    elif cfg.train.batch_size != loader.batch_size:
+        raise UsageError(f"data: the DataLoader's batch_size {loader.batch_size} differs from "
+                         f"config.train.batch_size {cfg.train.batch_size}; set one of them")
+    cfg.data.shuffle = cfg.data.shuffle or isinstance(sampler, RandomSampler)
+    return loader.dataset, {"collate_fn": loader.collate_fn, "workers": loader.num_workers,
+                            "pin_memory": loader.pin_memory}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpupar.config import Config
-from gpupar.data import Samples, check_batch_divisible, epoch_batches, shard_batch
+from gpupar.data import Samples, batch_rows, check_batch_divisible, epoch_batches, shard_batch, to_device
 from gpupar.errors import UsageError
 from gpupar.memory import grad_bytes
 from gpupar.parallelize import Parallelized, captures_whole_step
@@ -28,7 +28,7 @@ from gpupar.training import graphs
 from gpupar.training.finite import Guard
 from gpupar.training.recipe import autocast_for, make_scheduler
 from gpupar.training.state import History, Position
-from gpupar.training.step import forward_backward
+from gpupar.training.step import forward_backward, split_batch
 
 if TYPE_CHECKING:  # the checkpointer imports DCP; a run without checkpoints never needs it
     from gpupar.checkpoint import Checkpointer
@@ -165,17 +165,37 @@ def _batches(train_set: Samples, cfg: Config, topo: Topology, steps: Steps, star
     each cut into dp equal shards of which this rank takes its own."""
     t = cfg.train
     # Full batch, in order, on one rank: the same single micro-batch every step (a view, no copy).
-    same = [train_set.take_to(slice(None), topo.device)] if (t.batch_size is None and not cfg.data.shuffle
-                                                            and topo.dp == 1 and t.grad_accum == 1) else None
+    if t.batch_size is None and not cfg.data.shuffle and topo.dp == 1 and t.grad_accum == 1:
+        same = [train_set.take_to(slice(None), topo.device)]
+        for epoch, i, epoch_end, _ in _plan(train_set, cfg, topo, steps, start):
+            yield epoch, i, epoch_end, same
+        return
+    plan = _plan(train_set, cfg, topo, steps, start)
+    if train_set.workers == 0:
+        for epoch, i, epoch_end, shards in plan:
+            yield epoch, i, epoch_end, [train_set.take_to(rows, topo.device) for rows in shards]
+        return
+    # DataLoader workers collate this rank's micro-batches ahead of the step, in plan order.
+    from torch.utils.data import DataLoader
+
+    rows_in_order = (rows.tolist() for _, _, _, shards in _plan(train_set, cfg, topo, steps, start) for rows in shards)
+    loader = iter(DataLoader(range(len(train_set)), batch_sampler=rows_in_order, num_workers=train_set.workers,
+                             collate_fn=train_set.collate_index, pin_memory=train_set.pin_memory and topo.device.type == "cuda"))
+    for epoch, i, epoch_end, shards in plan:
+        yield epoch, i, epoch_end, [to_device(next(loader), topo.device) for _ in shards]
+
+
+def _plan(train_set: Samples, cfg: Config, topo: Topology, steps: Steps, start: Position):
+    """(epoch, batch index, ends a logged epoch, this rank's micro-batch positions) from ``start``."""
+    t = cfg.train
     for epoch in range(start.epoch, t.epochs):
-        batches = [None] if same else epoch_batches(len(train_set), steps.batch_size, cfg.data.shuffle, t.seed, epoch)
+        batches = epoch_batches(len(train_set), steps.batch_size, cfg.data.shuffle, t.seed, epoch)
         logged = (epoch + 1) % t.log_every == 0 or epoch + 1 == t.epochs
         for i, batch in enumerate(batches):
             if epoch == start.epoch and i < start.batch:
                 continue  # consumed before the checkpoint this run resumed from
-            micro_batches = same or [train_set.take_to(shard_batch(m, topo.dp, topo.dp_rank), topo.device)
-                                     for m in batch.chunk(t.grad_accum)]
-            yield epoch, i, logged and i == len(batches) - 1, micro_batches
+            shards = [shard_batch(m, topo.dp, topo.dp_rank) for m in batch.chunk(t.grad_accum)]
+            yield epoch, i, logged and i == len(batches) - 1, shards
 
 
 class _Logger:
@@ -240,11 +260,13 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
     total, n = 0.0, 0
     size = batch_size or len(samples)
     for start in range(0, len(samples), size):
-        x, y = samples.take_to(slice(start, start + size), topo.device)
+        batch = samples.take_to(slice(start, start + size), topo.device)
+        args, kwargs, target = split_batch(batch)
         with autocast_for(topo.device, precision):
-            loss = loss_fn(model(x), y)
-        total += loss.item() * len(x)
-        n += len(x)
+            loss = loss_fn(model(*args, **kwargs), target)
+        rows = batch_rows(batch)
+        total += loss.item() * rows
+        n += rows
     model.train()
     return total / max(n, 1)
 
