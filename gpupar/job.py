@@ -22,7 +22,7 @@ from gpupar.data import as_samples, check_batch_divisible, split_validation
 from gpupar.devices import describe
 from gpupar.errors import TrainingError, UsageError
 from gpupar.memory import format_memory_report, gather_memory_report
-from gpupar.parallelize import check_layout, full_state_dict, micro_batch_size, parallelize
+from gpupar.parallelize import captures_whole_step, check_layout, full_state_dict, micro_batch_size, parallelize
 from gpupar.problem import Problem, device_of, load_problem
 from gpupar.run import rundir
 from gpupar.run.files import atomic_write_many, atomic_write_text
@@ -70,8 +70,7 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
     rows = micro_batch_size(cfg, dims, n_train) if dims.pp_enabled else 1
     example = torch.zeros(rows, *problem.X.shape[1:], dtype=problem.X.dtype, device=device_of(problem.model))
     check_layout(problem.model, dims, cfg, problem.spec, example)
-    # One process on one device captures its whole step (training/graphs.py); layer-split spans devices.
-    if cfg.train.cuda_graphs and dims.world == 1 and dims.process != "layer-split":
+    if captures_whole_step(cfg, dims):  # what a captured step cannot do (training/graphs.py)
         from gpupar.devices import pick_device
         from gpupar.training import graphs
 

@@ -86,7 +86,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     # 3. Activation checkpointing per block (on the TP-sharded layers, inside the FSDP units to come).
     stages = [(s, apply_activation_checkpointing(m, cfg.parallel.activation_checkpointing)) for s, m in stages]
     # 4. Compile each stage in place (its state-dict names stay): before data parallel wraps it.
-    whole_step = captures_whole_step(cfg, topo)
+    whole_step = captures_whole_step(cfg, dims)
     for _, m in stages:
         compile_in_place(m, cfg, whole_step)
     # 5. Data parallel: BatchNorm over the global batch (--sync-bn; only in pure data-parallel
@@ -151,10 +151,10 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
         raise UsageError("--sync-bn with --tp/--pp: only pure data-parallel layouts (ddp, fsdp, hsdp) sync BatchNorm yet")
 
 
-def captures_whole_step(cfg: Config, topo: Topology) -> bool:
+def captures_whole_step(cfg: Config, dims: ParallelDims) -> bool:
     """``--cuda-graphs`` on one process and one device captures the whole step (training/graphs.py);
     across ranks, or over several devices, it is compile's ``reduce-overhead`` mode."""
-    return cfg.train.cuda_graphs and not topo.distributed and topo.dims.process != "layer-split"
+    return cfg.train.cuda_graphs and dims.world == 1 and dims.process != "layer-split"
 
 
 def compile_in_place(model: nn.Module, cfg: Config, whole_step: bool) -> None:

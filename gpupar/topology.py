@@ -82,6 +82,11 @@ class ParallelDims:
                              "DDP cannot do for model-parallel layers; use --strategy fsdp")
         return cls(pp, replicate, shard, tp)
 
+    @classmethod
+    def replicas(cls, world: int) -> "ParallelDims":
+        """``world`` ranks that each do a share of the work (a sweep's models, predict's rows)."""
+        return cls(dp_replicate=world, process="ranks")
+
     @property
     def degrees(self) -> tuple[int, int, int, int]:
         """(pp, dp_replicate, dp_shard, tp), in the mesh's order."""

@@ -79,7 +79,7 @@ def check(cfg: Config, replicas: bool = False):
 
     if replicas:
         _warn_crowded(cfg.parallel.nproc_per_node or 1)
-        return ParallelDims(dp_replicate=cfg.parallel.nproc_per_node or 1, process="ranks")
+        return ParallelDims.replicas(cfg.parallel.nproc_per_node or 1)
     if cfg.parallel.plan == "auto":  # gpupar plan picks the layout; then it is checked like any other
         from gpupar.plan import apply_auto
 
@@ -118,7 +118,7 @@ def _as_rank(cfg: Config, here: Here | None, replicas: bool, claim: bool) -> Any
     if not replicas and not layout(cfg.parallel).ranks:
         raise UsageError(f"{os.environ['WORLD_SIZE']} ranks were launched but the layout runs in one process; "
                          "use --strategy ddp (or another multi-process layout)")
-    dims = ParallelDims(dp_replicate=int(os.environ["WORLD_SIZE"]), process="ranks") if replicas else None
+    dims = ParallelDims.replicas(int(os.environ["WORLD_SIZE"])) if replicas else None
     topo = Topology.from_env(cfg, dims)
     if claim:  # claimed by gpupar's launcher; under an outside torchrun, rank 0 claims it now
         with rundir.for_rank(cfg, topo.is_main) as run_dir:

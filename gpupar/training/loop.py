@@ -79,7 +79,7 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
     if t.cuda_graphs:
         graphs.need_cuda(topo.device.type)
     # One process, one device and the ordinary step: --cuda-graphs captures the whole step.
-    whole_step = captures_whole_step(cfg, topo) and not parallel.pipeline and len(parallel.devices) == 1
+    whole_step = captures_whole_step(cfg, topo.dims) and not parallel.pipeline and len(parallel.devices) == 1
     scheduler = make_scheduler(optimizer, cfg, steps.total)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(topo.device.type) if t.precision == "fp16" and topo.device.type == "cuda" else None
