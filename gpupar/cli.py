@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Sequence
 
-from gpupar.config import to_toml
+from gpupar.config_file import to_toml
 from gpupar.errors import (Interrupted, TrainingError, UsageError, first_line, in_main_thread, raise_interrupted,
                            stdout_closed)
 from gpupar.flags import (OneLineParser, add_config_flags, add_sweep_flags, add_verify_flags, config_from_args,

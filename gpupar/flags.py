@@ -10,7 +10,8 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from gpupar.config import Config, field_type, flag, load_toml, merge, sections
+from gpupar.config import Config, field_type, flag, sections
+from gpupar.config_file import load_toml, merge
 from gpupar.errors import UsageError
 
 

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gpupar.config import Config, to_toml
+from gpupar.config import Config
+from gpupar.config_file import to_toml
 from gpupar.data import as_samples, check_batch_divisible, split_validation
 from gpupar.devices import describe
 from gpupar.errors import TrainingError, UsageError

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from gpupar.weights import load_into, load_weights
-from gpupar.config import Config, load_toml
+from gpupar.config import Config
+from gpupar.config_file import load_toml
 from gpupar.data import load_file
 from gpupar.errors import UsageError, first_line
 from gpupar.run.files import atomic_write, check_out_path

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import gpupar
-from gpupar.config import Config, load_toml, to_toml
+from gpupar.config import Config
+from gpupar.config_file import load_toml, to_toml
 from gpupar.data import synthetic_regression
 from gpupar.devices import pick_device
 from gpupar.errors import TrainingError, UsageError

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gpupar.checkpoint import check_trainer, restore_rng
 from gpupar.cli import main
-from gpupar.config import load_toml
+from gpupar.config_file import load_toml
 from gpupar.data import load_file, prepare_targets
 from gpupar.errors import UsageError
 

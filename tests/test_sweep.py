@@ -21,7 +21,8 @@ from torch import nn
 
 import gpupar
 from gpupar.weights import load_into, load_weights
-from gpupar.config import Config, load_toml
+from gpupar.config import Config
+from gpupar.config_file import load_toml
 from gpupar.data import synthetic_regression
 from gpupar.errors import UsageError
 from gpupar.sweep.fused import FusedOptimizer, clip_per_model, fuse, train_step

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from gpupar.measure.flops import count_step_flops, gpu_peak_tflops
-from gpupar.config import Config, to_toml
+from gpupar.config import Config
+from gpupar.config_file import to_toml
 from gpupar.errors import TrainingError, UsageError
 
 STRATEGIES = ("single", "ddp", "fsdp", "tp", "pp")

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from gpupar.measure.flops import cpu_matmul_probe
-from gpupar.config import Config, load_toml
+from gpupar.config import Config
+from gpupar.config_file import load_toml
 from gpupar.errors import first_line
 from gpupar.memory import peak_bytes
 

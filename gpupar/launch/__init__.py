@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from gpupar.config import Config, layout, to_toml
+from gpupar.config import Config, layout
+from gpupar.config_file import to_toml
 from gpupar.errors import TrainingError, UsageError
 from gpupar.launch.elastic import MAX_CPU_RANKS_PER_CORE, launch_plan, launched_by_torchrun, run_workers
 

@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from gpupar.run.files import atomic_write_text
 from gpupar.weights import save_weights
-from gpupar.config import MAX_SEED, Config, to_toml
+from gpupar.config import MAX_SEED, Config
+from gpupar.config_file import to_toml
 from gpupar.data import Samples, epoch_batches
 from gpupar.errors import UsageError
 from gpupar.sweep.fused import FusedOptimizer, check_vmappable, clip_per_model, evaluate, fuse, train_step
