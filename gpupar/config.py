@@ -28,12 +28,14 @@ ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # the modes of --activ
 
 @dataclass
 class ModelConfig:
-    name: str = opt("simple-nn", "simple-nn, mlp, gpt, or an import path package.module:factory", flag="model")
+    name: str = opt("simple-nn", "simple-nn, mlp, gpt, hf:TYPE (a Hugging Face model type, e.g. hf:gpt2, built from "
+                    "--hf-config), hf:DIR (a local save_pretrained directory), or package.module:factory", flag="model")
     hidden: int | None = opt(None, "hidden width of the built-in models; none = 50 (simple-nn, mlp) or 64 (gpt)")
     layers: int = opt(2, "number of Linear layers (mlp) or transformer blocks (gpt)")
     heads: int = opt(4, "attention heads (gpt)")
-    seq_len: int = opt(32, "sequence length in tokens (gpt)")
+    seq_len: int = opt(32, "sequence length in tokens (gpt, hf:)")
     vocab: int = opt(64, "vocabulary size (gpt)")
+    hf_config: str | None = opt(None, "hf: models: config fields as key=value,... (n_layer=2,n_embd=64,vocab_size=256)")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from torch import nn
 from gpupar.config import ModelConfig
 from gpupar.errors import UsageError, first_line
 from gpupar.models.gpt import gpt_spec
+from gpupar.models.hf import hf_spec, is_hf
 from gpupar.models.spec import ModelSpec
 
 BUILTIN = ("simple-nn", "mlp", "gpt")
@@ -56,12 +57,14 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
     if cfg.name == "mlp":
         return ModelSpec("mlp", lambda n_in, n_out: mlp(n_in, hidden, cfg.layers, n_out))
     if cfg.name == "gpt":
-        
         return gpt_spec(cfg, hidden)
+    if is_hf(cfg.name):
+        return hf_spec(cfg)
     if ":" in cfg.name:
         factory = load_factory(cfg.name)
         return ModelSpec(cfg.name, lambda n_in, n_out: factory())
-    raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")
+    raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, hf:TYPE, hf:DIR, "
+                     "or package.module:factory")
 
 
 def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int) -> nn.Module:

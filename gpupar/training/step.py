@@ -45,6 +45,54 @@ def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+class BatchLoss:
+    """A user's ``loss(output, batch)``: it sees the model's whole output (a tensor, tuple, dict
+    or ``ModelOutput``) and the batch as collated, so it can read masks, weights or several
+    targets. A torch criterion (an ``nn.Module`` such as ``nn.MSELoss()``) is not wrapped: it
+    gets ``(prediction, target)`` as it expects."""
+
+    def __init__(self, fn: Callable[[Any, Batch], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, output: Any, batch: Batch) -> torch.Tensor:
+        return self.fn(output, batch)
+
+
+def own_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model computed itself: ``output.loss`` or ``output["loss"]`` (a Hugging Face
+    model given ``labels``), else None."""
+    if isinstance(output, dict):
+        loss = output.get("loss")
+    else:
+        loss = getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def first_output(output: Any) -> Any:
+    """The predictions in an output: the tensor itself, a dict's (or ``ModelOutput``'s)
+    ``logits`` or its first tensor entry, a tuple's first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        return next((v for k, v in output.items() if k != "loss" and isinstance(v, torch.Tensor)), output)
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return output
+
+
+def loss_of(loss_fn: Callable, output: Any, batch: Batch, target: Any) -> torch.Tensor:
+    """The step's loss, in this order: the user's ``loss(output, batch)``; the model's own loss;
+    the configured criterion on the first output against the target."""
+    if isinstance(loss_fn, BatchLoss):
+        return loss_fn(output, batch)
+    own = own_loss(output)
+    if own is not None:
+        return own
+    return loss_fn(first_output(output), target)
+
+
 def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.Module,
                      amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; returns the (local) step loss.
@@ -61,7 +109,7 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
         skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             with amp:
-                loss = loss_fn(model(*args, **kwargs), target)
+                loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
             # Each micro-batch is 1/grad_accum of the global batch: scale so the summed
             # gradients equal those of the mean loss over the whole batch.
             if len(micro_batches) > 1:
