@@ -24,6 +24,7 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: s
 
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # the modes of --activation-checkpointing
+LOSSES = ("mse", "l1", "huber", "cross-entropy")  # --loss by name (training.recipe builds them)
 
 
 @dataclass
@@ -70,8 +71,9 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step (the batch is split into them)")
     max_steps: int | None = opt(None, "stop after this many optimizer steps")
     precision: str = opt("fp32", "autocast precision", ("fp32", "bf16", "fp16"))
-    loss: str | None = opt(None, "loss function; none = mse for regression, cross-entropy for classification",
-                           ("mse", "l1", "huber", "cross-entropy"))
+    loss: str | None = opt(None, "loss: mse, l1, huber, cross-entropy, or package.module:function called as "
+                           "function(output, batch); none = the model's own, else mse (regression) or "
+                           "cross-entropy (classification)", flag=None)
     seed: int = opt(42, "seed for data, weight init and shuffling")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     log_every: int = opt(20, "print and record the loss every N epochs")
@@ -192,6 +194,9 @@ class Config:
                 if getattr(self.model, name) < 1:
                     raise UsageError(f"{flag(name)} {getattr(self.model, name)} must be a positive integer "
                                      "(--model gpt)")
+        if self.train.loss is not None and self.train.loss not in LOSSES and ":" not in self.train.loss:
+            raise UsageError(f"--loss {self.train.loss!r} is not one of: {', '.join(LOSSES)}, "
+                             "or package.module:function")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise UsageError(f"--val-fraction {self.data.val_fraction} must be in [0, 1)")
         if self.optim.warmup_steps < 0:

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from gpupar.models.outputs import first_output, own_loss
+
 Batch = Any  # a collated batch: a tensor, a tuple or list, a dict, or a nesting of them
 StepFn = Callable[[list[Batch], nn.Module, contextlib.AbstractContextManager, "torch.amp.GradScaler | None"],
                   torch.Tensor]
@@ -56,30 +58,6 @@ class BatchLoss:
 
     def __call__(self, output: Any, batch: Batch) -> torch.Tensor:
         return self.fn(output, batch)
-
-
-def own_loss(output: Any) -> torch.Tensor | None:
-    """The loss a model computed itself: ``output.loss`` or ``output["loss"]`` (a Hugging Face
-    model given ``labels``), else None."""
-    if isinstance(output, dict):
-        loss = output.get("loss")
-    else:
-        loss = getattr(output, "loss", None)
-    return loss if isinstance(loss, torch.Tensor) else None
-
-
-def first_output(output: Any) -> Any:
-    """The predictions in an output: the tensor itself, a dict's (or ``ModelOutput``'s)
-    ``logits`` or its first tensor entry, a tuple's first element."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        if isinstance(output.get("logits"), torch.Tensor):
-            return output["logits"]
-        return next((v for k, v in output.items() if k != "loss" and isinstance(v, torch.Tensor)), output)
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    return output
 
 
 def loss_of(loss_fn: Callable, output: Any, batch: Batch, target: Any) -> torch.Tensor:
