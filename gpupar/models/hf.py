@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from gpupar.config import ModelConfig
@@ -36,6 +35,7 @@ def _transformers():
     except ImportError:
         raise UsageError("--model hf:...: needs Hugging Face transformers (pip install 'gpupar[hf]')") from None
     transformers.logging.set_verbosity_error()  # config notes (token ids outside a tiny vocab) are not ours
+    transformers.logging.disable_progress_bar()  # gpupar says what it wrote, in one line
     return transformers
 
 
@@ -121,17 +121,3 @@ def hf_spec(cfg: ModelConfig) -> ModelSpec:
         cfg.name, build=build, loss=TokenCrossEntropy,
         synthetic_data=lambda samples, seed: synthetic_tokens(samples, cfg.seq_len, vocab, seed),
         tokens_per_sample=cfg.seq_len)
-
-
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder layers, as transformers names them (``_no_split_modules``): the
-    modules FSDP shards as units and activation checkpointing recomputes."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def save_pretrained(model: nn.Module, state: dict[str, torch.Tensor], out: Path) -> None:
-    """Write ``state`` (the whole model's weights, unparallelised names) as a directory that
-    ``AutoModelForCausalLM.from_pretrained`` loads."""
-    model.load_state_dict(state, strict=False)
-    model.save_pretrained(out, safe_serialization=True)
