@@ -39,7 +39,7 @@ def main() -> None:
     # Automatic pairing on an mlp of 4 Linear layers: (0 colwise, 2 rowwise), (4 colwise, 6 rowwise).
     torch.manual_seed(0)
     model = mlp(10, 32, 4, 1)
-    model = apply_tp(model, topo.mesh["tp"], auto_plan(model))
+    model = apply_tp(model, topo.mesh["tp"], auto_plan(model, torch.zeros(1, 10)))
     w0, w2, w6 = model[0].weight, model[2].weight, model[6].weight
     assert isinstance(w0, DTensor) and w0.placements == (Shard(0),) and w0.to_local().shape == (16, 10)
     assert w2.placements == (Shard(1),) and w2.to_local().shape == (32, 16)
@@ -81,7 +81,8 @@ def main() -> None:
                          (lambda: mlp(10, 33, 2, 1), "does not divide the 33 output features")):
         try:
             model = bad()
-            apply_tp(model, topo.mesh["tp"], tp_plan(model, 2) if isinstance(model, GPT) else auto_plan(model))
+            apply_tp(model, topo.mesh["tp"], tp_plan(model, 2) if isinstance(model, GPT)
+                     else auto_plan(model, torch.zeros(1, 10)))
         except UsageError as exc:
             assert message in str(exc), exc
         else:

@@ -90,14 +90,46 @@ def test_gpt2_trains_from_the_cli_and_exports_a_from_pretrained_directory(tmp_pa
     assert proc.returncode == 2 and "must be a new or empty directory" in proc.stderr
 
 
-@pytest.mark.parametrize("model,strategy,seed", [(GPT2, "ddp", 42), (LLAMA, "fsdp", 1)])
-def test_verify_passes_on_hugging_face_models(tmp_path, model, strategy, seed):
+@pytest.mark.parametrize("model,layout,seed", [(GPT2, ("--strategy", "ddp"), 42), (LLAMA, ("--strategy", "fsdp"), 1),
+                                               (LLAMA, ("--tp", 2), 2)])
+def test_verify_passes_on_hugging_face_models(tmp_path, model, layout, seed):
     """GPT-2 under DDP at seed 42 was a false FAIL with the nudge alone (NOTES.md: 9.5e-5 gap,
-    9.1e-6 noise); the summation-order reference measures the noise the all-reduce adds."""
-    proc, _ = gpupar("verify", *model, "--samples", 64, "--epochs", 12, "--strategy", strategy,
+    9.1e-6 noise); the summation-order reference measures the noise the all-reduce adds.
+    Llama under --tp 2 shards by its own plan (whole heads, two key/value heads split in two)."""
+    proc, _ = gpupar("verify", *model, "--samples", 64, "--epochs", 12, *layout,
                      "--nproc-per-node", 2, "--no-dropout", "--seed", seed, cwd=tmp_path, timeout=400)
     assert proc.returncode == 0 and PASS.search(proc.stdout), proc.stdout + proc.stderr
     assert "summation-order reference" in proc.stdout
+
+
+def test_tensor_parallel_plans_of_hugging_face_models_are_their_own_or_proven(gpupar_cli):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from gpupar.models.hf import hf_tp_plan
+    from gpupar.parallel.tensor import auto_plan
+
+    llama = _build(LLAMA)
+    own = {name: type(style) for name, style in hf_tp_plan(llama, 2).items()}
+    assert own == {f"model.layers.{i}.{n}": (RowwiseParallel if n.endswith(("o_proj", "down_proj")) else ColwiseParallel)
+                   for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    with pytest.raises(UsageError, match=r"--tp 4 must divide the model's num_key_value_heads \(2\)"):
+        hf_tp_plan(llama, 4)
+    # Without its own plan, the trace proves the MLP group (silu(gate) * up -> down) and leaves
+    # q_proj and k_proj whole: paired as siblings they had crashed every rank (issue 23).
+    traced = auto_plan(llama, torch.zeros(1, 8, dtype=torch.long))
+    assert set(traced) == {f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")}
+    with pytest.raises(UsageError, match="Conv1D layers, with q, k and v fused"):
+        hf_tp_plan(_build(GPT2), 2)
+    code, _, err = gpupar_cli("train", *GPT2, "--tp", 2, "--nproc-per-node", 2)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Conv1D" in err, err
+    code, _, err = gpupar_cli("train", "--model", "user_models:reads_hidden", "--tp", 2, "--nproc-per-node", 2)
+    assert code == 2 and "layer fc1's output is also read by mean.dim" in err and len(err.strip().splitlines()) == 1
+
+
+def _build(flags) -> nn.Module:
+    cfg = ModelConfig(name=flags[1], hf_config=flags[3], seq_len=16)
+    return model_spec(cfg).build(0, 0)
 
 
 def test_verify_passes_on_a_resnet_with_batchnorm_and_max_pooling(tmp_path):

@@ -246,6 +246,43 @@ def branchy():
     return Branchy()
 
 
+class ReadsHidden(nn.Module):
+    """fc1 -> ReLU -> fc2, plus a skip that reads fc1's features whole (their mean): column-
+    sharded, fc1 would hand the mean one rank's slice, and the run would train another model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 32), nn.Linear(32, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + h.mean(-1, keepdim=True)
+
+
+def reads_hidden():
+    torch.manual_seed(0)
+    return ReadsHidden()
+
+
+class PartlyShardable(ReadsHidden):
+    """ReadsHidden's features, then a sound up/GELU/down pair with a residual, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(32, 16)
+        self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = self.fc2(h) + h.mean(-1, keepdim=True)
+        return self.head(h + self.down(nn.functional.gelu(self.up(h))))
+
+
+def partly_shardable():
+    torch.manual_seed(0)
+    return PartlyShardable()
+
+
 class TiedBlocks(ResidualMLP):
     """Residual blocks 0 and 2 share one up-projection (weight and bias: tied weights, as in
     ALBERT or a tied embedding/head), and two buffers: a fixed input scale and a forward
