@@ -138,3 +138,12 @@ def test_verify_passes_on_a_resnet_with_batchnorm_and_max_pooling(tmp_path):
                      "--epochs", 15, "--sync-bn", "--strategy", "ddp", "--nproc-per-node", 2, "--seed", 42,
                      cwd=tmp_path, timeout=400)
     assert proc.returncode == 0 and PASS.search(proc.stdout), proc.stdout + proc.stderr
+
+
+def test_plan_covers_hugging_face_models(gpupar_cli):
+    """The plan's FLOPs and probes run a Llama forward off real values (its mask code reads
+    them: a fake tensor's forward skips those checks), with its own TP plan."""
+    code, out, err = gpupar_cli("plan", *LLAMA, "--samples", 64, "--nproc-per-node", 2)
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("ddp(", "fsdp(", "tp("))}
+    assert {"ddp(dp=2)", "fsdp(dp=2)", "tp(2)"} <= set(rows) and all(r.rstrip().endswith("yes") for r in rows.values())

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from gpupar.config import Config
+from gpupar.models.outputs import first_output
 from gpupar.topology import ParallelDims
 
 GPU_RUNTIME_BYTES = 1 << 30  # CUDA context, kernels, NCCL: outside the allocator's count
@@ -210,7 +211,7 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
     units = pick_blocks(model, cfg.parallel.fsdp_blocks, cfg.parallel.fsdp_min_params)
     probe = probe_step(model, x, y, loss_fn, amp, units, keep_output=not last)
     with torch.no_grad():
-        out = model(x)
+        out = first_output(model(x))
     return probe, out.numel() * out.element_size()
 
 
