@@ -90,7 +90,7 @@ def test_gpt2_trains_from_the_cli_and_exports_a_from_pretrained_directory(tmp_pa
     assert proc.returncode == 2 and "must be a new or empty directory" in proc.stderr
 
 
-@pytest.mark.parametrize("model,layout,seed", [(GPT2, ("--strategy", "ddp"), 42), (LLAMA, ("--strategy", "fsdp"), 1),
+@pytest.mark.parametrize("model,layout,seed", [(GPT2, ("--strategy", "ddp"), 42), (LLAMA, ("--strategy", "fsdp", "--activation-checkpointing", "full"), 1),
                                                (LLAMA, ("--tp", 2), 2)])
 def test_verify_passes_on_hugging_face_models(tmp_path, model, layout, seed):
     """GPT-2 under DDP at seed 42 was a false FAIL with the nudge alone (NOTES.md: 9.5e-5 gap,
@@ -102,13 +102,19 @@ def test_verify_passes_on_hugging_face_models(tmp_path, model, layout, seed):
     assert "summation-order reference" in proc.stdout
 
 
-def test_tensor_parallel_plans_of_hugging_face_models_are_their_own_or_proven(gpupar_cli):
+def test_layouts_of_hugging_face_models_use_their_own_layers_and_plans(gpupar_cli):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from gpupar.models.hf import hf_tp_plan
     from gpupar.parallel.tensor import auto_plan
 
+    from gpupar.parallel.activation_checkpoint import checkpoint_blocks
+    from gpupar.parallel.fsdp import pick_blocks
+
     llama = _build(LLAMA)
+    # FSDP units and checkpointed blocks: each decoder layer (the model's _no_split_modules).
+    assert [type(b).__name__ for b in pick_blocks(llama)] == ["LlamaDecoderLayer"] * 2
+    assert [type(b).__name__ for b in checkpoint_blocks(llama)] == ["LlamaDecoderLayer"] * 2
     own = {name: type(style) for name, style in hf_tp_plan(llama, 2).items()}
     assert own == {f"model.layers.{i}.{n}": (RowwiseParallel if n.endswith(("o_proj", "down_proj")) else ColwiseParallel)
                    for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
