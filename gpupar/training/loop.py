@@ -28,7 +28,7 @@ from gpupar.training import graphs
 from gpupar.training.finite import Guard
 from gpupar.training.recipe import autocast_for, make_scheduler
 from gpupar.training.state import History, Position
-from gpupar.training.step import forward_backward, loss_of, split_batch
+from gpupar.training.step import call_model, forward_backward, loss_of, split_batch
 
 if TYPE_CHECKING:  # the checkpointer imports DCP; a run without checkpoints never needs it
     from gpupar.checkpoint import Checkpointer
@@ -263,7 +263,7 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
         batch = samples.take_to(slice(start, start + size), topo.device)
         args, kwargs, target = split_batch(batch)
         with autocast_for(topo.device, precision):
-            loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
+            loss = loss_of(loss_fn, call_model(model, args, kwargs), batch, target)
         rows = batch_rows(batch)
         total += loss.item() * rows
         n += rows
