@@ -66,9 +66,10 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     if val_data is not None:
         val_set = as_samples(val_data, Config())[0]
     spec = ModelSpec("user", lambda *_: model)
-    # A pipeline traces the forward on a few samples (never the whole Dataset collated).
-    inputs = split_batch(train_set.take(slice(0, cfg.train.batch_size or len(train_set))))[0][0] \
-        if topo.pp_enabled else None
+    # A pipeline traces the forward on a few samples (never the whole Dataset collated), an
+    # automatic TP plan on one.
+    rows = (cfg.train.batch_size or len(train_set)) if topo.pp_enabled else 1
+    inputs = split_batch(train_set.take(slice(0, rows)))[0][0] if topo.pp_enabled or topo.tp_enabled else None
     parallel = parallelize(model, topo, cfg, spec, inputs)
     optimizer = optimizer or make_optimizer(parallel.model, cfg)
     # A torch criterion (nn.Module) gets (prediction, target); a plain function gets (output, batch).

@@ -26,7 +26,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     5: ("plan", "plan.memory", "plan.buffers", "plan.probe", "plan.dispatch"),
     6: ("launch",),
     7: ("verify", "verify.harness", "verify.verdict", "verify.noise", "bench", "bench.driver", "bench.worker",
-        "bench.peers", "bench.report", "sweep", "sweep.grid", "sweep.fused", "predict", "notebook", "runs",
+        "bench.peers", "bench.report", "sweep", "sweep.grid", "sweep.fused", "predict", "export", "notebook", "runs",
         "ownloop", "ownloop.env", "ownloop.shard", "ownloop.record", "ownloop.store", "ownloop.script"),
     8: ("cli", "flags", "api", "__init__", "__main__"),
 }

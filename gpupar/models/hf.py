@@ -12,10 +12,10 @@ transformers loads back.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from gpupar.config import ModelConfig
@@ -36,6 +36,7 @@ def _transformers():
     except ImportError:
         raise UsageError("--model hf:...: needs Hugging Face transformers (pip install 'gpupar[hf]')") from None
     transformers.logging.set_verbosity_error()  # config notes (token ids outside a tiny vocab) are not ours
+    transformers.logging.disable_progress_bar()  # gpupar says what it wrote, in one line
     return transformers
 
 
@@ -120,18 +121,44 @@ def hf_spec(cfg: ModelConfig) -> ModelSpec:
     return ModelSpec(
         cfg.name, build=build, loss=TokenCrossEntropy,
         synthetic_data=lambda samples, seed: synthetic_tokens(samples, cfg.seq_len, vocab, seed),
-        tokens_per_sample=cfg.seq_len)
+        tokens_per_sample=cfg.seq_len, tp_plan=hf_tp_plan)
 
 
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder layers, as transformers names them (``_no_split_modules``): the
-    modules FSDP shards as units and activation checkpointing recomputes."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+# transformers' plan styles: the pairs gpupar shards, and those whose layer may stay whole
+# (its output is gathered or all-reduced back to the whole tensor: the same values either way).
+_SHARDED = ("colwise", "rowwise")
+_WHOLE = ("colwise_gather_output", "embedding_rowwise", "replicated_with_grad_allreduce", "gather")
 
 
-def save_pretrained(model: nn.Module, state: dict[str, torch.Tensor], out: Path) -> None:
-    """Write ``state`` (the whole model's weights, unparallelised names) as a directory that
-    ``AutoModelForCausalLM.from_pretrained`` loads."""
-    model.load_state_dict(state, strict=False)
-    model.save_pretrained(out, safe_serialization=True)
+def hf_tp_plan(model: nn.Module, tp: int) -> dict | None:
+    """The model's own tensor-parallel plan (``base_model_tp_plan``, which transformers writes
+    per architecture and prefixes for the LM head model), for the attention and MLP pairs.
+
+    The attention reshapes by head, so each rank must hold whole query and key/value heads.
+    Styles that gather back to the whole tensor leave their layer whole; any other style
+    (packed, local, sequence-parallel, expert) is refused rather than guessed."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    own = getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {}
+    if not own:
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise UsageError(f"--tp: {type(model).__name__} keeps its projections in transformers' Conv1D "
+                             "layers, with q, k and v fused in one, which gpupar does not shard; use --strategy "
+                             "fsdp, or --pp")
+        return None  # no plan of its own: the automatic plan, proven by a trace
+    config = model.config
+    for attr in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, attr, None)
+        if isinstance(heads, int) and heads % tp:
+            raise UsageError(f"--tp {tp} must divide the model's {attr} ({heads}): each rank holds whole heads")
+    unknown = sorted({style for style in own.values() if style not in _SHARDED + _WHOLE})
+    if unknown:
+        raise UsageError(f"--tp: {type(model).__name__}'s plan uses {', '.join(unknown)}, which gpupar does not "
+                         f"apply; it applies {', '.join(_SHARDED)} and leaves {', '.join(_WHOLE)} layers whole")
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {}
+    for name, _ in model.named_modules():
+        style = own.get(re.sub(r"\.\d+(?=\.|$)", ".*", name))
+        if style in styles:
+            plan[name] = styles[style]()
+    return plan
