@@ -45,7 +45,8 @@ from gpupar.weights import check_weights_out, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError, first_line
 from gpupar.memory import local_shard
-from gpupar.run.rundir import COMPLETE, complete_checkpoints, resolve_resume, run_id_of
+from gpupar.run.files import check_inside
+from gpupar.run.rundir import COMPLETE, check_not_run_file, complete_checkpoints, resolve_resume, run_id_of
 from gpupar.topology import Topology
 
 FORMAT = 1
@@ -60,6 +61,8 @@ class Checkpointer:
                  run_id: str = ""):
         self.cfg, self.topo, self.log, self.run_id = cfg, topo, log, run_id
         self.root = Path(run_dir) / "checkpoints"
+        if self.root.exists() or self.root.is_symlink():  # checkpoints are written only inside the run
+            check_inside(self.root, run_dir, "--run-dir's checkpoints folder")
         self.every = cfg.checkpoint.checkpoint_every
         spec = cfg.checkpoint.resume
         if spec is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -79,6 +82,8 @@ class Checkpointer:
         if not _all_finite_params(model, topo):  # never write a checkpoint one cannot train on from
             raise TrainingError(f"parameters are non-finite at step {position.step}; no checkpoint was written")
         if topo.is_main:
+            if tmp.is_symlink():  # never write through a link planted in the run directory
+                tmp.unlink()
             shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
             (tmp / "rng").mkdir(parents=True)
         _barrier(topo)
@@ -153,7 +158,9 @@ class Checkpointer:
 
 def commit(tmp: Path, final: Path) -> None:
     """Make a fully written checkpoint visible: rename, then mark it complete."""
-    if final.exists():
+    if final.is_symlink():
+        final.unlink()
+    elif final.exists():
         shutil.rmtree(final)  # an older save of the same step (a run resumed from before it)
     os.replace(tmp, final)
     with open(final / COMPLETE, "w") as fh:
@@ -196,6 +203,9 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
     safetensors file, in this one process."""
     where = f"--checkpoint {checkpoint}"
     check_weights_out(out, "--out")  # before the gather: a bad --out must not waste it
+    check_not_run_file(out, "--out")
+    if checkpoint.is_dir() and out.exists() and checkpoint.resolve() in out.resolve().parents:
+        raise UsageError(f"--out {out} is inside the checkpoint {checkpoint}; write the weights outside it")
     if not checkpoint.is_dir():
         raise UsageError(f"{where}: no such checkpoint directory; expected RUN/checkpoints/step-N")
     if not (checkpoint / ".metadata").is_file():

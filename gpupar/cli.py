@@ -13,8 +13,8 @@ import sys
 from typing import Sequence
 
 from gpupar.config_file import to_toml
-from gpupar.errors import (Interrupted, TrainingError, UsageError, first_line, in_main_thread, raise_interrupted,
-                           stdout_closed)
+from gpupar.errors import (Interrupted, TrainingError, UsageError, first_line, guard_streams, in_main_thread,
+                           raise_interrupted, stdout_closed)
 from gpupar.flags import (OneLineParser, add_config_flags, add_sweep_flags, add_verify_flags, config_from_args,
                           number)
 
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="input rows: .csv, .npz or .pt (a target column is dropped)")
     p.add_argument("--out", required=True, help="CSV file to write, one prediction per input row, in order")
     p.add_argument("--batch-size", type=number(int), default=4096, help="rows per forward pass")
+    p.add_argument("--model", default=None, metavar="package.module:factory",
+                   help="the factory to build, when the run's config.toml names one (never imported from the file alone)")
     add_config_flags(p, only=("parallel",))
     p.set_defaults(func=cmd_predict)
 
@@ -141,7 +143,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from gpupar.predict import main as predict
 
-    predict(config_from_args(args), args.weights, args.data, args.out, args.batch_size)
+    predict(config_from_args(args), args.weights, args.data, args.out, args.batch_size, args.model)
     return 0
 
 
@@ -224,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # SIGTERM stops the launcher like Ctrl-C (a rank is stopped by its launcher); put back after.
     previous = signal.signal(signal.SIGTERM, raise_interrupted) if not rank_tag() and in_main_thread() else None
+    restore_streams = guard_streams()  # a closed stdout loses log lines, never the run
     try:
         _require_torch()
         args = parser.parse_args(argv)
@@ -253,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpupar{rank_tag()}: failed: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
     finally:
+        restore_streams()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

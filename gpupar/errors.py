@@ -52,3 +52,49 @@ def first_line(exc: BaseException, fallback: str | None = None) -> str:
     name, or ``fallback``, when it has no message). Many of torch's errors run to pages."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else (fallback if fallback is not None else type(exc).__name__)
+
+
+class _LogStream:
+    """stdout or stderr, where a reader that went away (``gpupar train | head -1``) or a
+    closed descriptor costs only the lines written after it: the first failed write points
+    the descriptor at /dev/null, and training goes on to save its results."""
+
+    def __init__(self, stream):
+        self._stream, self.lost = stream, False
+
+    def _guard(self, call, *args):
+        if self.lost:
+            return len(args[0]) if args else None
+        try:
+            return call(*args)
+        except (OSError, ValueError):  # EPIPE, EBADF, or a stream closed under us
+            self.lost = True
+            import os
+
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            except (OSError, ValueError):
+                pass
+            return len(args[0]) if args else None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def guard_streams():
+    """Wrap sys.stdout and sys.stderr in ``_LogStream``; returns the function that puts them back."""
+    import sys
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _LogStream(sys.stdout), _LogStream(sys.stderr)
+
+    def restore() -> None:
+        sys.stdout, sys.stderr = saved
+
+    return restore

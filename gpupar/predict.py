@@ -13,23 +13,44 @@ from gpupar.config import Config
 from gpupar.config_file import load_toml
 from gpupar.data import load_file
 from gpupar.errors import UsageError, first_line
-from gpupar.run.files import atomic_write, check_out_path
+from gpupar.run.files import atomic_write, check_not_input, check_out_path
+from gpupar.run.rundir import check_not_run_file
 from gpupar.models import build_model
+from gpupar.models.builtin import BUILTIN
+from gpupar.models.hf import is_hf
 from gpupar.topology import Topology
 
 
-def model_config_for(weights: Path) -> Config:
-    """The config saved beside the weights (RUN/config.toml), so the same architecture is rebuilt."""
+def model_config_for(weights: Path, model: str | None = None) -> Config:
+    """The config saved beside the weights (RUN/config.toml), so the same architecture is rebuilt.
+
+    A run directory is someone else's file: its config builds only the built-in models
+    (simple-nn, mlp, gpt, hf:...). A user factory is code, so it is imported only when
+    ``--model`` names it on this command line.
+    """
     saved = weights.parent / "config.toml"
-    return load_toml(saved) if saved.is_file() else Config()
+    cfg = load_toml(saved) if saved.is_file() else Config()
+    if model is not None:
+        cfg.model.name = model
+    elif cfg.model.name not in BUILTIN and not is_hf(cfg.model.name):
+        raise UsageError(f"--weights {weights}: {saved} names the model factory {cfg.model.name!r}; gpupar builds "
+                         "only built-in models from a run's files. Pass --model " + cfg.model.name +
+                         " to import and call it")
+    return cfg.validate()
 
 
-def check_request(out: str, batch_size: int) -> None:
+def check_request(out: str, batch_size: int, weights: str | None = None, data: str | None = None) -> None:
     """The flags that decide what is written, checked before anything is read or written:
-    a bad one must not leave an empty or truncated file over an existing one."""
+    a bad one must not leave an empty or truncated file over an existing one, and the
+    output is neither an input (the same file by inode) nor a file of a run."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be a positive integer (rows per forward pass)")
     check_out_path(out, "--out")
+    inputs = {"--weights": weights, "--data": data}
+    check_not_input(out, "--out", {k: v for k, v in inputs.items() if v})
+    if weights:
+        check_not_input(out, "--out", {"the run's config": Path(weights).parent / "config.toml"})
+    check_not_run_file(out, "--out")
 
 
 def predict_rows(weights: str, data: str, topo: Topology, batch_size: int = 4096,
@@ -41,14 +62,7 @@ def predict_rows(weights: str, data: str, topo: Topology, batch_size: int = 4096
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be a positive integer (rows per forward pass)")
-    path = Path(weights)
-    state = load_weights(path)
-    cfg = cfg or model_config_for(path)
-    X, _ = load_file(data, cfg.data.target, need_target=False)
-    out_features = _out_features(state)
-    _check_width(X, state, cfg, data, weights)
-    model = build_model(cfg.model, X.shape[1], out_features, cfg.train.seed)
-    load_into(model, state, f"--weights {weights}")
+    model, X, out_features = prepare(weights, data, cfg or model_config_for(Path(weights)))
     model = model.to(topo.device).eval()
     with torch.no_grad():
         try:
@@ -69,6 +83,18 @@ def predict_rows(weights: str, data: str, topo: Topology, batch_size: int = 4096
     blocks: list = [None] * topo.world_size
     dist.gather_object(mine, blocks if topo.is_main else None, dst=0)
     return torch.cat(blocks) if topo.is_main else None
+
+
+def prepare(weights: str, data: str, cfg: Config) -> tuple[torch.nn.Module, torch.Tensor, int]:
+    """The model with the weights loaded, the rows and the output width; every check of the
+    files. The launcher runs it before starting ranks, so a bad file is one line there."""
+    state = load_weights(Path(weights))
+    X, _ = load_file(data, cfg.data.target, need_target=False)
+    out_features = _out_features(state)
+    _check_width(X, state, cfg, data, weights)
+    model = build_model(cfg.model, X.shape[1], out_features, cfg.train.seed)
+    load_into(model, state, f"--weights {weights}")
+    return model, X, out_features
 
 
 def _check_width(X: torch.Tensor, state: dict[str, torch.Tensor], cfg: Config, data: str, weights: str) -> None:
@@ -113,24 +139,28 @@ def write_predictions(preds: torch.Tensor, out: str, task: str) -> None:
     atomic_write(check_out_path(out, "--out"), write)
 
 
-def main(cfg: Config, weights: str, data: str, out: str, batch_size: int) -> None:
+def main(cfg: Config, weights: str, data: str, out: str, batch_size: int, model: str | None = None) -> None:
     """`gpupar predict`: here, or data-parallel over the ranks --nproc-per-node starts (each
-    predicts a block of rows, rank 0 writes them all in input order)."""
+    predicts a block of rows, rank 0 writes them all in input order). ``model``: --model,
+    the factory to trust when the run's config names one."""
     from gpupar import launch
     from gpupar.launch.elastic import launched_by_torchrun
 
-    check_request(out, batch_size)
+    check_request(out, batch_size, weights, data)
     ranks = cfg.parallel.nproc_per_node or 1
+    if ranks > 1 and not launched_by_torchrun():  # every file is checked once, before any rank starts
+        prepare(weights, data, model_config_for(Path(weights), model))
     extra = ["--weights", weights, "--data", data, "--out", out, "--batch-size", str(batch_size),
              "--nproc-per-node", str(ranks), "--timeout", str(cfg.parallel.timeout)]
-    launch.run(cfg, "predict", lambda topo, _: _predict_here(topo, weights, data, out, batch_size), extra,
+    extra += ["--model", model] if model is not None else []
+    launch.run(cfg, "predict", lambda topo, _: _predict_here(topo, weights, data, out, batch_size, model), extra,
                replicas=True, claim=False)
     if ranks > 1 and not launched_by_torchrun():
         print(f"Wrote predictions to {out}")
 
 
-def _predict_here(topo: Topology, weights: str, data: str, out: str, batch_size: int) -> None:
-    saved = model_config_for(Path(weights))
+def _predict_here(topo: Topology, weights: str, data: str, out: str, batch_size: int, model: str | None) -> None:
+    saved = model_config_for(Path(weights), model)
     preds = predict_rows(weights, data, topo, batch_size, saved)
     if topo.is_main:
         write_predictions(preds, out, saved.data.task)

@@ -84,7 +84,7 @@ def test_a_refused_or_failed_run_leaves_the_earlier_run_intact(gpupar, tmp_path,
     (aside / "model.safetensors").rename(rd / "model.safetensors")  # what a user can do to get it back
     (tmp_path / "x.csv").write_text("\n".join(",".join(["0.5"] * 10) for _ in range(3)) + "\n")
     code, _, err = gpupar("predict", "--weights", rd / "model.safetensors", "--data", tmp_path / "x.csv",
-                          "--out", tmp_path / "p.csv")
+                          "--out", tmp_path / "p.csv", "--model", "user_models:goes_nan")
     assert code == 0, err
 
 

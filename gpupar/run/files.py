@@ -8,6 +8,7 @@ file, nor a stray temporary one: on failure the temporary file is removed.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -34,7 +35,69 @@ def check_out_path(path: str | Path, flag: str, suffix: str | None = None) -> Pa
     parent = next((q for q in p.absolute().parents if q.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
+    if parent is not None:
+        _probe_writable(parent, f"{flag} {path}")
     return p
+
+
+def _probe_writable(directory: Path, where: str) -> None:
+    """Create and remove a temporary file in ``directory``: the only test that a read-only
+    mount, a permission or a quota gives the same answer as the real write will."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".gpupar-probe.", dir=directory)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot write into {directory} ({exc.strerror or exc}); pick a writable "
+                         "place") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_not_input(out: str | Path, flag: str, inputs: dict[str, str | Path]) -> None:
+    """Refuse an output that is one of the command's inputs (the same file, by inode, so a
+    link or another spelling of the path is caught too): writing it would destroy what is read."""
+    try:
+        here = os.stat(out)
+    except OSError:
+        return  # not there yet: it cannot be an input
+    for name, path in inputs.items():
+        try:
+            same = os.path.samestat(here, os.stat(path))
+        except OSError:
+            continue
+        if same:
+            raise UsageError(f"{flag} {out} is the same file as {name} {path}; it would be overwritten by the "
+                             "output it is read for. Write the output somewhere else")
+
+
+def check_inside(path: str | Path, root: str | Path, what: str) -> Path:
+    """``path`` with symlinks resolved, refused unless it stays inside ``root``: a file gpupar
+    writes or reads in a run directory is never reached through a link that leads out of it."""
+    real, top = Path(path).resolve(), Path(root).resolve()
+    if real != top and top not in real.parents:
+        raise UsageError(f"{what} {path} leads outside {root} (to {real}, through a symlink); refused")
+    return real
+
+
+def open_nofollow(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symlink as the last component (O_NOFOLLOW): gpupar never
+    truncates or writes a file a link points at (the lock file of a run directory above all)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{path} is a symlink; gpupar writes only regular files it owns there (remove "
+                             "the link)") from None
+        raise
+
+
+def write_nofollow(path: str | Path, data: bytes) -> None:
+    """Create or replace the small file ``path`` with ``data``, never through a symlink, and fsync it."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def umask() -> int:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpupar.errors import UsageError
+from gpupar.run.files import open_nofollow
 
 LOCK = ".gpupar.lock"
 COMPLETE = "COMPLETE"  # the marker of a committed checkpoint (gpupar.checkpoint writes it)
@@ -111,6 +112,11 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
     if earlier and resume is not None and checkpoint is None:
         raise UsageError(f"--resume {resume}: {path} holds a run ({', '.join(earlier)}) but no complete checkpoint "
                          "to continue from; pass --overwrite to replace it, or another --run-dir")
+    foreign = bool(earlier) and checkpoint is not None and not _same_run(checkpoint, path)
+    if foreign and not overwrite:
+        raise UsageError(f"--resume {resume}: that checkpoint is of another run than the one in --run-dir {path} "
+                         f"({', '.join(earlier)}); resuming would replace that run's results. Pass another "
+                         "--run-dir, or --overwrite to replace it (its files are kept aside until this run succeeds)")
     run_id = (run_id_of(checkpoint) if checkpoint else None) or uuid.uuid4().hex[:12]
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -121,8 +127,8 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
     run = RunDir(path, run_id, fd)
-    if overwrite and earlier and resume is None:
-        run.replaced = path / f".replaced-{run_id}"
+    if overwrite and earlier and (resume is None or foreign):
+        run.replaced = path / f".replaced-{uuid.uuid4().hex[:12]}"
         run.replaced.mkdir()
         for name in earlier:
             os.replace(path / name, run.replaced / name)
@@ -134,7 +140,7 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
 def _lock(path: Path, create: bool) -> int:
     """An exclusive, non-blocking flock on RUN/.gpupar.lock; a held one is refused naming its holder."""
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
-    fd = os.open(path / LOCK, flags, 0o644)
+    fd = open_nofollow(path / LOCK, flags)  # a link planted there must not be truncated through
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -149,11 +155,35 @@ def _lock(path: Path, create: bool) -> int:
     return fd
 
 
+def _same_run(checkpoint: Path, path: Path) -> bool:
+    """Whether ``checkpoint`` belongs to the run in ``path``: it lies in that run's checkpoints
+    folder, or it carries the run id that the run's summary or checkpoints carry."""
+    if checkpoint.resolve().parent == (path / "checkpoints").resolve():
+        return True
+    theirs = run_id_of(checkpoint)
+    ours = {run_id_of(p) for p in complete_checkpoints(path / "checkpoints")}
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+        ours.add(summary.get("run_id") if isinstance(summary, dict) else None)
+    except (OSError, ValueError, RecursionError):
+        pass
+    return theirs is not None and theirs in ours
+
+
+def check_not_run_file(out: str | Path, flag: str) -> None:
+    """Refuse an output path that is one of a run's own files (``RUN/metrics.jsonl``, its
+    weights, its config): a command's output must not replace what a run wrote."""
+    out = Path(out)
+    if out.name in RUN_FILES and earlier_run(out.parent) and out.parent.is_dir():
+        raise UsageError(f"{flag} {out} is a file of the run in {out.parent}; write the output outside that run "
+                         "directory, or under another name")
+
+
 def run_id_of(checkpoint: Path) -> str | None:
     """The id of the run that saved ``checkpoint`` (None for one without, or unreadable)."""
     try:
         run_id = json.loads((checkpoint / "trainer.json").read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return run_id if isinstance(run_id, str) and run_id.isalnum() else None
 

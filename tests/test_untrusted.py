@@ -1,0 +1,101 @@
+"""Issue 26: nothing lost, nothing trusted that should not be.
+
+A run directory holds only its run's files (no resume of another run over it, no write
+through a symlink, no output onto an input), files gpupar reads back are untrusted input
+(checkpoint shards stay inside their checkpoint and match their recorded hashes, a run's
+config.toml builds only built-in models, hostile JSON/TOML is one line), and checks that
+need no rank reject a run before anything is written. In-process CLI calls where one
+process shows it; one subprocess where the process's own streams or signals are the point.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from harness import env
+
+TRAIN = ("train", "--samples", 64, "--epochs", 10, "--log-every", 100)
+
+
+def one_line(result, *needles: str, code: int = 2) -> str:
+    got, _, err = result
+    assert got == code and len(err.strip().splitlines()) == 1, (got, err)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def files_of(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".gpupar.lock"}
+
+
+def csv_file(path: Path, header: str = ",".join(f"f{i}" for i in range(10)), rows: int = 20) -> Path:
+    cols = len(header.split(","))
+    np.savetxt(path, np.random.default_rng(0).normal(size=(rows, cols)), delimiter=",", header=header, comments="")
+    return path
+
+
+# --- 1. a run directory holds only its run's files ---------------------------------------------
+
+def test_resuming_another_runs_checkpoint_over_a_run_is_refused_unless_overwrite(gpupar, tmp_path):
+    x, y = tmp_path / "X", tmp_path / "Y"
+    assert gpupar(*TRAIN, "--checkpoint-every", 5, "--run-dir", y)[0] == 0
+    assert gpupar(*TRAIN, "--run-dir", x)[0] == 0
+    before = files_of(x)
+    one_line(gpupar(*TRAIN, "--run-dir", x, "--resume", y / "checkpoints/step-10"),
+             "is of another run than the one in --run-dir", "--overwrite")
+    assert files_of(x) == before
+    # Its own checkpoint still resumes (a copy of the run elsewhere carries the same run id).
+    assert gpupar(*TRAIN, "--epochs", 12, "--run-dir", y, "--resume", "auto")[0] == 0
+    code, out, _ = gpupar(*TRAIN, "--epochs", 12, "--run-dir", x, "--resume", y / "checkpoints/step-10", "--overwrite")
+    assert code == 0 and "Resumed from" in out
+    assert files_of(x)["model.safetensors"] != before["model.safetensors"]
+    assert not list(x.glob(".replaced-*"))  # the replaced run is deleted once this one succeeded
+
+
+def test_a_symlinked_lock_or_checkpoints_folder_is_never_written_through(gpupar, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me\n")
+    run = tmp_path / "R"
+    run.mkdir()
+    (run / ".gpupar.lock").symlink_to(outside)
+    one_line(gpupar(*TRAIN, "--run-dir", run), ".gpupar.lock is a symlink")
+    assert outside.read_text() == "keep me\n"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / ".gpupar.lock").unlink()
+    (run / "checkpoints").symlink_to(elsewhere)
+    one_line(gpupar(*TRAIN, "--checkpoint-every", 5, "--run-dir", run), "leads outside", "symlink")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_an_output_is_never_one_of_the_inputs_or_a_file_of_a_run(gpupar, tmp_path):
+    run = tmp_path / "R"
+    assert gpupar(*TRAIN, "--run-dir", run)[0] == 0
+    data = csv_file(tmp_path / "d.csv")
+    os.link(data, tmp_path / "hard.csv")
+    kept = data.read_bytes(), files_of(run)
+    weights = run / "model.safetensors"
+    for out, needle in ((data, "same file as --data"), (tmp_path / "hard.csv", "same file as --data"),
+                        (weights, "same file as --weights"), (run / "summary.json", "is a file of the run"),
+                        (run / "config.toml", "same file as the run's config")):
+        one_line(gpupar("predict", "--weights", weights, "--data", data, "--out", out), needle)
+    assert (data.read_bytes(), files_of(run)) == kept
+    one_line(gpupar("export", "--checkpoint", run, "--out", weights), "is a file of the run")
+    assert gpupar("predict", "--weights", weights, "--data", data, "--out", tmp_path / "p.csv")[0] == 0
+
+
+def test_a_closed_stdout_only_loses_log_lines(tmp_path):
+    """`gpupar train | head -1`: the reader goes after one line; the run still finishes and saves."""
+    args = [*TRAIN, "--epochs", 300, "--log-every", 1, "--run-dir", tmp_path / "R"]
+    proc = subprocess.Popen([sys.executable, "-m", "gpupar", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path, env=env())
+    assert proc.stdout.readline().startswith(b"Using device")
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == "" and (tmp_path / "R/summary.json").is_file() and (tmp_path / "R/model.safetensors").is_file()
