@@ -35,34 +35,74 @@ from gpupar.errors import UsageError, first_line
 def layer_units(model: nn.Module) -> list[list[str]]:
     """The model's layers in order, each a list of module names; a stage starts at a layer's first name.
 
-    An ``nn.Sequential``: each child with parameters starts a layer and parameter-free children
-    (activations, dropout) join the layer before them, so an mlp of L Linear layers has L layers.
-    Any other model with an ``nn.ModuleList`` (or ModuleDict) of blocks among its children: one
-    layer per block, the children registered before the list joining the first block and those
-    after it the last (the common "input layer, blocks, head" shape). Other models say their
-    own layers through their spec (``gpupar.models.ModelSpec.pipeline_units``).
+    The layers are the blocks of the model's one list of blocks: the model itself when it is an
+    ``nn.Sequential``, else the one ``nn.Sequential``, ``ModuleList`` or ``ModuleDict`` of two or
+    more children found by looking down the model's children, one or more attributes deep (a
+    wrapper's ``self.layer``, a Hugging Face decoder's ``model.layers``). Within the list each
+    child with parameters starts a layer and parameter-free children (activations, dropout) join
+    the layer before them, so an mlp of L Linear layers has L layers. The modules registered
+    before the list, at every level on the way down to it, join the first layer and those after
+    it the last (the common "embeddings, blocks, head" shape). A model with no list at all whose
+    children are plain layers (the classic ``fc1 -> relu -> fc2``) is split between those
+    children. Other models say their own layers through their spec
+    (``gpupar.models.ModelSpec.pipeline_units``).
     """
     if isinstance(model, nn.Sequential):
-        units: list[list[str]] = []
-        for name, child in model.named_children():
-            has_params = any(True for _ in child.parameters())
-            if has_params or not units:
-                units.append([name])
-            else:
-                units[-1].append(name)
-        return units
-    children = list(model.named_children())
-    lists = [(i, name) for i, (name, child) in enumerate(children)
-             if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and len(child) >= 2]
-    if len(lists) != 1:
-        what = "no nn.ModuleList of blocks" if not lists else f"{len(lists)} lists of blocks " \
-            f"({', '.join(n for _, n in lists)}), so no single order of layers"
-        raise UsageError(f"--pp and layer-split cut an nn.Sequential or a model with one nn.ModuleList of blocks; "
-                         f"{type(model).__name__} has {what} (wrap its layers in an nn.Sequential)")
-    at, blocks = lists[0]
-    units = [[f"{blocks}.{key}"] for key, _ in children[at][1].named_children()]
-    units[0][:0] = [name for name, _ in children[:at]]
-    units[-1].extend(name for name, _ in children[at + 1:])
+        return _container_units(model, "")
+    found = _find_blocks(model, "")
+    if len(found) > 1:
+        raise UsageError(f"--pp and layer-split cut a model along its one list of blocks; {type(model).__name__} "
+                         f"has {len(found)} lists of blocks ({', '.join(found)}), so no single order of layers "
+                         "(wrap its layers in one nn.Sequential, or pass a ModelSpec with pipeline_units)")
+    if not found:
+        children = list(model.named_children())
+        if sum(1 for _, c in children if _has_params(c)) >= 2 and not any(
+                any(True for _ in c.children()) for _, c in children):
+            return _container_units(model, "")  # flat: fc1, relu, fc2
+        raise UsageError(f"--pp and layer-split cut an nn.Sequential or a model with one list of blocks "
+                         f"(nn.Sequential / nn.ModuleList) at any depth; {type(model).__name__} has no list of "
+                         "blocks (wrap its layers in an nn.Sequential)")
+    path = found[0]
+    units = _container_units(model.get_submodule(path), path + ".")
+    # Siblings before / after the list at every level from the list up to the model.
+    module_path = path.split(".")
+    for depth in range(len(module_path), 0, -1):
+        parent_name = ".".join(module_path[:depth - 1])
+        parent = model.get_submodule(parent_name) if parent_name else model
+        prefix = parent_name + "." if parent_name else ""
+        names = [name for name, _ in parent.named_children()]
+        at = names.index(module_path[depth - 1])
+        units[0][:0] = [prefix + n for n in names[:at]]
+        units[-1].extend(prefix + n for n in names[at + 1:])
+    return units
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and \
+        sum(1 for c in module.children() if _has_params(c)) >= 2
+
+
+def _find_blocks(module: nn.Module, prefix: str) -> list[str]:
+    """Names of the shallowest lists of blocks under ``module``: its children's, else (none there)
+    those found inside each child with parameters."""
+    lists = [prefix + name for name, child in module.named_children() if _is_block_list(child)]
+    if lists:
+        return lists
+    return [found for name, child in module.named_children() if _has_params(child)
+            for found in _find_blocks(child, prefix + name + ".")]
+
+
+def _container_units(container: nn.Module, prefix: str) -> list[list[str]]:
+    units: list[list[str]] = []
+    for name, child in container.named_children():
+        if _has_params(child) or not units:
+            units.append([prefix + name])
+        else:
+            units[-1].append(prefix + name)
     return units
 
 

@@ -1,0 +1,61 @@
+"""Pipeline parallel without exceptions (issue 25): the layer finder that looks inside a model,
+and the classic example's own model split across devices and pipeline stages again.
+
+Parity runs go through `gpupar verify` (single-device reference against the layout on real
+ranks): layer-split is the same ops on one device type (bitwise); a pipeline only reorders
+the sum of the micro-batch gradients, so verify's default 1e-5 relative holds (README, Parity).
+"""
+
+import re
+
+import pytest
+from torch import nn
+
+from gpupar.errors import UsageError
+from gpupar.models import SimpleNN
+from gpupar.parallel.pipeline import layer_units
+
+import user_models
+
+PASS = re.compile(r"PASS: (.+?) matches the single-device reference within (\S+) relative")
+
+
+class ClassicSequential(nn.Module):
+    """The classic example as often written: its layers in one nn.Sequential attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_the_layer_finder_looks_inside_the_model():
+    assert layer_units(SimpleNN()) == [["fc1", "relu"], ["fc2"]]  # flat children: split between them
+    assert layer_units(ClassicSequential()) == [["layer.0", "layer.1"], ["layer.2"]]
+    assert layer_units(user_models.ResidualMLP(blocks=3)) == [["inp", "blocks.0"], ["blocks.1"],
+                                                              ["blocks.2", "head"]]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    # Two attributes down (model.layers); what sits beside the list at each level rides along.
+    assert layer_units(llama) == [["model.embed_tokens", "model.layers.0"], ["model.layers.1"],
+                                  ["model.layers.2", "model.norm", "model.rotary_emb", "lm_head"]]
+    with pytest.raises(UsageError, match=r"ResNetStyle has 2 lists of blocks \(stem, layer1\)"):
+        layer_units(user_models.ResNetStyle())
+    with pytest.raises(UsageError, match="GoesNaN has no list of blocks"):
+        layer_units(user_models.GoesNaN())
+
+
+def test_the_classic_model_splits_across_devices_and_stages(gpupar_cli, tmp_path):
+    # The README's command, on the default model (the classic SimpleNN itself).
+    code, out, err = gpupar_cli("verify", "--strategy", "layer-split", "--devices", "cpu,cpu",
+                                "--epochs", 20, "--run-dir", tmp_path / "ls")
+    assert code == 0, err
+    assert PASS.search(out).groups() == ("layer-split", "1e-05")
+    code, out, err = gpupar_cli("verify", "--pp", 2, "--nproc-per-node", 2, "--epochs", 20,
+                                "--run-dir", tmp_path / "pp")
+    assert code == 0, err
+    assert PASS.search(out).groups() == ("pp(2, 1f1b)", "1e-05")
