@@ -59,3 +59,25 @@ def test_the_classic_model_splits_across_devices_and_stages(gpupar_cli, tmp_path
                                 "--run-dir", tmp_path / "pp")
     assert code == 0, err
     assert PASS.search(out).groups() == ("pp(2, 1f1b)", "1e-05")
+
+
+@pytest.mark.parametrize("flags", [
+    # The clip (0.05) is below the gradient norm, so it scales every step: with each stage's own
+    # norm instead of the whole model's, this run FAILs at step 4 (20x the rounding band).
+    ("--pp", 2, "--nproc-per-node", 2, "--clip-grad-norm", 0.05),
+    # Within a stage the norm also spans the FSDP shards (DTensor gradients) of dp 2.
+    ("--model", "mlp", "--layers", 4, "--dp", 2, "--pp", 2, "--nproc-per-node", 4, "--clip-grad-norm", 0.05),
+    # bf16 autocast through the schedule, fp32 master weights: verify's bf16 tolerance (2e-2).
+    ("--pp", 2, "--nproc-per-node", 2, "--precision", "bf16"),
+], ids=["clip-pp2", "clip-dp2xpp2", "bf16-pp2"])
+def test_pipeline_clips_by_the_global_norm_and_trains_in_bf16(gpupar_cli, tmp_path, flags):
+    code, out, err = gpupar_cli("verify", *flags, "--epochs", 10, "--run-dir", tmp_path / "v")
+    assert code == 0, err
+    layout, tolerance = PASS.search(out).groups()
+    assert layout.startswith("pp(2, 1f1b)") and tolerance == ("2e-02" if "bf16" in flags else "1e-05")
+
+
+def test_fp16_under_pp_is_one_line(gpupar_cli, tmp_path):
+    code, _, err = gpupar_cli("train", "--pp", 2, "--nproc-per-node", 2, "--precision", "fp16",
+                              "--run-dir", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and "--precision fp16 with --pp: the loss scaler's inf check" in err

@@ -285,14 +285,18 @@ class Pipeline(nn.Module):
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
         every stage's forwards and backwards in its order, and leaves this rank's stage
         gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
-        rank returns the batch's mean loss. (fp32 only, and --grad-accum 1: the launcher checks.)"""
+        rank returns the batch's mean loss. (fp32 or bf16, and --grad-accum 1: the launcher checks.)"""
         (x, y), = micro_batches  # the micro-batches are the schedule's
         check_microbatches(len(x), self.microbatches)
         schedule = self._schedule_for(loss_fn)
         losses: list[torch.Tensor] = []
         args = (x,) if self.has_first else ()
         kwargs = {"target": y, "losses": losses} if self.has_last else {}
-        schedule.step(*args, **kwargs)
+        # bf16: autocast around the schedule runs every stage's forward (and the loss) in bf16 where
+        # autocast does, with the fp32 parameters as master weights; the stages send and receive
+        # the bf16 activations as they come (the shapes and dtypes are inferred inside autocast).
+        with amp if amp is not None else contextlib.nullcontext():
+            schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
         # stays a tensor (a device collective under NCCL): the loop reads it at log points only.
@@ -301,6 +305,38 @@ class Pipeline(nn.Module):
             loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for l in losses]).sum()
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
+
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip this rank's gradients by the norm of the whole model's gradient (every stage's,
+        and within a stage every TP / FSDP shard's), as ``torch.nn.utils.clip_grad_norm_`` does
+        on one device: each rank's stages hold a disjoint part of the parameters, so the squared
+        norms add up over the pipeline (torchtitan's ``clip_grad_norm_`` with a pp mesh)."""
+        return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device)
+
+
+def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,
+                          comm_device: torch.device) -> torch.Tensor:
+    """The L2 norm of the gradients of ``params`` summed over the ranks of ``pp_group``, and the
+    gradients scaled by ``max_norm / norm`` where that is below 1; returns the norm (a tensor: no
+    host sync). DTensor gradients (FSDP, TP) reduce their own shards first: ``full_tensor()`` of
+    their norm counts a replicated shard once and a sharded one in full."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float32, device=comm_device)
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if sharded:
+        norm = torch.nn.utils.get_total_norm(sharded, 2.0)
+        squares = squares + norm.full_tensor().to(comm_device, torch.float32) ** 2
+    if plain:
+        squares = squares + torch.nn.utils.get_total_norm(plain, 2.0).to(comm_device, torch.float32) ** 2
+    dist.all_reduce(squares, group=pp_group)  # stages hold disjoint parameters: their squares add up
+    total = squares.sqrt()
+    if grads:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].device))
+    return total
 
 
 def check_microbatches(rank_batch: int, microbatches: int) -> None:

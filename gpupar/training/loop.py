@@ -243,7 +243,10 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
     if clip is not None:
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(model, "clip_grad_norm_"):  # a pipeline: the norm spans every stage
+            model.clip_grad_norm_(clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
