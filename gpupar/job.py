@@ -88,8 +88,6 @@ def check_pipeline_options(cfg: Config) -> None:
     if cfg.train.precision == "fp16":
         raise UsageError("--precision fp16 with --pp: the loss scaler's inf check would have to span every "
                          "stage, which is not built yet; use --precision bf16 (no scaler)")
-    if cfg.checkpoint.checkpoint_every or cfg.checkpoint.resume:
-        raise UsageError("--checkpoint-every / --resume with --pp: pipeline checkpoints are not supported yet")
 
 
 def layout_name(cfg: Config, topo: Topology) -> str:
