@@ -81,8 +81,6 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
 
 def check_pipeline_options(cfg: Config) -> None:
     """What a pipeline step does not support yet."""
-    if cfg.train.grad_accum > 1:
-        raise UsageError(f"--grad-accum {cfg.train.grad_accum} with --pp: use --microbatches to split the batch")
     if cfg.data.val_fraction:
         raise UsageError(f"--val-fraction {cfg.data.val_fraction} with --pp: validation is not supported yet")
     if cfg.train.precision == "fp16":

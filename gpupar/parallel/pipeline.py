@@ -253,7 +253,7 @@ class Pipeline(nn.Module):
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # The last stage lives on the last pp rank; its loss is broadcast from there.
         self.last_rank = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
-        self._schedule, self._loss_fn = None, None
+        self._schedule, self._loss_fn, self._rounds = None, None, 1
 
     def forward(self, *args):
         raise RuntimeError("a pipeline-parallel model runs through Pipeline.forward_backward, not forward")
@@ -267,9 +267,9 @@ class Pipeline(nn.Module):
         m = self.microbatches
 
         def microbatch_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            # Each micro-batch is 1/M of the batch and gradients add up over the M backwards:
-            # scale so the sum equals the gradient of the batch's mean loss (as on one device).
-            return loss_fn(output, target) / m
+            # Each micro-batch is 1/(M x rounds) of the batch and gradients add up over all the
+            # backwards: scale so the sum equals the gradient of the batch's mean loss (as on one device).
+            return loss_fn(output, target) / (m * self._rounds)
 
         stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
                   for s, module in zip(self.stage_ids, self.stages)]
@@ -285,24 +285,29 @@ class Pipeline(nn.Module):
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
         every stage's forwards and backwards in its order, and leaves this rank's stage
         gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
-        rank returns the batch's mean loss. (fp32 or bf16, and --grad-accum 1: the launcher checks.)"""
-        (x, y), = micro_batches  # the micro-batches are the schedule's
-        check_microbatches(len(x), self.microbatches)
+        rank returns the batch's mean loss. (fp32 or bf16; --grad-accum k runs k rounds.)"""
         schedule = self._schedule_for(loss_fn)
-        losses: list[torch.Tensor] = []
-        args = (x,) if self.has_first else ()
-        kwargs = {"target": y, "losses": losses} if self.has_last else {}
-        # bf16: autocast around the schedule runs every stage's forward (and the loss) in bf16 where
-        # autocast does, with the fp32 parameters as master weights; the stages send and receive
-        # the bf16 activations as they come (the shapes and dtypes are inferred inside autocast).
-        with amp if amp is not None else contextlib.nullcontext():
-            schedule.step(*args, **kwargs)
+        losses: list[list[torch.Tensor]] = []
+        # --grad-accum k: k rounds of the schedule (k x M micro-batches) before the optimizer
+        # step, gradients adding up in .grad; each round's micro-batches are M more.
+        self._rounds = len(micro_batches)
+        for x, y in micro_batches:
+            check_microbatches(len(x), self.microbatches)
+            round_losses: list[torch.Tensor] = []  # the schedule clears the list it is given
+            losses.append(round_losses)
+            args = (x,) if self.has_first else ()
+            kwargs = {"target": y, "losses": round_losses} if self.has_last else {}
+            # bf16: autocast around the schedule runs every stage's forward (and the loss) in bf16
+            # where autocast does, with the fp32 parameters as master weights; the stages send and
+            # receive the bf16 activations as they come (shapes and dtypes inferred inside autocast).
+            with amp if amp is not None else contextlib.nullcontext():
+                schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
         # stays a tensor (a device collective under NCCL): the loop reads it at log points only.
         loss = torch.zeros((), dtype=torch.float64, device=self.comm_device)
-        if losses:
-            loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for l in losses]).sum()
+        if self.has_last:
+            loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for r in losses for l in r]).sum()
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
 
