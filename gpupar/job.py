@@ -81,8 +81,6 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
 
 def check_pipeline_options(cfg: Config) -> None:
     """What a pipeline step does not support yet."""
-    if cfg.data.val_fraction:
-        raise UsageError(f"--val-fraction {cfg.data.val_fraction} with --pp: validation is not supported yet")
     if cfg.train.precision == "fp16":
         raise UsageError("--precision fp16 with --pp: the loss scaler's inf check would have to span every "
                          "stage, which is not built yet; use --precision bf16 (no scaler)")

@@ -312,6 +312,13 @@ class Pipeline(nn.Module):
         return loss
 
 
+    def evaluate_loss(self, samples, loss_fn: nn.Module, precision: str = "fp32",
+                      batch_size: int | None = None) -> float:
+        """Validation loss through the stages, the same on every rank (``pipeline_eval``)."""
+        from gpupar.parallel.pipeline_eval import evaluate_pipeline
+
+        return evaluate_pipeline(self, samples, loss_fn, precision, batch_size)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip this rank's gradients by the norm of the whole model's gradient (every stage's,
         and within a stage every TP / FSDP shard's), as ``torch.nn.utils.clip_grad_norm_`` does

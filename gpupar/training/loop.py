@@ -259,6 +259,8 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
 def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topology,
              precision: str = "fp32", batch_size: int | None = None) -> float:
     """Mean loss over ``samples`` (every rank evaluates all of them; they agree)."""
+    if hasattr(model, "evaluate_loss"):  # a pipeline: forward through its stages, loss from the last
+        return model.evaluate_loss(samples, loss_fn, precision, batch_size)
     model.eval()
     total, n = 0.0, 0
     size = batch_size or len(samples)
