@@ -37,7 +37,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
 from gpupar.training.state import Position
 from gpupar.safe_dcp import SafeLoadPlanner, SafeReader, read_dcp_metadata
@@ -46,6 +45,8 @@ from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError, first_line
 from gpupar.memory import local_shard
 from gpupar.run.files import check_inside
+# A pipeline's state under the whole model's names (plain get_state_dict / set_state_dict otherwise).
+from gpupar.parallel.pipeline_state import load_state_dicts, model_state, state_dicts
 from gpupar.run.rundir import COMPLETE, check_not_run_file, complete_checkpoints, resolve_resume, run_id_of
 from gpupar.topology import Topology
 
@@ -88,7 +89,7 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
         _barrier(topo)
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = state_dicts(model, optimizer)
         with _quiet():
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
         _write_json(tmp / "rng" / f"rank-{topo.rank}.json", rng_state())
@@ -130,7 +131,7 @@ class Checkpointer:
             raise UsageError(f"{where}: saved with {trainer.get('steps_per_epoch')} steps per epoch, this run has "
                              f"{steps_per_epoch}; the data and --batch-size must match to continue at the same batch")
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = state_dicts(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         try:
             with _quiet():
@@ -138,7 +139,7 @@ class Checkpointer:
                          no_dist=not dist.is_initialized())
         except (Exception, CheckpointException) as exc:
             raise UsageError(f"{where}: cannot load it into this model and optimizer ({_first_line(exc)})") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_state_dicts(model, optimizer, state["model"], state["optim"])
         if scheduler is not None and trainer.get("scheduler"):
             scheduler.load_state_dict(trainer["scheduler"])
         rng_file = path / "rng" / f"rank-{self.topo.rank}.json"
@@ -173,7 +174,7 @@ def check_compatible(model: nn.Module, metadata, where: str) -> None:
     """Name the first parameter missing from the checkpoint or saved with another shape."""
     saved = {k[len("model."):]: v.size for k, v in metadata.state_dict_metadata.items()
              if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
-    for name, value in get_model_state_dict(model).items():  # global shapes, also for sharded tensors
+    for name, value in model_state(model).items():  # global shapes, also for sharded tensors
         if name not in saved:
             raise UsageError(f"{where}: the checkpoint has no parameter {name!r} (it holds {sorted(saved)[:4]}); "
                              "was it saved from another model?")

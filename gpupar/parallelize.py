@@ -171,8 +171,9 @@ def compile_in_place(model: nn.Module, cfg: Config, whole_step: bool) -> None:
 
 
 def micro_batch_size(cfg: Config, dims: ParallelDims, samples: int) -> int:
-    """Rows in one pipeline micro-batch: the batch over the data-parallel ranks and the micro-batches."""
-    return (cfg.train.batch_size or samples) // dims.dp // dims.microbatches
+    """Rows in one pipeline micro-batch: the batch over the data-parallel ranks, --grad-accum's
+    rounds and the micro-batches."""
+    return (cfg.train.batch_size or samples) // dims.dp // cfg.train.grad_accum // dims.microbatches
 
 
 def pipeline_units(model: nn.Module, spec: ModelSpec) -> list[list[str]]:

@@ -18,7 +18,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "models.hf", "models.outputs", "data", "memory", "tracking",
         "measure", "measure.flops", "launch.elastic"),
     2: ("parallelize", "parallel", "parallel.activation_checkpoint", "parallel.ddp", "parallel.fsdp",
-        "parallel.layer_split", "parallel.pipeline", "parallel.sync_bn", "parallel.tensor", "parallel.tied",
+        "parallel.layer_split", "parallel.pipeline", "parallel.pipeline_state", "parallel.pipeline_eval", "parallel.sync_bn", "parallel.tensor", "parallel.tied",
         "training.step"),
     3: ("training", "training.state", "training.recipe", "training.finite", "training.graphs", "training.loop",
         "checkpoint"),

@@ -89,8 +89,9 @@ def test_modulelist_layers_and_split_points_by_name():
 
 
 def test_unsplittable_model_is_one_line_before_launch(gpupar_cli, tmp_path):
-    code, _, err = gpupar_cli("train", "--pp", 2, "--nproc-per-node", 2, "--run-dir", tmp_path / "r")
-    assert code == 2 and err.count("\n") == 1 and "SimpleNN has no nn.ModuleList of blocks" in err
+    code, _, err = gpupar_cli("train", "--pp", 2, "--nproc-per-node", 2, "--model", "user_models:resnet_style",
+                              "--features", 192, "--run-dir", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and "ResNetStyle has 2 lists of blocks (stem, layer1)" in err
     assert not (tmp_path / "r").exists()
     code, _, err = gpupar_cli("train", "--pp", 2, "--nproc-per-node", 2, "--model", "user_models:branchy",
                               "--run-dir", tmp_path / "r")

@@ -35,34 +35,74 @@ from gpupar.errors import UsageError, first_line
 def layer_units(model: nn.Module) -> list[list[str]]:
     """The model's layers in order, each a list of module names; a stage starts at a layer's first name.
 
-    An ``nn.Sequential``: each child with parameters starts a layer and parameter-free children
-    (activations, dropout) join the layer before them, so an mlp of L Linear layers has L layers.
-    Any other model with an ``nn.ModuleList`` (or ModuleDict) of blocks among its children: one
-    layer per block, the children registered before the list joining the first block and those
-    after it the last (the common "input layer, blocks, head" shape). Other models say their
-    own layers through their spec (``gpupar.models.ModelSpec.pipeline_units``).
+    The layers are the blocks of the model's one list of blocks: the model itself when it is an
+    ``nn.Sequential``, else the one ``nn.Sequential``, ``ModuleList`` or ``ModuleDict`` of two or
+    more children found by looking down the model's children, one or more attributes deep (a
+    wrapper's ``self.layer``, a Hugging Face decoder's ``model.layers``). Within the list each
+    child with parameters starts a layer and parameter-free children (activations, dropout) join
+    the layer before them, so an mlp of L Linear layers has L layers. The modules registered
+    before the list, at every level on the way down to it, join the first layer and those after
+    it the last (the common "embeddings, blocks, head" shape). A model with no list at all whose
+    children are plain layers (the classic ``fc1 -> relu -> fc2``) is split between those
+    children. Other models say their own layers through their spec
+    (``gpupar.models.ModelSpec.pipeline_units``).
     """
     if isinstance(model, nn.Sequential):
-        units: list[list[str]] = []
-        for name, child in model.named_children():
-            has_params = any(True for _ in child.parameters())
-            if has_params or not units:
-                units.append([name])
-            else:
-                units[-1].append(name)
-        return units
-    children = list(model.named_children())
-    lists = [(i, name) for i, (name, child) in enumerate(children)
-             if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and len(child) >= 2]
-    if len(lists) != 1:
-        what = "no nn.ModuleList of blocks" if not lists else f"{len(lists)} lists of blocks " \
-            f"({', '.join(n for _, n in lists)}), so no single order of layers"
-        raise UsageError(f"--pp and layer-split cut an nn.Sequential or a model with one nn.ModuleList of blocks; "
-                         f"{type(model).__name__} has {what} (wrap its layers in an nn.Sequential)")
-    at, blocks = lists[0]
-    units = [[f"{blocks}.{key}"] for key, _ in children[at][1].named_children()]
-    units[0][:0] = [name for name, _ in children[:at]]
-    units[-1].extend(name for name, _ in children[at + 1:])
+        return _container_units(model, "")
+    found = _find_blocks(model, "")
+    if len(found) > 1:
+        raise UsageError(f"--pp and layer-split cut a model along its one list of blocks; {type(model).__name__} "
+                         f"has {len(found)} lists of blocks ({', '.join(found)}), so no single order of layers "
+                         "(wrap its layers in one nn.Sequential, or pass a ModelSpec with pipeline_units)")
+    if not found:
+        children = list(model.named_children())
+        if sum(1 for _, c in children if _has_params(c)) >= 2 and not any(
+                any(True for _ in c.children()) for _, c in children):
+            return _container_units(model, "")  # flat: fc1, relu, fc2
+        raise UsageError(f"--pp and layer-split cut an nn.Sequential or a model with one list of blocks "
+                         f"(nn.Sequential / nn.ModuleList) at any depth; {type(model).__name__} has no list of "
+                         "blocks (wrap its layers in an nn.Sequential)")
+    path = found[0]
+    units = _container_units(model.get_submodule(path), path + ".")
+    # Siblings before / after the list at every level from the list up to the model.
+    module_path = path.split(".")
+    for depth in range(len(module_path), 0, -1):
+        parent_name = ".".join(module_path[:depth - 1])
+        parent = model.get_submodule(parent_name) if parent_name else model
+        prefix = parent_name + "." if parent_name else ""
+        names = [name for name, _ in parent.named_children()]
+        at = names.index(module_path[depth - 1])
+        units[0][:0] = [prefix + n for n in names[:at]]
+        units[-1].extend(prefix + n for n in names[at + 1:])
+    return units
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and \
+        sum(1 for c in module.children() if _has_params(c)) >= 2
+
+
+def _find_blocks(module: nn.Module, prefix: str) -> list[str]:
+    """Names of the shallowest lists of blocks under ``module``: its children's, else (none there)
+    those found inside each child with parameters."""
+    lists = [prefix + name for name, child in module.named_children() if _is_block_list(child)]
+    if lists:
+        return lists
+    return [found for name, child in module.named_children() if _has_params(child)
+            for found in _find_blocks(child, prefix + name + ".")]
+
+
+def _container_units(container: nn.Module, prefix: str) -> list[list[str]]:
+    units: list[list[str]] = []
+    for name, child in container.named_children():
+        if _has_params(child) or not units:
+            units.append([prefix + name])
+        else:
+            units[-1].append(prefix + name)
     return units
 
 
@@ -213,7 +253,7 @@ class Pipeline(nn.Module):
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # The last stage lives on the last pp rank; its loss is broadcast from there.
         self.last_rank = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
-        self._schedule, self._loss_fn = None, None
+        self._schedule, self._loss_fn, self._rounds = None, None, 1
 
     def forward(self, *args):
         raise RuntimeError("a pipeline-parallel model runs through Pipeline.forward_backward, not forward")
@@ -227,9 +267,9 @@ class Pipeline(nn.Module):
         m = self.microbatches
 
         def microbatch_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            # Each micro-batch is 1/M of the batch and gradients add up over the M backwards:
-            # scale so the sum equals the gradient of the batch's mean loss (as on one device).
-            return loss_fn(output, target) / m
+            # Each micro-batch is 1/(M x rounds) of the batch and gradients add up over all the
+            # backwards: scale so the sum equals the gradient of the batch's mean loss (as on one device).
+            return loss_fn(output, target) / (m * self._rounds)
 
         stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
                   for s, module in zip(self.stage_ids, self.stages)]
@@ -245,22 +285,70 @@ class Pipeline(nn.Module):
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
         every stage's forwards and backwards in its order, and leaves this rank's stage
         gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
-        rank returns the batch's mean loss. (fp32 only, and --grad-accum 1: the launcher checks.)"""
-        (x, y), = micro_batches  # the micro-batches are the schedule's
-        check_microbatches(len(x), self.microbatches)
+        rank returns the batch's mean loss. (fp32 or bf16; --grad-accum k runs k rounds.)"""
         schedule = self._schedule_for(loss_fn)
-        losses: list[torch.Tensor] = []
-        args = (x,) if self.has_first else ()
-        kwargs = {"target": y, "losses": losses} if self.has_last else {}
-        schedule.step(*args, **kwargs)
+        losses: list[list[torch.Tensor]] = []
+        # --grad-accum k: k rounds of the schedule (k x M micro-batches) before the optimizer
+        # step, gradients adding up in .grad; each round's micro-batches are M more.
+        self._rounds = len(micro_batches)
+        for x, y in micro_batches:
+            check_microbatches(len(x), self.microbatches)
+            round_losses: list[torch.Tensor] = []  # the schedule clears the list it is given
+            losses.append(round_losses)
+            args = (x,) if self.has_first else ()
+            kwargs = {"target": y, "losses": round_losses} if self.has_last else {}
+            # bf16: autocast around the schedule runs every stage's forward (and the loss) in bf16
+            # where autocast does, with the fp32 parameters as master weights; the stages send and
+            # receive the bf16 activations as they come (shapes and dtypes inferred inside autocast).
+            with amp if amp is not None else contextlib.nullcontext():
+                schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
         # stays a tensor (a device collective under NCCL): the loop reads it at log points only.
         loss = torch.zeros((), dtype=torch.float64, device=self.comm_device)
-        if losses:
-            loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for l in losses]).sum()
+        if self.has_last:
+            loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for r in losses for l in r]).sum()
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
+
+
+    def evaluate_loss(self, samples, loss_fn: nn.Module, precision: str = "fp32",
+                      batch_size: int | None = None) -> float:
+        """Validation loss through the stages, the same on every rank (``pipeline_eval``)."""
+        from gpupar.parallel.pipeline_eval import evaluate_pipeline
+
+        return evaluate_pipeline(self, samples, loss_fn, precision, batch_size)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip this rank's gradients by the norm of the whole model's gradient (every stage's,
+        and within a stage every TP / FSDP shard's), as ``torch.nn.utils.clip_grad_norm_`` does
+        on one device: each rank's stages hold a disjoint part of the parameters, so the squared
+        norms add up over the pipeline (torchtitan's ``clip_grad_norm_`` with a pp mesh)."""
+        return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device)
+
+
+def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,
+                          comm_device: torch.device) -> torch.Tensor:
+    """The L2 norm of the gradients of ``params`` summed over the ranks of ``pp_group``, and the
+    gradients scaled by ``max_norm / norm`` where that is below 1; returns the norm (a tensor: no
+    host sync). DTensor gradients (FSDP, TP) reduce their own shards first: ``full_tensor()`` of
+    their norm counts a replicated shard once and a sharded one in full."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float32, device=comm_device)
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if sharded:
+        norm = torch.nn.utils.get_total_norm(sharded, 2.0)
+        squares = squares + norm.full_tensor().to(comm_device, torch.float32) ** 2
+    if plain:
+        squares = squares + torch.nn.utils.get_total_norm(plain, 2.0).to(comm_device, torch.float32) ** 2
+    dist.all_reduce(squares, group=pp_group)  # stages hold disjoint parameters: their squares add up
+    total = squares.sqrt()
+    if grads:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].device))
+    return total
 
 
 def check_microbatches(rank_batch: int, microbatches: int) -> None:

@@ -247,7 +247,10 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
     if clip is not None:
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(model, "clip_grad_norm_"):  # a pipeline: the norm spans every stage
+            model.clip_grad_norm_(clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -260,6 +263,8 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
 def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topology,
              precision: str = "fp32", batch_size: int | None = None) -> float:
     """Mean loss over ``samples`` (every rank evaluates all of them; they agree)."""
+    if hasattr(model, "evaluate_loss"):  # a pipeline: forward through its stages, loss from the last
+        return model.evaluate_loss(samples, loss_fn, precision, batch_size)
     model.eval()
     total, n = 0.0, 0
     size = batch_size or len(samples)

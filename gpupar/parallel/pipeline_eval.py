@@ -1,0 +1,82 @@
+"""Validation through a pipeline: a forward-only pass of every stage, with no schedule.
+
+A schedule's stages hold receive buffers for the training micro-batch's shape (and a traced
+stage may be specialised to it), while a validation set has any number of rows. So
+evaluation walks the stages in order, each owner running its stage on the whole chunk and
+sending what it produced to the next stage's rank, shapes first: stage ``s`` lives on pp rank
+``s % pp`` (one stage per rank, or interleaved round-robin), so consecutive stages are always
+on different ranks. The last stage computes the loss, which is broadcast to the whole
+pipeline, so every rank reports the same validation loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool]
+
+
+def _send(tensors: tuple[torch.Tensor, ...], dst: int, comm_device: torch.device) -> None:
+    header = [len(tensors)]
+    for t in tensors:
+        header += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+    dist.send(torch.tensor([len(header)], dtype=torch.int64, device=comm_device), dst)
+    dist.send(torch.tensor(header, dtype=torch.int64, device=comm_device), dst)
+    for t in tensors:
+        dist.send(t.detach().to(comm_device).contiguous(), dst)
+
+
+def _recv(src: int, comm_device: torch.device, device: torch.device) -> tuple[torch.Tensor, ...]:
+    size = torch.zeros(1, dtype=torch.int64, device=comm_device)
+    dist.recv(size, src)
+    header = torch.zeros(int(size), dtype=torch.int64, device=comm_device)
+    dist.recv(header, src)
+    values, at, out = header.tolist(), 1, []
+    for _ in range(values[0]):
+        dtype, ndim = _DTYPES[values[at]], values[at + 1]
+        shape = values[at + 2:at + 2 + ndim]
+        at += 2 + ndim
+        t = torch.empty(shape, dtype=dtype, device=comm_device)
+        dist.recv(t, src)
+        out.append(t.to(device))
+    return tuple(out)
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipe: nn.Module, samples, loss_fn: nn.Module, precision: str = "fp32",
+                      batch_size: int | None = None) -> float:
+    """Mean loss over ``samples`` (every rank evaluates all of them; every rank returns it)."""
+    group, device, comm = pipe.pp_group, pipe.device, pipe.comm_device
+    me, pp = dist.get_rank(group), dist.get_world_size(group)
+    modules = dict(zip(pipe.stage_ids, pipe.stages))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    rows = 0
+    pipe.eval()
+    size = batch_size or len(samples)
+    try:
+        for start in range(0, len(samples), size):
+            x, y = samples.take_to(slice(start, start + size), device)
+            for s in range(pipe.num_stages):
+                if s % pp != me:
+                    continue
+                inputs = (x,) if s == 0 else _recv(dist.get_global_rank(group, (s - 1) % pp), comm, device)
+                with amp:
+                    out = modules[s](*inputs)
+                outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+                if s < pipe.num_stages - 1:
+                    _send(outs, dist.get_global_rank(group, (s + 1) % pp), comm)
+                else:
+                    with amp:
+                        loss = loss_fn(outs[0] if len(outs) == 1 else out, y)
+                    total += loss.detach().to(torch.float64) * len(x)
+            rows += len(x)
+    finally:
+        pipe.train()
+    total = total.to(comm)
+    dist.broadcast(total, src=pipe.last_rank, group=group)  # the last stage's loss, to every stage
+    return float(total) / max(rows, 1)

@@ -1,0 +1,68 @@
+"""A pipeline's model and optimizer state under the unparallelised model's names, for DCP.
+
+``Pipeline`` holds this rank's stages in ``stages``, so ``get_state_dict`` names a parameter
+``stages.0.blocks.3.up.weight``; each stage module itself keeps the whole model's names
+(``blocks.3.up.weight``). A checkpoint must carry the whole model's names, so that a pipeline's
+checkpoint loads on one device, under DDP or FSDP, and theirs under a pipeline: each stage
+saves its own disjoint part through DCP, and DCP joins them (torchtitan's ``ModelWrapper``
+merges its model parts' state dicts the same way).
+
+The optimizer's ``param_groups`` are one value per group in DCP, written once for all ranks:
+they list every stage's parameters (gathered over the pipeline), as one device would; on load
+each rank keeps its own parameters' names and the group's saved hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+
+_STAGE = re.compile(r"^stages\.\d+\.")
+
+
+def is_pipeline(model: nn.Module) -> bool:
+    return hasattr(model, "stage_ids") and isinstance(getattr(model, "stages", None), nn.ModuleList)
+
+
+def _whole(name: str) -> str:
+    return _STAGE.sub("", name, count=1)
+
+
+def model_state(model: nn.Module) -> dict:
+    """``get_model_state_dict`` under the whole model's names."""
+    state = get_model_state_dict(model)
+    return {_whole(k): v for k, v in state.items()} if is_pipeline(model) else state
+
+
+def state_dicts(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """``get_state_dict(model, optimizer)``; for a pipeline, under the whole model's names, with
+    each param group listing every stage's parameters (a collective over the pipeline)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if not is_pipeline(model):
+        return model_sd, optim_sd
+    groups = []
+    for group in optim_sd["param_groups"]:
+        mine = [_whole(p) for p in group["params"]]
+        everyone: list = [None] * dist.get_world_size(model.pp_group)
+        dist.all_gather_object(everyone, mine, group=model.pp_group)
+        groups.append({**group, "params": [p for names in everyone for p in names]})
+    return ({_whole(k): v for k, v in model_sd.items()},
+            {"state": {_whole(k): v for k, v in optim_sd["state"].items()}, "param_groups": groups})
+
+
+def load_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """``set_state_dict`` with what ``state_dicts`` gave and DCP filled in."""
+    if not is_pipeline(model):
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        return
+    own_model, own_optim = get_state_dict(model, optimizer)  # this rank's names, with the stage prefix
+    back = {_whole(k): k for k in own_model}
+    back.update({_whole(k): k for k in own_optim["state"]})
+    mine = [[p for p in g["params"]] for g in own_optim["param_groups"]]
+    optim = {"state": {back[k]: v for k, v in optim_sd["state"].items()},
+             "param_groups": [{**saved, "params": params} for saved, params in zip(optim_sd["param_groups"], mine)]}
+    set_state_dict(model, optimizer, model_state_dict={back[k]: v for k, v in model_sd.items()},
+                   optim_state_dict=optim)
