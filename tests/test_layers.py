@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "gpupar"
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("config", "config_file", "errors", "devices", "weights", "safe_dcp", "run", "run.rundir", "run.files"),
     1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "data", "data.files", "data.samples",
-        "data.stream", "data.sources", "memory", "tracking",
+        "data.stream", "data.sources", "data.tokens", "memory", "tracking",
         "measure", "measure.flops", "launch.elastic"),
     2: ("parallelize", "parallel", "parallel.activation_checkpoint", "parallel.ddp", "parallel.fsdp",
         "parallel.layer_split", "parallel.pipeline", "parallel.sync_bn", "parallel.tensor", "parallel.tied",

@@ -7,13 +7,19 @@ size are one line (UsageError), never a traceback or a silent climb in memory.
 
 from __future__ import annotations
 
+import importlib
+import itertools
+from pathlib import Path
+
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from gpupar.config import Config
+from gpupar.data.files import load_file
 from gpupar.data.samples import Samples, split_validation
-from gpupar.data.stream import Stream
-from gpupar.errors import UsageError
+from gpupar.data.stream import Stream, collate_rows
+from gpupar.data.tokens import TokenWindows, is_token_file
+from gpupar.errors import UsageError, first_line
 
 # A Dataset collated whole at every step would climb in memory without a word: past this many
 # samples, a Dataset source needs a batch size.
@@ -122,3 +128,62 @@ def _is_table(data) -> bool:
 def _torch_format(data):
     """A ``datasets.Dataset`` returns tensors rather than Python lists (rows stay in Arrow's memory map)."""
     return data.with_format("torch") if _is_table(data) and hasattr(data, "with_format") else data
+
+
+def load_data(cfg: Config):
+    """``--data``: a token file (tokens.py), ``module:factory``, or a .csv / .npz / .pt file.
+
+    Returns tensors ``(X, y)`` or a source that ``as_samples`` takes (a Dataset, an
+    IterableDataset, a DataLoader); y is None when a file has no target (predict).
+    """
+    path = cfg.data.data
+    if is_factory(path):
+        return load_data_factory(path)
+    if is_token_file(path):
+        return TokenWindows(path, cfg.model.seq_len, cfg.data.token_dtype)
+    return load_file(path, cfg.data.target)
+
+
+def is_factory(path: str) -> bool:
+    """``package.module:factory``: a colon, and no such file (``C:/data.csv`` stays a path)."""
+    module, _, attr = path.partition(":")
+    return bool(module and attr) and not Path(path).exists() and "/" not in module and "\\" not in module
+
+
+def load_data_factory(path: str):
+    """Import and call ``package.module:factory`` (no arguments); it returns what gpupar.train takes."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--data {path!r}: cannot import module {module_name!r} ({first_line(exc)})") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise UsageError(f"--data {path!r}: module {module_name!r} has no callable {attr!r}")
+    try:
+        data = factory()
+    except UsageError:
+        raise
+    except Exception as exc:  # the user's code failed: say where, in one line
+        raise UsageError(f"--data {path!r}: {attr}() raised {type(exc).__name__}: {first_line(exc, '')}") from None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return tuple(data)
+    if not isinstance(data, (Dataset, IterableDataset, DataLoader)) and not _is_table(data):
+        raise UsageError(f"--data {path!r}: {attr}() returned {type(data).__name__}; accepted: tensors (X, y), a "
+                         "torch Dataset, an IterableDataset, a DataLoader or a Hugging Face datasets.Dataset")
+    return data
+
+
+def first_samples(data, count: int = 2):
+    """The first ``count`` samples of a source, collated: one batch to probe shapes with,
+    without reading the rest (a stream is read only that far)."""
+    collate = data.collate_fn if isinstance(data, DataLoader) else default_collate
+    data = _torch_format(data.dataset if isinstance(data, DataLoader) else data)
+    if isinstance(data, IterableDataset):
+        items = list(itertools.islice(iter(data), count))
+    else:
+        items = [data[i] for i in range(min(count, len(data)))]  # type: ignore[arg-type]
+    if not items:
+        raise UsageError(f"data: {type(data).__name__} has no samples; expected at least one")
+    rows = list(enumerate(items))
+    return collate_rows(rows, collate)
