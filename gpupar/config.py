@@ -41,7 +41,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str | None = opt(None, "path to .csv, .npz (arrays X, y) or .pt (dict of X, y); none = synthetic")
+    data: str | None = opt(None, "path to .csv, .npz (arrays X, y), .pt (dict of X, y), a token file (.bin, .u16, "
+                           ".u32: windows of --seq-len), or package.module:factory returning tensors, a Dataset, an "
+                           "IterableDataset or a DataLoader; none = synthetic")
     target: str | None = opt(None, "target column of a CSV file")
     task: str = opt("regression", "sets the default loss", ("regression", "classification"))
     samples: int = opt(1000, "number of synthetic samples")
@@ -49,6 +51,8 @@ class DataConfig:
     noise: float = opt(0.1, "std of the Gaussian noise added to the synthetic target")
     val_fraction: float = opt(0.0, "fraction of samples held out for validation, in [0, 1)")
     shuffle: bool = opt(False, "reshuffle the training samples every epoch (seeded)")
+    token_dtype: str = opt("uint16", "token id type of a .bin token file (.u16 and .u32 files say theirs)",
+                           ("uint16", "uint32"))
 
 
 @dataclass

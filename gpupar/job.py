@@ -7,6 +7,7 @@ is what each process runs: problem -> parallelize -> fit -> the run directory's 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -60,7 +61,12 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
     """
     dims = ParallelDims.of(cfg, world, ranks_per_node)
     problem = load_problem(cfg, meta=True)
-    n_train = len(split_validation(len(problem.X), cfg.data.val_fraction, cfg.train.seed)[0])
+    if problem.source is not None:  # what a Dataset, stream or DataLoader needs (a batch size, ...)
+        cfg = copy.deepcopy(cfg)  # a DataLoader's batch size becomes the checks' (the ranks set their own)
+        as_samples(problem.source, cfg)
+    samples = problem.samples  # None: a stream without len, known after a pass
+    n_train = len(split_validation(samples, cfg.data.val_fraction, cfg.train.seed)[0]) if samples is not None \
+        else cfg.train.batch_size
     batch = cfg.train.batch_size or n_train
     if batch > n_train:
         raise UsageError(f"--batch-size {batch} exceeds the {n_train} training samples")
@@ -69,7 +75,8 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
     check_batch_divisible(batch, cfg.train.grad_accum, dims.dp, n_train, dims.microbatches,
                           cfg.train.batch_size is None)
     rows = micro_batch_size(cfg, dims, n_train) if dims.pp_enabled else 1
-    example = torch.zeros(rows, *problem.X.shape[1:], dtype=problem.X.dtype, device=device_of(problem.model))
+    example = torch.zeros(rows, *problem.X.shape[1:], dtype=problem.X.dtype, device=device_of(problem.model)) \
+        if problem.X is not None else None
     check_layout(problem.model, dims, cfg, problem.spec, example)
     if captures_whole_step(cfg, dims):  # what a captured step cannot do (training/graphs.py)
         from gpupar.devices import pick_device
@@ -119,7 +126,7 @@ def _train(cfg: Config, topo: Topology, problem: Problem, run: rundir.RunDir, lo
         log(f"Using device: {describe(topo.device)}{where}")
         if config_now:  # a new run: its config is there from the start (export copies it beside weights)
             atomic_write_text(run.path / "config.toml", to_toml(cfg))
-    train_set, val_set = as_samples((problem.X, problem.y), cfg)
+    train_set, val_set = as_samples(problem.data, cfg)
     if probes.prepare is not None:
         probes.prepare(problem.model)
     # A pipeline may trace the forward on a micro-batch; an automatic TP plan on one row.

@@ -7,24 +7,45 @@ and every rank builds it for real; train, verify, bench, plan and sweep all load
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from gpupar.config import Config
-from gpupar.data import load_file, prepare_targets, synthetic_regression
+from gpupar.data import first_samples, load_data, prepare_targets, synthetic_regression
+from gpupar.data.tokens import TokenWindows, check_vocab
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
+from gpupar.training.step import split_batch
 
 
 @dataclass
 class Problem:
-    """The data, a freshly initialised (not yet placed) model for one config, and its spec."""
+    """The data, a freshly initialised (not yet placed) model for one config, and its spec.
+
+    Tensor data is ``X, y`` whole. A Dataset, stream or DataLoader (``--data module:factory``,
+    a token file) is ``source``, never read whole: ``X, y`` are then its first two samples'
+    input and target, to probe the model with.
+    """
 
     X: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | None
     model: nn.Module
     spec: ModelSpec
+    source: Any = None  # what as_samples takes when it is not (X, y)
+
+    @property
+    def data(self):
+        """What ``gpupar.data.as_samples`` takes."""
+        return (self.X, self.y) if self.source is None else self.source
+
+    @property
+    def samples(self) -> int | None:
+        """Samples before the validation split; None for a stream without ``len``."""
+        if self.source is None:
+            return len(self.X)
+        return _source_samples(self.source)
 
 
 def load_problem(cfg: Config, meta: bool = False) -> Problem:
@@ -42,7 +63,10 @@ def load_problem(cfg: Config, meta: bool = False) -> Problem:
         if d.task == "classification":
             y = (y > y.median()).long()  # a learnable two-class version of the classic target
     else:
-        X, y = load_file(d.data, d.target)
+        data = load_data(cfg)
+        if not isinstance(data, tuple):
+            return _source_problem(cfg, spec, data, meta)
+        X, y = data
     y = prepare_targets(y, d.task)
     out_features = int(y.max()) + 1 if d.task == "classification" else y.shape[1]
     model = _build(cfg, spec, X.shape[1], out_features, meta)
@@ -52,6 +76,39 @@ def load_problem(cfg: Config, meta: bool = False) -> Problem:
         model = _build(cfg, spec, X.shape[1], out_features, meta=False)
         check_shapes(model, X, y, d.task)
     return Problem(X, y, model, spec)
+
+
+def _source_problem(cfg: Config, spec: ModelSpec, source, meta: bool) -> Problem:
+    """A Dataset, stream or DataLoader: the model is probed with its first two samples."""
+    if isinstance(source, TokenWindows) and cfg.model.name == "gpt" and meta:  # before launch: read once
+        check_vocab(source, cfg.model.vocab)
+    args, _, y = split_batch(first_samples(source))
+    X = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    n_in = X.shape[1] if X is not None and X.dim() > 1 else 0
+    n_out = 0
+    if isinstance(y, torch.Tensor) and spec.loss is None:  # the model's own loss knows its target
+        n_out = int(y.max()) + 1 if cfg.data.task == "classification" else (y.shape[1] if y.dim() > 1 else 1)
+    model = _build(cfg, spec, n_in, n_out, meta)
+    if X is not None and isinstance(y, torch.Tensor) and spec.loss is None and X.is_floating_point():
+        # The target as collated (a scalar per sample stays [batch]: against a [batch, 1]
+        # output, MSE would broadcast to [batch, batch] without a word).
+        target = y.reshape(-1).long() if cfg.data.task == "classification" else y
+        try:
+            check_shapes(model, X.to(device_of(model)), target, cfg.data.task)
+        except NotImplementedError:
+            model = _build(cfg, spec, n_in, n_out, meta=False)
+            check_shapes(model, X, target, cfg.data.task)
+    return Problem(X, y, model, spec, source)
+
+
+def _source_samples(source) -> int | None:
+    from torch.utils.data import DataLoader
+
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    try:
+        return len(dataset)
+    except (TypeError, NotImplementedError):
+        return None
 
 
 def _build(cfg: Config, spec: ModelSpec, n_in: int, n_out: int, meta: bool) -> nn.Module:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from gpupar.config import Config
-from gpupar.data import Samples, batch_rows, check_batch_divisible, epoch_batches, shard_batch, to_device
+from gpupar.data import (Cut, Samples, Stream, StreamEnd, batch_rows, check_batch_divisible, epoch_batches, epoch_samples,
+                         eval_batches, next_batch, shard_batch, to_device)
 from gpupar.errors import UsageError
 from gpupar.memory import grad_bytes
 from gpupar.parallelize import Parallelized, captures_whole_step
@@ -53,12 +54,16 @@ class Steps:
     total: int
 
     @classmethod
-    def of(cls, samples: int, cfg: Config, dp: int) -> "Steps":
+    def of(cls, samples: int | None, cfg: Config, dp: int) -> "Steps":
+        """``samples`` None: a stream without ``len``, whose epochs end when a pass does
+        (per_epoch 0: not known before; total --max-steps, or until the last pass ends)."""
         t = cfg.train
         batch_size = t.batch_size or samples
-        if batch_size > samples:
+        if samples is not None and batch_size > samples:
             raise UsageError(f"--batch-size {batch_size} exceeds the {samples} training samples")
-        check_batch_divisible(batch_size, t.grad_accum, dp, samples)
+        check_batch_divisible(batch_size, t.grad_accum, dp, samples or batch_size)
+        if samples is None:
+            return cls(batch_size, 0, t.max_steps or sys.maxsize)
         per_epoch = samples // batch_size
         return cls(batch_size, per_epoch, int(min(t.max_steps or math.inf, t.epochs * per_epoch)))
 
@@ -75,7 +80,7 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
     ``--checkpoint-every`` steps.
     """
     t, parallel = cfg.train, _as_parallelized(parallel)
-    model, steps = parallel.model, Steps.of(len(train_set), cfg, topo.dp)
+    model, steps = parallel.model, Steps.of(epoch_samples(train_set), cfg, topo.dp)
     if t.cuda_graphs:
         graphs.need_cuda(topo.device.type)
     # One process, one device and the ordinary step: --cuda-graphs captures the whole step.
@@ -101,7 +106,7 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
     model.train()
     optimizer.zero_grad(set_to_none=True)
     step = start.step
-    for epoch, i, epoch_end, micro_batches in _batches(train_set, cfg, topo, steps, start):
+    for epoch, i, epoch_end, micro_batches in _batches(train_set, cfg, topo, steps, start, hooks.log):
         if t.cuda_graphs and not whole_step:  # compile's graphs may reuse the last step's buffers
             torch.compiler.cudagraph_mark_step_begin()
         step_loss, bad = train_step(micro_batches, step == start.step)
@@ -159,11 +164,14 @@ def _train_step(parallel: Parallelized, loss_fn: nn.Module, optimizer: torch.opt
     return train_step
 
 
-def _batches(train_set: Samples, cfg: Config, topo: Topology, steps: Steps, start: Position):
+def _batches(train_set: Samples | Stream, cfg: Config, topo: Topology, steps: Steps, start: Position, log):
     """(epoch, batch index, whether it ends a logged epoch, this rank's micro-batches), from
     ``start`` on: every rank walks the same global batches, cut into --grad-accum slices,
     each cut into dp equal shards of which this rank takes its own."""
     t = cfg.train
+    if isinstance(train_set, Stream):
+        yield from _stream_batches(train_set, cfg, topo, steps.batch_size, start, log)
+        return
     # Full batch, in order, on one rank: the same single micro-batch every step (a view, no copy).
     if t.batch_size is None and not cfg.data.shuffle and topo.dp == 1 and t.grad_accum == 1:
         same = [train_set.take_to(slice(None), topo.device)]
@@ -182,7 +190,38 @@ def _batches(train_set: Samples, cfg: Config, topo: Topology, steps: Steps, star
     loader = iter(DataLoader(range(len(train_set)), batch_sampler=rows_in_order, num_workers=train_set.workers,
                              collate_fn=train_set.collate_index, pin_memory=train_set.pin_memory and topo.device.type == "cuda"))
     for epoch, i, epoch_end, shards in plan:
-        yield epoch, i, epoch_end, [to_device(next(loader), topo.device) for _ in shards]
+        yield epoch, i, epoch_end, [to_device(next_batch(loader), topo.device) for _ in shards]
+
+
+def _stream_batches(stream: Stream, cfg: Config, topo: Topology, batch_size: int, start: Position, log):
+    """The same, from a stream: an epoch is one pass, and it ends when the pass does, so each
+    step is handed on only once the next one is read (or the pass ended): then it is known
+    whether it ends the epoch. Every rank reads the same pass and stops at the same batch."""
+    t = cfg.train
+    for epoch in range(start.epoch, t.epochs):
+        skip = start.batch if epoch == start.epoch else 0
+        logged = (epoch + 1) % t.log_every == 0 or epoch + 1 == t.epochs
+        held, micro, i, end = None, [], skip, StreamEnd(0)
+        for item in stream.micro_batches(epoch, Cut(batch_size, t.grad_accum, topo.dp, topo.dp_rank, skip),
+                                         topo.device):
+            if isinstance(item, StreamEnd):
+                end = item
+                continue
+            micro.append(item)
+            if len(micro) == t.grad_accum:
+                if held is not None:
+                    yield epoch, i, False, held
+                    i += 1
+                held, micro = micro, []
+        if held is not None:
+            yield epoch, i, logged, held
+        elif skip == 0:  # not one whole global batch in the pass
+            what = "no samples" if end.samples == 0 else f"{end.samples} samples, fewer than one global batch of {batch_size}"
+            raise UsageError(f"data: the stream yielded {what} in epoch {epoch + 1}; expected at least {batch_size}")
+        left = end.samples % batch_size
+        if left and epoch == start.epoch and topo.is_main:
+            log(f"data: the stream's last {left} of {end.samples} samples do not fill a global batch of "
+                f"{batch_size} and are not trained (each epoch)")
 
 
 def _plan(train_set: Samples, cfg: Config, topo: Topology, steps: Steps, start: Position):
@@ -267,9 +306,8 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
         return model.evaluate_loss(samples, loss_fn, precision, batch_size)
     model.eval()
     total, n = 0.0, 0
-    size = batch_size or len(samples)
-    for start in range(0, len(samples), size):
-        batch = samples.take_to(slice(start, start + size), topo.device)
+    size = batch_size or len(samples) or 1024
+    for batch in eval_batches(samples, size, topo.device):
         args, kwargs, target = split_batch(batch)
         with autocast_for(topo.device, precision):
             loss = loss_of(loss_fn, call_model(model, args, kwargs), batch, target)
