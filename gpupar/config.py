@@ -117,8 +117,9 @@ class ParallelConfig:
     tp: int = opt(1, "tensor-parallel degree (ranks that split each layer's weights)")
     pp: int = opt(1, "pipeline-parallel degree (ranks that each hold consecutive layers)")
     microbatches: int | None = opt(None, "pipeline micro-batches per step; none = 2 x pp")
-    schedule: str = opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved-1f1b"))
-    stages_per_rank: int = opt(2, "pipeline stages per rank with --schedule interleaved-1f1b")
+    schedule: str = opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved-1f1b",
+                                                        "interleaved-zb", "zbv", "dualpipev"))
+    stages_per_rank: int = opt(2, "pipeline stages per rank with the interleaved schedules (2 for zbv, dualpipev)")
     split_points: str | None = opt(None, "pipeline/layer-split stage starts as layer indices, e.g. 2,5; "
                                          "none = balanced by parameter count")
     devices: str | None = opt(None, "devices for --strategy layer-split, in layer order, e.g. cuda:0,cuda:1")

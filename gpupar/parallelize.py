@@ -35,7 +35,7 @@ from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
 from gpupar.parallel.layer_split import apply_layer_split, parse_devices
 from gpupar.parallel.pipeline import (Pipeline, layer_units, split_model, stage_module, stage_names, stage_starts,
-                                      trace_stages, traceable)
+                                      stages_per_rank, trace_stages, traceable)
 from gpupar.topology import ParallelDims, Topology
 from gpupar.training.step import StepFn, forward_backward
 
@@ -107,7 +107,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
 
     devices = tuple(sorted({p.device for _, m in stages for p in m.parameters()}, key=str))
     if dims.pp_enabled:
-        num_stages = dims.pp * (cfg.parallel.stages_per_rank if cfg.parallel.schedule == "interleaved-1f1b" else 1)
+        num_stages = dims.pp * stages_per_rank(cfg.parallel)
         pipeline = Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel,
                             topo.comm_device(), dims.microbatches)
         return Parallelized(pipeline, pipeline.forward_backward, True, devices)

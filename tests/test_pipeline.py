@@ -141,8 +141,8 @@ def _val_losses(run):
 
 @pytest.mark.parametrize("flags", [
     ("--model", "user_models:residual_mlp"),  # stages cut from the traced forward
-    ("--model", "mlp", "--layers", 4, "--schedule", "interleaved-1f1b"),  # 4 stages on 2 ranks, round-robin
-], ids=["traced", "interleaved"])
+    ("--model", "mlp", "--layers", 4, "--schedule", "zbv"),  # 4 stages on 2 ranks in a V (stages 1, 2 on rank 1)
+], ids=["traced", "zbv"])
 def test_pipeline_validation_loss_equals_one_device(gpupar_cli, tmp_path, flags):
     """The validation forward walks the stages (any number of rows: 100 here, not a multiple of
     the micro-batch); its loss is the single device's up to the training's summation-order
@@ -154,3 +154,20 @@ def test_pipeline_validation_loss_equals_one_device(gpupar_cli, tmp_path, flags)
     pp, one = _val_losses(tmp_path / "pp"), _val_losses(tmp_path / "one")
     assert len(pp) == len(one) >= 1
     torch.testing.assert_close(pp, one, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "dualpipev", "interleaved-zb"])
+def test_zero_bubble_schedules_verify(gpupar_cli, tmp_path, schedule):
+    """torch's zero-bubble schedules (split input/weight backward; ZBV and DualPipeV in a V, whose
+    last stage is on rank 0): the same sums as 1f1b in another order, verify's 1e-5."""
+    code, out, err = gpupar_cli("verify", "--model", "mlp", "--layers", 4, "--hidden", 32, "--pp", 2,
+                                "--schedule", schedule, "--microbatches", 4, "--batch-size", 200,
+                                "--nproc-per-node", 2, "--epochs", 2, "--run-dir", tmp_path / "v")
+    assert code == 0, err
+    assert PASS.search(out).groups() == (f"pp(2, {schedule})", "1e-05")
+
+
+def test_v_schedules_need_two_stages_per_rank(gpupar_cli, tmp_path):
+    code, _, err = gpupar_cli("train", "--model", "mlp", "--layers", 6, "--pp", 2, "--schedule", "zbv",
+                              "--stages-per-rank", 3, "--nproc-per-node", 2, "--run-dir", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and "--schedule zbv places exactly 2 stages per rank" in err

@@ -179,11 +179,27 @@ def stage_module(model: nn.Module, keep: list[str], drop: list[str]) -> nn.Modul
     return stage
 
 
+MULTI_STAGE = ("interleaved-1f1b", "interleaved-zb", "zbv", "dualpipev")
+"""Schedules that give each rank several stages (--stages-per-rank; 2 in a V for zbv and dualpipev)."""
+V_SHAPED = ("zbv", "dualpipev")
+
+
+def stages_per_rank(options: ParallelConfig) -> int:
+    return options.stages_per_rank if options.schedule in MULTI_STAGE else 1
+
+
+def stage_owner(stage: int, pp: int, schedule: str) -> int:
+    """The pp rank that holds ``stage``: round-robin (``s % pp``), or for the V-shaped zero-bubble
+    schedules rank r holds stages r and 2p - 1 - r (the first and last stages on rank 0)."""
+    if schedule in V_SHAPED:
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
 def stage_names(model: nn.Module, units: list[list[str]], pp: int, options: ParallelConfig) -> list[list[str]]:
     """The module names each pipeline stage keeps, for all ``pp x stages_per_rank`` stages
-    (stage s lives on pp rank s % pp with the interleaved schedule)."""
-    per_rank = options.stages_per_rank if options.schedule == "interleaved-1f1b" else 1
-    stages = pp * per_rank
+    (stage s lives on pp rank ``stage_owner(s)``)."""
+    stages = pp * stages_per_rank(options)
     starts = stage_starts(model, units, stages, options.split_points) + [len(units)]
     return [[name for unit in units[starts[s]:starts[s + 1]] for name in unit] for s in range(stages)]
 
@@ -199,10 +215,11 @@ def split_model(model: nn.Module, units: list[list[str]], pp: int, pp_rank: int,
     every = stage_names(model, units, pp, options)
     if example is not None:
         pipe = trace_stages(model, every, example)
-        return [(s, pipe.get_stage_module(s)) for s in range(len(every)) if s % pp == pp_rank]
+        return [(s, pipe.get_stage_module(s)) for s in range(len(every))
+                if stage_owner(s, pp, options.schedule) == pp_rank]
     names = [name for unit in units for name in unit]
     return [(s, stage_module(model, keep, [n for n in names if n not in keep]))
-            for s, keep in enumerate(every) if s % pp == pp_rank]
+            for s, keep in enumerate(every) if stage_owner(s, pp, options.schedule) == pp_rank]
 
 
 def trace_stages(model: nn.Module, every: list[list[str]], example: torch.Tensor):
@@ -251,8 +268,8 @@ class Pipeline(nn.Module):
         self.microbatches = microbatches  # ParallelDims.microbatches: --microbatches, or 2 x pp
         self.schedule_name = options.schedule
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
-        # The last stage lives on the last pp rank; its loss is broadcast from there.
-        self.last_rank = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
+        # The last stage's rank (the last pp rank; rank 0 in a V) broadcasts its loss.
+        self.last_rank = dist.get_global_rank(pp_group, self.stage_owner(num_stages - 1))
         self._schedule, self._loss_fn, self._rounds = None, None, 1
 
     def forward(self, *args):
@@ -261,6 +278,8 @@ class Pipeline(nn.Module):
     def _schedule_for(self, loss_fn: nn.Module):
         # Imported here: torch.distributed.pipelining pulls in torch._dynamo (~0.5 s per process).
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining.schedules import (ScheduleDualPipeV, ScheduleInterleavedZeroBubble,
+                                                            ScheduleZBVZeroBubble)
 
         if self._schedule is not None and self._loss_fn is loss_fn:
             return self._schedule
@@ -273,10 +292,15 @@ class Pipeline(nn.Module):
 
         stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
                   for s, module in zip(self.stage_ids, self.stages)]
-        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
+        # The zero-bubble schedules (Qi et al., 2024, "Zero Bubble Pipeline Parallelism") split each
+        # backward into its input gradient (on the critical path) and its weight gradient (deferred
+        # into the bubbles); ZBV and DualPipeV place two stages per rank in a V.
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
+                "interleaved-zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble,
+                "dualpipev": ScheduleDualPipeV}
         cls = kind[self.schedule_name]
         extra = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
-        first = stages if cls is ScheduleInterleaved1F1B else stages[0]
+        first = stages if self.schedule_name in MULTI_STAGE else stages[0]
         self._schedule, self._loss_fn = cls(first, m, loss_fn=microbatch_loss, **extra), loss_fn
         return self._schedule
 
@@ -311,6 +335,9 @@ class Pipeline(nn.Module):
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
 
+
+    def stage_owner(self, stage: int) -> int:
+        return stage_owner(stage, dist.get_world_size(self.pp_group), self.schedule_name)
 
     def evaluate_loss(self, samples, loss_fn: nn.Module, precision: str = "fp32",
                       batch_size: int | None = None) -> float:

@@ -3,9 +3,8 @@
 A schedule's stages hold receive buffers for the training micro-batch's shape (and a traced
 stage may be specialised to it), while a validation set has any number of rows. So
 evaluation walks the stages in order, each owner running its stage on the whole chunk and
-sending what it produced to the next stage's rank, shapes first: stage ``s`` lives on pp rank
-``s % pp`` (one stage per rank, or interleaved round-robin), so consecutive stages are always
-on different ranks. The last stage computes the loss, which is broadcast to the whole
+sending what it produced to the next stage's rank, shapes first (stage ``s`` lives on pp rank
+``stage_owner(s)``; in a V the turn's two stages share a rank and pass their outputs there). The last stage computes the loss, which is broadcast to the whole
 pipeline, so every rank reports the same validation loss.
 """
 
@@ -51,8 +50,9 @@ def evaluate_pipeline(pipe: nn.Module, samples, loss_fn: nn.Module, precision: s
                       batch_size: int | None = None) -> float:
     """Mean loss over ``samples`` (every rank evaluates all of them; every rank returns it)."""
     group, device, comm = pipe.pp_group, pipe.device, pipe.comm_device
-    me, pp = dist.get_rank(group), dist.get_world_size(group)
+    me = dist.get_rank(group)
     modules = dict(zip(pipe.stage_ids, pipe.stages))
+    owner = pipe.stage_owner  # stage -> pp rank
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     total = torch.zeros((), dtype=torch.float64, device=device)
     rows = 0
@@ -61,15 +61,23 @@ def evaluate_pipeline(pipe: nn.Module, samples, loss_fn: nn.Module, precision: s
     try:
         for start in range(0, len(samples), size):
             x, y = samples.take_to(slice(start, start + size), device)
+            carried = None  # the previous stage's outputs when it lives on this rank too (a V's turn)
             for s in range(pipe.num_stages):
-                if s % pp != me:
+                if owner(s) != me:
                     continue
-                inputs = (x,) if s == 0 else _recv(dist.get_global_rank(group, (s - 1) % pp), comm, device)
+                if s == 0:
+                    inputs = (x,)
+                elif owner(s - 1) == me:
+                    inputs = carried
+                else:
+                    inputs = _recv(dist.get_global_rank(group, owner(s - 1)), comm, device)
                 with amp:
                     out = modules[s](*inputs)
                 outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-                if s < pipe.num_stages - 1:
-                    _send(outs, dist.get_global_rank(group, (s + 1) % pp), comm)
+                if s < pipe.num_stages - 1 and owner(s + 1) == me:
+                    carried = outs
+                elif s < pipe.num_stages - 1:
+                    _send(outs, dist.get_global_rank(group, owner(s + 1)), comm)
                 else:
                     with amp:
                         loss = loss_fn(outs[0] if len(outs) == 1 else out, y)
