@@ -25,7 +25,7 @@ from gpupar.models import ModelSpec
 from gpupar.training.loop import Hooks, fit
 from gpupar.training.recipe import make_loss, make_optimizer
 from gpupar.training.state import TrainResult
-from gpupar.training.step import split_batch
+from gpupar.training.step import BatchLoss, split_batch
 
 
 def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
@@ -39,6 +39,12 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     ``config.parallel.strategy = "ddp"``) the script must run under torchrun: every rank passes
     the same model (same seed) and the same data, and takes its own slice of every batch. The
     returned model is this rank's: the whole model under DDP, its shards under FSDP or TP.
+
+    ``loss``: a torch criterion (``nn.MSELoss()``) is applied to the model's predictions (a
+    ``ModelOutput``'s logits, a tuple's first element) and the batch's target; a plain function
+    is called as ``loss(output, batch)`` with the whole output and the batch as collated. With
+    neither, the model's own loss (``output.loss``, a Hugging Face model given ``labels``) comes
+    first, then config.train.loss.
     """
     from gpupar.devices import pick_device
     from gpupar.launch.elastic import launched_by_torchrun
@@ -60,12 +66,15 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     if val_data is not None:
         val_set = as_samples(val_data, Config())[0]
     spec = ModelSpec("user", lambda *_: model)
-    # A pipeline traces the forward on a few samples (never the whole Dataset collated).
-    inputs = split_batch(train_set.take(slice(0, cfg.train.batch_size or len(train_set))))[0][0] \
-        if topo.pp_enabled else None
+    # A pipeline traces the forward on a few samples (never the whole Dataset collated), an
+    # automatic TP plan on one.
+    rows = (cfg.train.batch_size or len(train_set)) if topo.pp_enabled else 1
+    inputs = split_batch(train_set.take(slice(0, rows)))[0][0] if topo.pp_enabled or topo.tp_enabled else None
     parallel = parallelize(model, topo, cfg, spec, inputs)
     optimizer = optimizer or make_optimizer(parallel.model, cfg)
-    history = fit(parallel, train_set, cfg, topo, loss or make_loss(cfg), optimizer, val_set,
+    # A torch criterion (nn.Module) gets (prediction, target); a plain function gets (output, batch).
+    loss_fn = loss if loss is None or isinstance(loss, nn.Module) else BatchLoss(loss)
+    history = fit(parallel, train_set, cfg, topo, loss_fn or make_loss(cfg), optimizer, val_set,
                   hooks=Hooks(log=print if topo.is_main else (lambda _: None)))
     return TrainResult(getattr(parallel.model, "module", parallel.model), history)
 

@@ -43,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, only=("parallel",))
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="write a checkpoint's full weights as one safetensors file")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, RUN/checkpoints/step-N")
-    p.add_argument("--out", required=True, help="the .safetensors file to write (gpupar predict --weights reads it)")
+    p = sub.add_parser("export", help="write a run's or a checkpoint's full weights: one safetensors file, or "
+                                      "a Hugging Face save_pretrained directory for an hf: model")
+    p.add_argument("--run", help="a run directory: its final weights (model.safetensors)")
+    p.add_argument("--checkpoint", help="a checkpoint directory, RUN/checkpoints/step-N")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (gpupar predict --weights reads "
+                                                "it); for an hf: model, a new directory from_pretrained loads")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="time strategies x world sizes: throughput, MFU, memory, scaling; report + plots")
@@ -143,9 +146,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gpupar.checkpoint import export_run
+    from gpupar.export import export
 
-    print(f"Wrote the full weights of {args.checkpoint} to {export_run(args.checkpoint, args.out)}")
+    written = export(args.run, args.checkpoint, args.out)
+    print(f"Wrote the full weights of {args.checkpoint or args.run} to {written}")
     return 0
 
 

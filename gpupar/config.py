@@ -24,16 +24,19 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: s
 
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # the modes of --activation-checkpointing
+LOSSES = ("mse", "l1", "huber", "cross-entropy")  # --loss by name (training.recipe builds them)
 
 
 @dataclass
 class ModelConfig:
-    name: str = opt("simple-nn", "simple-nn, mlp, gpt, or an import path package.module:factory", flag="model")
+    name: str = opt("simple-nn", "simple-nn, mlp, gpt, hf:TYPE (a Hugging Face model type, e.g. hf:gpt2, built from "
+                    "--hf-config), hf:DIR (a local save_pretrained directory), or package.module:factory", flag="model")
     hidden: int | None = opt(None, "hidden width of the built-in models; none = 50 (simple-nn, mlp) or 64 (gpt)")
     layers: int = opt(2, "number of Linear layers (mlp) or transformer blocks (gpt)")
     heads: int = opt(4, "attention heads (gpt)")
-    seq_len: int = opt(32, "sequence length in tokens (gpt)")
+    seq_len: int = opt(32, "sequence length in tokens (gpt, hf:)")
     vocab: int = opt(64, "vocabulary size (gpt)")
+    hf_config: str | None = opt(None, "hf: models: config fields as key=value,... (n_layer=2,n_embd=64,vocab_size=256)")
 
 
 @dataclass
@@ -72,8 +75,9 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step (the batch is split into them)")
     max_steps: int | None = opt(None, "stop after this many optimizer steps")
     precision: str = opt("fp32", "autocast precision", ("fp32", "bf16", "fp16"))
-    loss: str | None = opt(None, "loss function; none = mse for regression, cross-entropy for classification",
-                           ("mse", "l1", "huber", "cross-entropy"))
+    loss: str | None = opt(None, "loss: mse, l1, huber, cross-entropy, or package.module:function called as "
+                           "function(output, batch); none = the model's own, else mse (regression) or "
+                           "cross-entropy (classification)", flag=None)
     seed: int = opt(42, "seed for data, weight init and shuffling")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     log_every: int = opt(20, "print and record the loss every N epochs")
@@ -194,6 +198,9 @@ class Config:
                 if getattr(self.model, name) < 1:
                     raise UsageError(f"{flag(name)} {getattr(self.model, name)} must be a positive integer "
                                      "(--model gpt)")
+        if self.train.loss is not None and self.train.loss not in LOSSES and ":" not in self.train.loss:
+            raise UsageError(f"--loss {self.train.loss!r} is not one of: {', '.join(LOSSES)}, "
+                             "or package.module:function")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise UsageError(f"--val-fraction {self.data.val_fraction} must be in [0, 1)")
         if self.optim.warmup_steps < 0:

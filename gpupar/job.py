@@ -136,7 +136,8 @@ def _train(cfg: Config, topo: Topology, problem: Problem, run: rundir.RunDir, lo
     train_set, val_set = as_samples(problem.data, cfg)
     if probes.prepare is not None:
         probes.prepare(problem.model)
-    inputs = train_set.take(slice(None))[0] if topo.pp_enabled else None  # a pipeline may trace the forward
+    # A pipeline may trace the forward on a micro-batch; an automatic TP plan on one row.
+    inputs = train_set.take(slice(None if topo.pp_enabled else 1))[0] if topo.pp_enabled or topo.tp_enabled else None
     parallel = parallelize(problem.model, topo, cfg, problem.spec, inputs)
     if probes.wrap_step is not None:
         parallel.step = probes.wrap_step(parallel.step, parallel.model, topo, run.path)

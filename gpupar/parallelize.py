@@ -68,6 +68,8 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     if topo.distributed:
         check_same_model(model, topo)
     stages = [(0, model)]
+    # The tensor-parallel plan is made (and proven) on the whole model; each stage applies its part.
+    plan = tp_plan(model, dims.tp, spec, _one_row(inputs, topo.device)) if dims.tp_enabled else {}
     # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module).
     if dims.pp_enabled:
         example = None
@@ -82,7 +84,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     if dims.tp_enabled:
         from gpupar.parallel.tensor import apply_tp
 
-        stages = [(s, apply_tp(m, topo.mesh["tp"], tp_plan(m, dims.tp, spec))) for s, m in stages]
+        stages = [(s, apply_tp(m, topo.mesh["tp"], stage_plan(plan, m))) for s, m in stages]
     # 3. Activation checkpointing per block (on the TP-sharded layers, inside the FSDP units to come).
     stages = [(s, apply_activation_checkpointing(m, cfg.parallel.activation_checkpointing)) for s, m in stages]
     # 4. Compile each stage in place (its state-dict names stay): before data parallel wraps it.
@@ -139,10 +141,10 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
     if dims.tp_enabled:
         from gpupar.parallel.tensor import check_tp_divisible
 
+        plan = tp_plan(model, dims.tp, spec, None if example is None else example[:1])
         for stage in stages:
-            plan = tp_plan(stage, dims.tp, spec)
-            check_tp_divisible(stage, plan, dims.tp)
-            tied.check_tp(stage, plan)
+            check_tp_divisible(stage, stage_plan(plan, stage), dims.tp)
+            tied.check_tp(stage, stage_plan(plan, stage))
     # 4. Compile: a pipeline's stages are not compiled.
     if (cfg.train.compile or cfg.train.cuda_graphs) and dims.pp_enabled:
         raise UsageError("--compile / --cuda-graphs with --pp: pipeline stages are not compiled yet")
@@ -178,11 +180,28 @@ def pipeline_units(model: nn.Module, spec: ModelSpec) -> list[list[str]]:
     return spec.pipeline_units(model) if spec.pipeline_units else layer_units(model)
 
 
-def tp_plan(model: nn.Module, tp: int, spec: ModelSpec) -> dict:
-    """The model's tensor-parallel plan, from its spec (consecutive Linear pairs by default)."""
+def tp_plan(model: nn.Module, tp: int, spec: ModelSpec, example: torch.Tensor | None) -> dict:
+    """The whole model's tensor-parallel plan: its spec's (the GPT's, a Hugging Face model's own),
+    else the automatic plan that a trace of the forward on ``example`` (one row) proves."""
     from gpupar.parallel.tensor import auto_plan
 
-    return spec.tp_plan(model, tp) if spec.tp_plan else auto_plan(model)
+    plan = spec.tp_plan(model, tp) if spec.tp_plan else None
+    if plan is not None:
+        return plan
+    if example is None:
+        raise UsageError(f"--tp on {type(model).__name__}: the automatic plan traces the forward on an input "
+                         "row, and none was given (gp.setup(model, optimizer, example=inputs))")
+    return auto_plan(model, example)
+
+
+def stage_plan(plan: dict, stage: nn.Module) -> dict:
+    """The part of the whole model's plan that a pipeline stage holds (names stay the model's)."""
+    names = {name for name, _ in stage.named_modules()}
+    return {name: style for name, style in plan.items() if name in names}
+
+
+def _one_row(inputs: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if inputs is None else inputs[:1].to(device)
 
 
 def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:

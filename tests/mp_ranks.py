@@ -39,7 +39,7 @@ def main() -> None:
     # Automatic pairing on an mlp of 4 Linear layers: (0 colwise, 2 rowwise), (4 colwise, 6 rowwise).
     torch.manual_seed(0)
     model = mlp(10, 32, 4, 1)
-    model = apply_tp(model, topo.mesh["tp"], auto_plan(model))
+    model = apply_tp(model, topo.mesh["tp"], auto_plan(model, torch.zeros(1, 10)))
     w0, w2, w6 = model[0].weight, model[2].weight, model[6].weight
     assert isinstance(w0, DTensor) and w0.placements == (Shard(0),) and w0.to_local().shape == (16, 10)
     assert w2.placements == (Shard(1),) and w2.to_local().shape == (32, 16)
@@ -81,7 +81,8 @@ def main() -> None:
                          (lambda: mlp(10, 33, 2, 1), "does not divide the 33 output features")):
         try:
             model = bad()
-            apply_tp(model, topo.mesh["tp"], tp_plan(model, 2) if isinstance(model, GPT) else auto_plan(model))
+            apply_tp(model, topo.mesh["tp"], tp_plan(model, 2) if isinstance(model, GPT)
+                     else auto_plan(model, torch.zeros(1, 10)))
         except UsageError as exc:
             assert message in str(exc), exc
         else:
@@ -104,7 +105,43 @@ def main() -> None:
 
     gloo_reduce_scatter(topo.mesh["tp"])
     ok("gloo-reduce-scatter")
+
+    ddp_token_mean(topo.rank)
+    ok("ddp-token-mean")
+
+    # A loss that reads the parameters (a weight penalty) meets TP's DTensor shards: one line.
+    from gpupar.training.step import BatchLoss, forward_backward
+
+    model = apply_tp(mlp(10, 32, 2, 1), topo.mesh["tp"], auto_plan(mlp(10, 32, 2, 1), torch.zeros(1, 10)))
+    penalty = BatchLoss(lambda out, batch: nn.functional.mse_loss(out, batch[1])
+                        + sum((p ** 2).sum() for p in model.parameters()))
+    try:
+        forward_backward(model, [(torch.ones(4, 10), torch.ones(4, 1))], penalty, torch.autocast("cpu", enabled=False),
+                         None)
+    except UsageError as exc:
+        assert "p.full_tensor()" in str(exc), exc
+    else:
+        raise AssertionError("a penalty over DTensor parameters raised nothing")
+    ok("loss-reads-parameters")
     topo.close()
+
+
+def ddp_token_mean(rank: int) -> None:
+    """DDP with 2 micro-batches a rank over a padded batch (valid tokens 3, 7 | 11, 12): the
+    gradient is the whole batch's token mean, not a mean of the ranks' or micro-batches' means."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gpupar.models.gpt import TokenCrossEntropy
+    from gpupar.training.step import forward_backward
+    from padded_tokens import padded_batch, reference_grads, token_model
+
+    x, y = padded_batch()
+    want = reference_grads(token_model(), x, y)
+    ddp = DistributedDataParallel(token_model())
+    mine = [(x[i:i + 2], y[i:i + 2]) for i in range(4 * rank, 4 * rank + 4, 2)]
+    forward_backward(ddp, mine, TokenCrossEntropy(), torch.autocast("cpu", enabled=False), None)
+    for p, w in zip(ddp.module.parameters(), want):  # float32 sums in another order: a few ulps
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
 
 
 def allocated(fn) -> int:

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent / "gpupar"
 # Lowest first. A module is named by its dotted path below gpupar; a package's __init__ by the package.
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("config", "config_file", "errors", "devices", "weights", "safe_dcp", "run", "run.rundir", "run.files"),
-    1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "data", "data.files", "data.samples",
-        "data.stream", "data.sources", "data.tokens", "memory", "tracking",
+    1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "models.hf", "models.outputs", "data",
+        "data.files", "data.samples", "data.stream", "data.sources", "data.tokens", "memory", "tracking",
         "measure", "measure.flops", "launch.elastic"),
     2: ("parallelize", "parallel", "parallel.activation_checkpoint", "parallel.ddp", "parallel.fsdp",
         "parallel.layer_split", "parallel.pipeline", "parallel.sync_bn", "parallel.tensor", "parallel.tied",
@@ -27,7 +27,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     5: ("plan", "plan.memory", "plan.buffers", "plan.probe", "plan.dispatch"),
     6: ("launch",),
     7: ("verify", "verify.harness", "verify.verdict", "verify.noise", "bench", "bench.driver", "bench.worker",
-        "bench.peers", "bench.report", "sweep", "sweep.grid", "sweep.fused", "predict", "notebook", "runs",
+        "bench.peers", "bench.report", "sweep", "sweep.grid", "sweep.fused", "predict", "export", "notebook", "runs",
         "ownloop", "ownloop.env", "ownloop.shard", "ownloop.record", "ownloop.store", "ownloop.script"),
     8: ("cli", "flags", "api", "__init__", "__main__"),
 }

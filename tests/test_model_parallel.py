@@ -25,6 +25,7 @@ from gpupar.parallel.tensor import auto_plan, check_tp_divisible
 from gpupar.config import layout
 from gpupar.topology import ParallelDims
 
+import user_models
 from harness import TESTS, gpupar
 
 PASS = re.compile(r"PASS: (.+?) matches the single-device reference within (\S+) relative")
@@ -77,16 +78,26 @@ def test_balanced_split_by_parameter_count_and_user_split_points():
     assert GPT.layer_units(gpt) == [["tok_emb", "pos_emb", "blocks.0"], ["blocks.1"], ["blocks.2", "norm", "head"]]
 
 
-def test_auto_plan_pairs_consecutive_linears_and_checks_divisibility():
+def test_auto_plan_shards_only_what_a_trace_of_the_forward_proves():
+    """A colwise layer's output must reach its rowwise partner through elementwise steps only."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    plan = auto_plan(mlp(10, 32, 5, 1))  # Linear at 0, 2, 4, 6, 8: pairs (0, 2), (4, 6); 8 stays whole
+    x = torch.zeros(1, 10)
+    plan = auto_plan(mlp(10, 32, 5, 1), x)  # Linear at 0, 2, 4, 6, 8: pairs (0, 2), (4, 6); 8 stays whole
     assert {k: type(v) for k, v in plan.items()} == {"0": ColwiseParallel, "2": RowwiseParallel,
                                                      "4": ColwiseParallel, "6": RowwiseParallel}
     with pytest.raises(UsageError, match="does not divide the 33 output features of '0'"):
-        check_tp_divisible(mlp(10, 33, 2, 1), auto_plan(mlp(10, 33, 2, 1)), 2)
-    with pytest.raises(UsageError, match="has no two consecutive nn.Linear layers"):
-        auto_plan(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 1)))
+        check_tp_divisible(mlp(10, 33, 2, 1), auto_plan(mlp(10, 33, 2, 1), x), 2)
+    with pytest.raises(UsageError, match="layer 0's output is also read by native_layer_norm"):
+        auto_plan(torch.nn.Sequential(torch.nn.Linear(10, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 1)), x)
+    # A forward that also reads the hidden features whole (their mean) is refused, not trained
+    # as another model; in a model with a sound pair beside it, only the pair is sharded.
+    with pytest.raises(UsageError, match="layer fc1's output is also read by mean.dim"):
+        auto_plan(user_models.ReadsHidden(), x)
+    assert set(auto_plan(user_models.partly_shardable(), x)) == {"up", "down"}
+    # Each block's up/down pair of a ModuleList model; the input layer (into a LayerNorm) and the
+    # head (the model's output) stay whole.
+    assert set(auto_plan(user_models.residual_mlp(), x)) == {f"blocks.{i}.{n}" for i in range(4) for n in ("up", "down")}
 
 
 def test_gpt_learns_the_synthetic_sequence_task(gpupar_cli, tmp_path):
@@ -133,7 +144,8 @@ def test_rank_level_tensor_and_pipeline_checks(tmp_path):
                      prefix=("-m", "torch.distributed.run"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.findall(r"^OK (\S+)", proc.stdout, re.M) == ["mesh", "auto-pairing", "gpt-plan", "user-plan",
-                                                           "divisibility", "pipeline-split", "gloo-reduce-scatter"]
+                                                           "divisibility", "pipeline-split", "gloo-reduce-scatter",
+                                                           "ddp-token-mean", "loss-reads-parameters"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])

@@ -246,6 +246,43 @@ def branchy():
     return Branchy()
 
 
+class ReadsHidden(nn.Module):
+    """fc1 -> ReLU -> fc2, plus a skip that reads fc1's features whole (their mean): column-
+    sharded, fc1 would hand the mean one rank's slice, and the run would train another model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 32), nn.Linear(32, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + h.mean(-1, keepdim=True)
+
+
+def reads_hidden():
+    torch.manual_seed(0)
+    return ReadsHidden()
+
+
+class PartlyShardable(ReadsHidden):
+    """ReadsHidden's features, then a sound up/GELU/down pair with a residual, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(32, 16)
+        self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = self.fc2(h) + h.mean(-1, keepdim=True)
+        return self.head(h + self.down(nn.functional.gelu(self.up(h))))
+
+
+def partly_shardable():
+    torch.manual_seed(0)
+    return PartlyShardable()
+
+
 class TiedBlocks(ResidualMLP):
     """Residual blocks 0 and 2 share one up-projection (weight and bias: tied weights, as in
     ALBERT or a tied embedding/head), and two buffers: a fixed input scale and a forward
@@ -277,3 +314,39 @@ def tied_pair():
                           nn.Linear(16, 1))
     model[4].weight = model[2].weight
     return model
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block (He et al., 2016): conv-BN-ReLU-conv-BN, added to the input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C, H, W]
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNetStyle(nn.Module):
+    """A ResNet-18-shaped stem and stages, small: conv + BatchNorm + ReLU, 3x3 max pooling
+    (whose near-ties flip under rounding), two stages of basic blocks, average pooling and a
+    head. It takes the classic example's flat features as an image: [B, 3*8*8] -> [B, 3, 8, 8].
+    Written here because torchvision cannot be installed beside CPU torch 2.13."""
+
+    def __init__(self, channels: int = 8, out_features: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Unflatten(1, (3, 8, 8)), nn.Conv2d(3, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(3, stride=1, padding=1))
+        self.layer1 = nn.Sequential(BasicBlock(channels), BasicBlock(channels))
+        self.layer2 = nn.Sequential(BasicBlock(channels))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out_features))
+
+    def forward(self, x):
+        return self.head(self.layer2(self.layer1(self.stem(x))))
+
+
+def resnet_style():
+    """Train with --features 192 (a 3x8x8 image per sample)."""
+    torch.manual_seed(0)
+    return ResNetStyle()

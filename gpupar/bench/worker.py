@@ -120,6 +120,6 @@ def _train_gpupar(cfg: Config, topo, timer: StepTimer) -> None:
 
     problem = load_problem(cfg)
     train_set, _ = as_samples((problem.X, problem.y), cfg)
-    parallel = parallelize(problem.model, topo, cfg, problem.spec)
+    parallel = parallelize(problem.model, topo, cfg, problem.spec, problem.X[:1] if topo.tp_enabled else None)
     fit(parallel, train_set, cfg, topo, make_loss(cfg, problem.spec.loss), make_optimizer(parallel.model, cfg),
         hooks=Hooks(log=lambda _: None, on_step=timer))

@@ -12,6 +12,8 @@ from torch import nn
 from gpupar.config import ModelConfig
 from gpupar.errors import UsageError, first_line
 from gpupar.models.gpt import gpt_spec
+from gpupar.models.hf import hf_spec, is_hf
+from gpupar.models.outputs import first_output, own_loss
 from gpupar.models.spec import ModelSpec
 
 BUILTIN = ("simple-nn", "mlp", "gpt")
@@ -56,12 +58,14 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
     if cfg.name == "mlp":
         return ModelSpec("mlp", lambda n_in, n_out: mlp(n_in, hidden, cfg.layers, n_out))
     if cfg.name == "gpt":
-        
         return gpt_spec(cfg, hidden)
+    if is_hf(cfg.name):
+        return hf_spec(cfg)
     if ":" in cfg.name:
         factory = load_factory(cfg.name)
         return ModelSpec(cfg.name, lambda n_in, n_out: factory())
-    raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, or package.module:factory")
+    raise UsageError(f"--model {cfg.name!r} is not one of: {', '.join(BUILTIN)}, hf:TYPE, hf:DIR, "
+                     "or package.module:factory")
 
 
 def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int) -> nn.Module:
@@ -74,18 +78,24 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int
     return model_spec(cfg).build(in_features, out_features)
 
 
-def load_factory(path: str):
-    """Resolve 'package.module:factory' to a callable returning an nn.Module."""
+def import_callable(path: str, flag: str = "--model", what: str = "factory"):
+    """Resolve 'package.module:name' to a callable, or one line naming what is wrong."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise UsageError(f"--model {path!r}: expected the form package.module:factory")
+        raise UsageError(f"{flag} {path!r}: expected the form package.module:{what}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"--model {path!r}: cannot import module {module_name!r} ({exc})") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise UsageError(f"--model {path!r}: module {module_name!r} has no callable {attr!r}")
+        raise UsageError(f"{flag} {path!r}: cannot import module {module_name!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise UsageError(f"{flag} {path!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def load_factory(path: str):
+    """Resolve 'package.module:factory' to a callable returning an nn.Module."""
+    factory, attr = import_callable(path), path.partition(":")[2]
     try:
         required = [p.name for p in inspect.signature(factory).parameters.values()
                     if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -136,8 +146,12 @@ def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) 
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
+    if own_loss(out) is not None:
+        return  # the model computes its loss (a Hugging Face model given labels): no target to match
+    out = first_output(out)
     if not isinstance(out, torch.Tensor):
-        raise UsageError(f"model returned {type(out).__name__}; gpupar needs a tensor of predictions")
+        raise UsageError(f"model returned {type(out).__name__} without a tensor of predictions in it (a tensor, "
+                         "a tuple whose first element is one, a dict or ModelOutput with logits or a loss)")
     if task == "regression" and out.shape[1:] != y.shape[1:]:
         raise UsageError(f"model output shape {list(out.shape[1:])} does not match target shape "
                          f"{list(y.shape[1:])} per sample")

@@ -101,10 +101,15 @@ class GPT(nn.Module):
 
 
 class TokenCrossEntropy(nn.Module):
-    """Next-token cross-entropy: logits [B, T, V] against targets [B, T], mean over all tokens."""
+    """Next-token cross-entropy: logits [B, T, V] against targets [B, T], mean over the tokens
+    whose target is not ``ignore_index`` (padding). The step weighs micro-batches by their
+    valid tokens (training/step.py micro_batch_weights)."""
+
+    ignore_index = -100
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=self.ignore_index)
 
 
 def synthetic_tokens(samples: int, seq_len: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

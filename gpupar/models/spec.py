@@ -25,7 +25,8 @@ class ModelSpec:
     """(samples, seed) -> (X, y) when no --data is given; None = the classic regression example."""
     tokens_per_sample: int = 1
     """Tokens in one sample, for tokens/s (a sequence model's sequence length)."""
-    tp_plan: Callable[[nn.Module, int], dict] | None = None
-    """(module or pipeline stage, tp) -> {module name: ParallelStyle}; None = consecutive Linear pairs."""
+    tp_plan: Callable[[nn.Module, int], dict | None] | None = None
+    """(whole model, tp) -> {module name: ParallelStyle}. None here, or a None plan, is the automatic
+    plan that a trace of the forward proves (parallel/tensor.py auto_plan)."""
     pipeline_units: Callable[[nn.Module], list[list[str]]] | None = None
     """module -> its layers in order, each a list of module names; None = a Sequential's children."""

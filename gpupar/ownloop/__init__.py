@@ -27,7 +27,7 @@ from gpupar.ownloop import record
 from gpupar.ownloop.env import topology
 from gpupar.ownloop.shard import shard_loader
 from gpupar.parallelize import Parallelized, parallelize
-from gpupar.training.step import split_batch
+from gpupar.training.step import loss_of, split_batch
 
 STRATEGY_ENV = "GPUPAR_STRATEGY"  # `gpupar run --strategy` and verify hand the layout to the script here
 
@@ -67,16 +67,18 @@ class Setup:
     def device(self) -> torch.device:
         return self.topo.device
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+              example: torch.Tensor | None = None):
         """Parallelize ``model`` with gpupar's ``parallelize`` (PP -> TP -> AC -> compile -> FSDP/DDP).
         Sharded parameters are new tensors: the optimizer is rebuilt on them with the same
-        class, hyperparameters and parameter groups."""
+        class, hyperparameters and parameter groups. ``example`` (a batch of inputs) is what a
+        pipeline or an automatic TP plan traces the forward on."""
         if optimizer is not None and any(optimizer.state.values()):
             raise UsageError("gp.setup(model, optimizer) must come before the optimizer's first step")
         names = {id(p): n for n, p in model.named_parameters()}
         if self.recorder is not None:
             self.recorder.prepare(model)
-        self.parallel = parallelize(model, self.topo, self.cfg, ModelSpec("user", lambda *_: model))
+        self.parallel = parallelize(model, self.topo, self.cfg, ModelSpec("user", lambda *_: model), example)
         wrapped = self.parallel.model
         if optimizer is not None:
             optimizer = _rebuild(optimizer, names, _unwrapped(wrapped))
@@ -140,7 +142,7 @@ class Setup:
             loss = self.parallel.step([batch], loss_fn, contextlib.nullcontext(), None)
             return self.all_reduce(loss.detach())
         args, kwargs, target = split_batch(batch)
-        loss = loss_fn(model(*args, **kwargs), target)
+        loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
         self.backward(loss)
         return loss
 

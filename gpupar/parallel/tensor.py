@@ -15,11 +15,15 @@ on every rank: they see the same (replicated) input, so they compute identical g
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from gpupar.errors import UsageError
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from gpupar.errors import UsageError, first_line
 from gpupar.parallel.tied import check_tp, retie, tied_parameters
 
 Plan = dict[str, ParallelStyle]
@@ -28,7 +32,8 @@ Plan = dict[str, ParallelStyle]
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     """Shard ``model`` over the 1-D ``tp_mesh`` by ``plan``: a dict of module name ->
     ``ColwiseParallel()`` / ``RowwiseParallel()`` (or any ``ParallelStyle``), exactly as
-    ``parallelize_module`` takes it. The model's spec gives the plan (``auto_plan`` by default)."""
+    ``parallelize_module`` takes it. The model's spec gives the plan (``auto_plan`` by default).
+    Layers outside the plan stay whole, which is always correct."""
     check_tp_divisible(model, plan, tp_mesh.size())
     check_tp(model, plan)
     ties = tied_parameters(model)
@@ -37,29 +42,125 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     return model
 
 
-def auto_plan(model: nn.Module) -> Plan:
-    """Pair consecutive Linear children of each module: colwise, then rowwise.
+def auto_plan(model: nn.Module, example: torch.Tensor) -> Plan:
+    """Shard Linear layers in groups that a trace of the forward proves Megatron-shaped.
 
-    Parameter-free children (ReLU, GELU, Dropout) may sit between the two; a child with
-    parameters of another kind breaks the pair. An odd Linear at the end stays whole.
+    The forward runs once on ``example`` (on the meta device before launch: no values are
+    computed). A group is one or more Linear layers A (colwise) whose outputs flow, through
+    elementwise operations only, into one Linear B (rowwise) and nowhere else: each rank then
+    holds whole columns of every A and the elementwise steps need no communication, so B's
+    all-reduce restores exactly the single-device output. Llama's MLP is such a group
+    (``down(silu(gate(x)) * up(x))``). A view, a reduction, a use beyond B, or a full-width
+    operand breaks the group: its layers stay whole, and if no group holds the plan is refused
+    with one line naming the layer and the use that broke it.
     """
+    flow = _trace_flow(model, example)
     plan: Plan = {}
-    for prefix, parent in model.named_modules():
-        pending: str | None = None
-        for name, child in parent.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, nn.Linear):
-                if pending is None:
-                    pending = full
-                else:
-                    plan[pending], plan[full] = ColwiseParallel(), RowwiseParallel()
-                    pending = None
-            elif any(True for _ in child.parameters()):
-                pending = None
+    for row, sources in flow.sinks_of.items():
+        bad = [s for s in sources if s in flow.broken or flow.sinks[s] != {row} or s in plan or s == row]
+        if row in plan or row in flow.broken_rows or bad:
+            continue
+        plan.update({s: ColwiseParallel() for s in sorted(sources, key=flow.order.index)})
+        plan[row] = RowwiseParallel()
     if not plan:
-        raise UsageError(f"--tp: {type(model).__name__} has no two consecutive nn.Linear layers to shard; "
-                         "pass a plan through the Python API (gpupar.parallel.tensor.apply_tp(model, mesh, plan))")
+        why = next(iter(flow.broken.items()), None)
+        detail = f": layer {why[0]}'s output {why[1]}" if why else ": its forward calls no nn.Linear into another"
+        raise UsageError(f"--tp: no layers of {type(model).__name__} can be sharded{detail}; pass a plan "
+                         "through the Python API (gpupar.parallel.tensor.apply_tp(model, mesh, plan))")
     return plan
+
+
+class _Flow(TorchDispatchMode):
+    """Which Linear layers' outputs reach which, recorded op by op (aten level).
+
+    ``labels`` maps a live tensor to the Linear layers its values come from elementwise;
+    ops inside a Linear's own forward are its own business and are not followed."""
+
+    def __init__(self):
+        super().__init__()
+        self.labels: dict[int, frozenset[str]] = {}
+        self.alive: list[torch.Tensor] = []  # keeps ids unique while the trace runs
+        self.sinks: dict[str, set[str]] = {}  # Linear -> the Linear layers its output reaches
+        self.sinks_of: dict[str, frozenset[str]] = {}  # rowwise candidate -> its input's sources
+        self.broken: dict[str, str] = {}  # Linear -> the use that breaks its sharding
+        self.broken_rows: set[str] = set()
+        self.order: list[str] = []
+        self.inside: str | None = None
+
+    def label(self, t) -> frozenset[str]:
+        return self.labels.get(id(t), frozenset()) if isinstance(t, torch.Tensor) else frozenset()
+
+    def mark(self, out, sources: frozenset[str]) -> None:
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.labels[id(t)] = sources
+                self.alive.append(t)
+
+    def breaks(self, sources, why: str) -> None:
+        for s in sources:
+            self.broken.setdefault(s, why)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.inside is None:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            sources = frozenset().union(*(self.label(t) for t in tensors))
+            if not sources:
+                return out
+            wide = [t for t in tensors if not self.label(t) and t.numel() > 1]
+            if not (torch.Tag.pointwise in func.tags or func in _ELEMENTWISE):
+                self.breaks(sources, f"is also read by {func.__name__} (not elementwise)")
+            elif wide:
+                self.breaks(sources, f"meets a whole tensor of shape {list(wide[0].shape)} in {func.__name__}")
+            else:
+                self.mark(out, sources)
+        return out
+
+    def enter(self, name: str, inputs) -> None:
+        if self.inside is None:
+            sources = frozenset().union(*(self.label(t) for t in tree_leaves(inputs)))
+            if sources:
+                if name in self.sinks_of and self.sinks_of[name] != sources:
+                    self.broken_rows.add(name)  # called twice on different inputs
+                self.sinks_of[name] = sources
+                for s in sources:
+                    self.sinks.setdefault(s, set()).add(name)
+            self.inside = name
+
+    def leave(self, name: str, output) -> None:
+        if self.inside == name:
+            self.inside = None
+            if name not in self.order:
+                self.order.append(name)
+            self.mark(output, frozenset({name}))
+
+
+_ELEMENTWISE = {torch.ops.aten._to_copy.default, torch.ops.aten.alias.default}  # casts (autocast), aliases
+
+
+def _trace_flow(model: nn.Module, example: torch.Tensor) -> _Flow:
+    """Run ``model`` once on ``example`` in eval mode (no dropout draws, no BatchNorm
+    statistics updated) under a ``_Flow``; its output must not carry a sharded value."""
+    flow = _Flow()
+    hooks = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear):
+            hooks.append(layer.register_forward_pre_hook(lambda m, a, n=name: flow.enter(n, a)))
+            hooks.append(layer.register_forward_hook(lambda m, a, o, n=name: flow.leave(n, o)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), flow:
+            out = model(example)
+    except Exception as exc:  # the user's forward on one sample: say so in one line
+        raise UsageError(f"--tp: tracing {type(model).__name__}'s forward for a plan failed "
+                         f"({type(exc).__name__}: {first_line(exc, '')}); pass a plan through the Python API") from None
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    flow.breaks(frozenset().union(*(flow.label(t) for t in tree_leaves(out))), "is part of the model's output")
+    return flow
 
 
 def check_tp_divisible(model: nn.Module, plan: Plan, tp: int) -> None:

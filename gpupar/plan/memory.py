@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from gpupar.config import Config
+from gpupar.models.outputs import first_output
 from gpupar.topology import ParallelDims
 
 GPU_RUNTIME_BYTES = 1 << 30  # CUDA context, kernels, NCCL: outside the allocator's count
@@ -71,12 +72,22 @@ class Context:
 PROBE_ON_CPU_BYTES = 64 << 20
 
 
+def whole_plan(ctx: Context, dims: ParallelDims) -> dict:
+    """The whole model's TP plan, made once per tp degree (an automatic plan traces the forward)."""
+    from gpupar.parallelize import tp_plan
+
+    key = ("tp_plan", dims.tp)
+    if key not in ctx.probes:
+        ctx.probes[key] = tp_plan(ctx.model, dims.tp, ctx.spec, ctx.x.to(next(ctx.model.parameters()).device))
+    return ctx.probes[key]
+
+
 def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
                 device: str = "meta") -> tuple[nn.Module, list[str]]:
     """Stage ``stage`` of the model with its TP layers at local width, and the rowwise layer names.
     On the CPU its values are uninitialised: the probe needs only what the kernels allocate."""
     from gpupar.parallel.pipeline import stage_module, stage_names
-    from gpupar.parallelize import pipeline_units, tp_plan
+    from gpupar.parallelize import pipeline_units, stage_plan
 
     model = ctx.model
     if dims.pp_enabled:
@@ -90,7 +101,7 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
         model = copy.deepcopy(model)
     rowwise = []
     if dims.tp_enabled:
-        for name, style in tp_plan(model, dims.tp, ctx.spec).items():
+        for name, style in stage_plan(whole_plan(ctx, dims), model).items():
             layer = model.get_submodule(name)
             if not isinstance(layer, nn.Linear):
                 continue
@@ -200,7 +211,7 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
     units = pick_blocks(model, cfg.parallel.fsdp_blocks, cfg.parallel.fsdp_min_params)
     probe = probe_step(model, x, y, loss_fn, amp, units, keep_output=not last)
     with torch.no_grad():
-        out = model(x)
+        out = first_output(model(x))
     return probe, out.numel() * out.element_size()
 
 
@@ -214,7 +225,6 @@ def tp_activation_bytes(ctx: Context, model: nn.Module, rowwise: list[str], mb: 
 
 def predict_memory(ctx: Context, cfg: Config, dims: ParallelDims, row, device_type: str, machine) -> None:
     """Fill ``row`` with the rank-by-rank memory and the step time of this layout."""
-    from gpupar.parallelize import tp_plan
     from gpupar.plan.buffers import fsdp_buffers, gloo_late_bytes, optimizer_temporaries
 
     p = cfg.parallel
@@ -223,7 +233,7 @@ def predict_memory(ctx: Context, cfg: Config, dims: ParallelDims, row, device_ty
     per_rank, worst = [], None
     probes = {}
     workspace = cublas_workspace_bytes() if device_type == "cuda" else 0  # allocated once, kept
-    tp_layers = set(tp_plan(ctx.model, dims.tp, ctx.spec)) if dims.tp_enabled else set()
+    tp_layers = set(whole_plan(ctx, dims)) if dims.tp_enabled else set()
     for rank in range(dims.world):
         stage, shard_index = rank // (dims.dp * dims.tp), ((rank // dims.tp) % dims.dp) % dims.dp_shard
         if stage not in probes:
@@ -287,7 +297,7 @@ def predict_memory(ctx: Context, cfg: Config, dims: ParallelDims, row, device_ty
 def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: int, mb: int, machine) -> float:
     """Roofline: compute + per-op overhead (plain dispatch, and DTensor's per tensor-parallel
     layer and FSDP2's per unit, measured by plan.dispatch) + exposed communication, over (1 - bubble)."""
-    from gpupar.parallelize import tp_plan
+    from gpupar.parallelize import stage_plan
 
     p = cfg.parallel
     gpu = machine.device_type == "cuda"
@@ -321,7 +331,7 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         hidden = compute  # prefetched gathers overlap the previous unit's compute
     if dims.tp_enabled:  # two all-reduces per rowwise layer and micro-batch (forward output, backward input grad)
         rowwise = probes[0][2]
-        tp_layers = len(tp_plan(model, dims.tp, ctx.spec))  # this stage's sharded layers
+        tp_layers = len(stage_plan(whole_plan(ctx, dims), model))  # this stage's sharded layers
         overhead += m * tp_layers * machine.dispatch.get("tp_layer_s", 0.0) * contention
         for n in rowwise:
             comm += 2 * m * machine.collective_time("all_reduce", dims.tp, tp_activation_bytes(ctx, model, [n], mb))

@@ -41,6 +41,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from gpupar.models.outputs import first_output
+
 
 @dataclass
 class StepProbe:
@@ -196,7 +198,7 @@ def probe_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
         with tracker, _fused_attention():
             with amp:
                 out = model(x)
-                loss = loss_fn(out, y)
+                loss = loss_fn(first_output(out), y)
             if not keep_output:
                 del out
             saved = tracker.live_bytes()

@@ -29,7 +29,7 @@ from gpupar.training import graphs
 from gpupar.training.finite import Guard
 from gpupar.training.recipe import autocast_for, make_scheduler
 from gpupar.training.state import History, Position
-from gpupar.training.step import forward_backward, split_batch
+from gpupar.training.step import forward_backward, loss_of, split_batch
 
 if TYPE_CHECKING:  # the checkpointer imports DCP; a run without checkpoints never needs it
     from gpupar.checkpoint import Checkpointer
@@ -301,7 +301,7 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
     for batch in eval_batches(samples, size, topo.device):
         args, kwargs, target = split_batch(batch)
         with autocast_for(topo.device, precision):
-            loss = loss_fn(model(*args, **kwargs), target)
+            loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
         rows = batch_rows(batch)
         total += loss.item() * rows
         n += rows

@@ -15,14 +15,21 @@ import torch
 from torch import nn
 
 from gpupar.config import Config
+from gpupar.models.builtin import import_callable
+from gpupar.training.step import BatchLoss
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "mse": nn.MSELoss, "l1": nn.L1Loss, "huber": nn.HuberLoss, "cross-entropy": nn.CrossEntropyLoss,
 }
 
 
-def make_loss(cfg: Config, model_loss: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """The model's own loss (``ModelSpec.loss``), else --loss, else the task's default."""
+def make_loss(cfg: Config, model_loss: Callable[[], nn.Module] | None = None) -> nn.Module | BatchLoss:
+    """--loss package.module:function (called as function(output, batch)), else the model's own
+    criterion (``ModelSpec.loss``), else --loss by name, else the task's default. Whatever it is,
+    a loss the model computes itself (``output.loss``) comes first unless --loss names a function
+    (``training.step.loss_of``)."""
+    if cfg.train.loss and ":" in cfg.train.loss:
+        return BatchLoss(import_callable(cfg.train.loss, "--loss", "function"))
     if model_loss is not None:
         return model_loss()
     name = cfg.train.loss or ("cross-entropy" if cfg.data.task == "classification" else "mse")

@@ -12,7 +12,11 @@ import contextlib
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from gpupar.errors import UsageError
+from gpupar.models.outputs import first_output, own_loss
 
 Batch = Any  # a collated batch: a tensor, a tuple or list, a dict, or a nesting of them
 StepFn = Callable[[list[Batch], nn.Module, contextlib.AbstractContextManager, "torch.amp.GradScaler | None"],
@@ -45,6 +49,30 @@ def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+class BatchLoss:
+    """A user's ``loss(output, batch)``: it sees the model's whole output (a tensor, tuple, dict
+    or ``ModelOutput``) and the batch as collated, so it can read masks, weights or several
+    targets. A torch criterion (an ``nn.Module`` such as ``nn.MSELoss()``) is not wrapped: it
+    gets ``(prediction, target)`` as it expects."""
+
+    def __init__(self, fn: Callable[[Any, Batch], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, output: Any, batch: Batch) -> torch.Tensor:
+        return self.fn(output, batch)
+
+
+def loss_of(loss_fn: Callable, output: Any, batch: Batch, target: Any) -> torch.Tensor:
+    """The step's loss, in this order: the user's ``loss(output, batch)``; the model's own loss;
+    the configured criterion on the first output against the target."""
+    if isinstance(loss_fn, BatchLoss):
+        return loss_fn(output, batch)
+    own = own_loss(output)
+    if own is not None:
+        return own
+    return loss_fn(first_output(output), target)
+
+
 def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.Module,
                      amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; returns the (local) step loss.
@@ -53,19 +81,63 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
     step is the caller's, after the NaN check. The loss is a 0-dim tensor left on the
     device: reading it here (``.item()``) would make the host wait for the GPU every step.
     """
+    weights = micro_batch_weights(loss_fn, micro_batches)
     step_loss = None
     for k, batch in enumerate(micro_batches):
         args, kwargs, target = split_batch(batch)
         # DDP all-reduces gradients inside backward; on all but the last micro-step that
         # traffic is wasted, since gradients just add up locally (no_sync).
         skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
+        with model.no_sync() if skip_sync else contextlib.nullcontext(), _sharded_parameter_use():
             with amp:
-                loss = loss_fn(model(*args, **kwargs), target)
-            # Each micro-batch is 1/grad_accum of the global batch: scale so the summed
-            # gradients equal those of the mean loss over the whole batch.
-            if len(micro_batches) > 1:
+                loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
+            # Each micro-batch is 1/grad_accum of the global batch (or its share of the valid
+            # tokens): scale so the summed gradients equal those of the mean over the whole batch.
+            if weights is not None:
+                loss = loss * weights[k]
+            elif len(micro_batches) > 1:
                 loss = loss / len(micro_batches)
             (scaler.scale(loss) if scaler else loss).backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     return step_loss
+
+
+@contextlib.contextmanager
+def _sharded_parameter_use():
+    """A loss that reads parameters (a weight penalty over ``model.parameters()``) meets FSDP's
+    and TP's DTensor shards in its forward or its backward: one line, not a rank's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "mixed torch.Tensor and DTensor" not in str(exc):
+            raise
+        raise UsageError("the loss mixes a tensor with a sharded parameter (under fsdp and tp parameters are "
+                         "DTensor shards): use the optimizer's weight_decay, or p.full_tensor() of each DTensor "
+                         "parameter in your loss") from None
+
+
+def micro_batch_weights(loss_fn: Callable, micro_batches: list[Batch]) -> list | None:
+    """What each micro-batch's mean loss is scaled by, so that the summed (and data-parallel
+    averaged) gradients are those of the mean over the whole global batch.
+
+    None: equal-sized micro-batches, 1/M each (the caller divides). A token loss that skips padding (targets equal
+    to its ``ignore_index``, -100) averages over a different number of valid tokens in each
+    micro-batch and on each rank: a mean of means would over-weigh the short ones
+    (huggingface/transformers#34191). Its micro-batch k weighs n_k * world / N, with n_k its
+    valid tokens and N their sum over every micro-batch of every rank (one all-reduce of a
+    count, no host sync). Over the world each data shard is counted once per tensor-parallel
+    peer, as the gradient average counts it, so the product is the global token mean.
+    """
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if not isinstance(ignore, int) or isinstance(loss_fn, BatchLoss):
+        return None
+    targets = [split_batch(b)[2] for b in micro_batches]
+    if not all(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in targets):
+        return None
+    counts = torch.stack([(t != ignore).sum() for t in targets]).to(torch.float32)
+    total = counts.sum()
+    world = 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        dist.all_reduce(total)
+    return list((counts * world / total.clamp(min=1)).unbind())

@@ -24,9 +24,9 @@ from gpupar.launch.elastic import launched_by_torchrun
 from gpupar.problem import load_problem
 from gpupar.run.rundir import default_path
 from gpupar.verify.noise import batch_norms, disable_dropout, nudge_weights, random_layers, record_first_grads
-from gpupar.verify.verdict import Verdict, judge, judge_fixed, load_trajectory
+from gpupar.verify.verdict import Verdict, judge, judge_fixed, load_trajectory, passes_step_one
 
-RUNS = ("reference", "noise", "strategy")  # the run directories under verify's --run-dir
+RUNS = ("reference", "noise", "order", "strategy")  # the run directories under verify's --run-dir
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,28 @@ def model_notes(cfg: Config, dp: int, no_dropout: bool = False) -> list[str]:
     return notes
 
 
+def order_reference(cfg: Config, root: Path, train: Callable[[int], None], log) -> list:
+    """The summation-order reference: one device, each batch split into twice the run's
+    micro-batches, so every batch reduction sums in another order, as a data-parallel all-reduce
+    does (on some models that noise is 10x the nudge's). Left out where the split changes the
+    math (BatchNorm's statistics over a micro-batch), where the batch does not split evenly,
+    or where it is not rounding at step 1 (``passes_step_one``)."""
+    split = 2 * cfg.train.grad_accum
+    if batch_norms(load_problem(cfg, meta=True).model):
+        return []
+    log(f"Training the summation-order reference (--grad-accum {split} on one device) ...")
+    try:
+        train(split)
+    except UsageError as exc:  # the batch does not split into `split` micro-batches
+        log(f"note: no summation-order reference ({exc})")
+        return []
+    reference, order = load_trajectory(root / "reference"), load_trajectory(root / "order")
+    if not passes_step_one(reference, order, cfg.train.precision):
+        log("note: the summation-order reference differs beyond rounding at step 1; judged by the nudge alone")
+        return []
+    return [order]
+
+
 def run_verify(cfg: Config, rtol: float | None = None, log: Callable[[str], None] = print,
                options: VerifyOptions = VerifyOptions()) -> Verdict | None:
     """Check the layout, train the reference(s) here and the strategy where ``launch.run`` puts
@@ -120,10 +142,11 @@ def run_verify(cfg: Config, rtol: float | None = None, log: Callable[[str], None
     calibrated = rtol is None and options.nudge_init
     grads = rtol is None and options.first_grads
 
-    def train(name: str, single: bool, nudge: bool = False) -> None:
+    def train(name: str, single: bool, nudge: bool = False, grad_accum: int | None = None) -> None:
         c = copy.deepcopy(cfg)
         if single:
             c.parallel = ParallelConfig()
+        c.train.grad_accum = grad_accum or c.train.grad_accum
         c.train.run_dir, c.train.progress = str(root / name), False
         extra = [] if single else [f"--first-grads={str(grads).lower()}",
                                    f"--no-dropout={str(options.no_dropout).lower()}"]
@@ -134,15 +157,17 @@ def run_verify(cfg: Config, rtol: float | None = None, log: Callable[[str], None
 
     log("Training the single-device reference ...")
     train("reference", True)
+    noises = []
     if calibrated:
         log("Training the rounding-noise reference (initial weights one ulp off) ...")
         train("noise", True, nudge=True)
+        noises.append(load_trajectory(root / "noise"))
+        noises += order_reference(cfg, root, lambda split: train("order", True, grad_accum=split), log)
     log(f"Training with {label} ...")
     train("strategy", False)
     reference, got = load_trajectory(root / "reference"), load_trajectory(root / "strategy")
     if calibrated:
-        verdict = judge(reference, load_trajectory(root / "noise"), got, default_rtol(cfg), options.band,
-                        cfg.train.precision)
+        verdict = judge(reference, noises, got, default_rtol(cfg), options.band, cfg.train.precision)
     else:
         verdict = judge_fixed(reference, got, rtol if rtol is not None else default_rtol(cfg))
     if not options.save_step_losses:

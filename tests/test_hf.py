@@ -1,0 +1,155 @@
+"""Models as they are: Hugging Face GPT-2 and Llama from tiny configs (transformers' own classes,
+random weights, offline), outputs that are not tensors, the user's own loss, export to a
+from_pretrained directory, and verify on real models (the false FAILs of issue 23)."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from gpupar.config import Config, ModelConfig
+from gpupar.errors import UsageError
+from gpupar.models import check_shapes, model_spec
+from gpupar.training.step import BatchLoss, loss_of
+
+from harness import gpupar
+
+transformers = pytest.importorskip("transformers")
+
+GPT2 = ("--model", "hf:gpt2", "--hf-config", "n_layer=2,n_embd=64,n_head=4,vocab_size=256,n_positions=64",
+        "--seq-len", "32")
+LLAMA = ("--model", "hf:llama", "--hf-config", "hidden_size=64,intermediate_size=128,num_hidden_layers=2,"
+         "num_attention_heads=4,num_key_value_heads=2,vocab_size=256,max_position_embeddings=64", "--seq-len", "32")
+PASS = re.compile(r"^PASS: ", re.M)
+
+
+class _Out(dict):
+    """A dict with attribute access, as a ModelOutput is."""
+    __getattr__ = dict.get
+
+
+def test_the_loss_comes_from_the_user_then_the_model_then_the_criterion():
+    logits, target = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    mse = nn.MSELoss()
+    # the criterion on the predictions inside a tuple, a dict and a ModelOutput-like output
+    for output in (logits, (logits, "cache"), {"logits": logits}, _Out(logits=logits, loss=None)):
+        assert loss_of(mse, output, (None, target), target) == mse(logits, target)
+    # the model's own loss wins over the criterion; the user's function wins over both
+    own = _Out(logits=logits, loss=torch.tensor(7.0))
+    assert loss_of(mse, own, (None, target), target) == 7.0
+    seen = []
+    user = BatchLoss(lambda out, batch: seen.append((out, batch)) or torch.tensor(3.0))
+    assert loss_of(user, own, {"input_ids": 1}, None) == 3.0 and seen == [(own, {"input_ids": 1})]
+
+
+def test_hf_models_build_from_a_config_and_bad_configs_are_one_line():
+    cfg = ModelConfig(name="hf:gpt2", hf_config="n_layer=1,n_embd=32,n_head=2,vocab_size=64,n_positions=16",
+                      seq_len=16)
+    model = model_spec(cfg).build(0, 0)
+    assert type(model).__name__ == "GPT2LMHeadModel" and len(model.transformer.h) == 1
+    class TupleOut(nn.Linear):  # predictions first, something else after: the predictions are checked
+        def forward(self, x):
+            return super().forward(x), "extra"
+    check_shapes(TupleOut(3, 1), torch.ones(4, 3), torch.ones(4, 1), "regression")
+    with pytest.raises(UsageError, match=r"model output shape \[2\] does not match target shape \[1\]"):
+        check_shapes(TupleOut(3, 2), torch.ones(4, 3), torch.ones(4, 1), "regression")
+    for name, hf_config, message in [
+            ("hf:gpt2", "n_layerz=2", "--hf-config n_layerz: not a field of GPT2Config"),
+            ("hf:gpt2", "n_layer", "--hf-config 'n_layer': expected key=value"),
+            ("hf:no-such-type", None, "neither a local save_pretrained directory nor a model type"),
+            ("hf:gpt2", "n_positions=8", "--seq-len 16 is longer than the model's 8 positions")]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            model_spec(ModelConfig(name=name, hf_config=hf_config, seq_len=16))
+    with pytest.raises(UsageError, match="--loss 'nope'"):
+        c = Config()
+        c.train.loss = "nope"
+        c.validate()
+
+
+def test_gpt2_trains_from_the_cli_and_exports_a_from_pretrained_directory(tmp_path):
+    proc, _ = gpupar("train", *GPT2, "--samples", 64, "--batch-size", 16, "--epochs", 4, "--log-every", 1,
+                     "--checkpoint-every", 8, "--run-dir", "r", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    losses = [float(v) for v in re.findall(r"Loss: ([\d.]+)", proc.stdout)]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, proc.stdout  # it learns the token task
+    for source, out in ((("--run", "r"), "hf"), (("--checkpoint", "r/checkpoints/step-16"), "hf-ckpt")):
+        proc, _ = gpupar("export", *source, "--out", out, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    # The exported directory loads with from_pretrained and computes the trained model's logits.
+    from safetensors.torch import load_file
+    trained = model_spec(ModelConfig(name=GPT2[1], hf_config=GPT2[3], seq_len=32)).build(0, 0)
+    trained.load_state_dict(load_file(tmp_path / "r" / "model.safetensors"), strict=False)
+    x = torch.randint(0, 256, (2, 32))
+    trained.eval()
+    for out in ("hf", "hf-ckpt"):  # the run's last step is the step-16 checkpoint: the same weights
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / out, local_files_only=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, trained(x).logits, rtol=0, atol=1e-6)
+    proc, _ = gpupar("export", "--run", "r", "--out", "hf", cwd=tmp_path)  # never over a model directory
+    assert proc.returncode == 2 and "must be a new or empty directory" in proc.stderr
+
+
+@pytest.mark.parametrize("model,layout,seed", [(GPT2, ("--strategy", "ddp"), 42), (LLAMA, ("--strategy", "fsdp", "--activation-checkpointing", "full"), 1),
+                                               (LLAMA, ("--tp", 2), 2)])
+def test_verify_passes_on_hugging_face_models(tmp_path, model, layout, seed):
+    """GPT-2 under DDP at seed 42 was a false FAIL with the nudge alone (NOTES.md: 9.5e-5 gap,
+    9.1e-6 noise); the summation-order reference measures the noise the all-reduce adds.
+    Llama under --tp 2 shards by its own plan (whole heads, two key/value heads split in two)."""
+    proc, _ = gpupar("verify", *model, "--samples", 64, "--epochs", 12, *layout,
+                     "--nproc-per-node", 2, "--no-dropout", "--seed", seed, cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0 and PASS.search(proc.stdout), proc.stdout + proc.stderr
+    assert "summation-order reference" in proc.stdout
+
+
+def test_layouts_of_hugging_face_models_use_their_own_layers_and_plans(gpupar_cli):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from gpupar.models.hf import hf_tp_plan
+    from gpupar.parallel.tensor import auto_plan
+
+    from gpupar.parallel.activation_checkpoint import checkpoint_blocks
+    from gpupar.parallel.fsdp import pick_blocks
+
+    llama = _build(LLAMA)
+    # FSDP units and checkpointed blocks: each decoder layer (the model's _no_split_modules).
+    assert [type(b).__name__ for b in pick_blocks(llama)] == ["LlamaDecoderLayer"] * 2
+    assert [type(b).__name__ for b in checkpoint_blocks(llama)] == ["LlamaDecoderLayer"] * 2
+    own = {name: type(style) for name, style in hf_tp_plan(llama, 2).items()}
+    assert own == {f"model.layers.{i}.{n}": (RowwiseParallel if n.endswith(("o_proj", "down_proj")) else ColwiseParallel)
+                   for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    with pytest.raises(UsageError, match=r"--tp 4 must divide the model's num_key_value_heads \(2\)"):
+        hf_tp_plan(llama, 4)
+    # Without its own plan, the trace proves the MLP group (silu(gate) * up -> down) and leaves
+    # q_proj and k_proj whole: paired as siblings they had crashed every rank (issue 23).
+    traced = auto_plan(llama, torch.zeros(1, 8, dtype=torch.long))
+    assert set(traced) == {f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")}
+    with pytest.raises(UsageError, match="Conv1D layers, with q, k and v fused"):
+        hf_tp_plan(_build(GPT2), 2)
+    code, _, err = gpupar_cli("train", *GPT2, "--tp", 2, "--nproc-per-node", 2)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Conv1D" in err, err
+    code, _, err = gpupar_cli("train", "--model", "user_models:reads_hidden", "--tp", 2, "--nproc-per-node", 2)
+    assert code == 2 and "layer fc1's output is also read by mean.dim" in err and len(err.strip().splitlines()) == 1
+
+
+def _build(flags) -> nn.Module:
+    cfg = ModelConfig(name=flags[1], hf_config=flags[3], seq_len=16)
+    return model_spec(cfg).build(0, 0)
+
+
+def test_verify_passes_on_a_resnet_with_batchnorm_and_max_pooling(tmp_path):
+    """Max pooling's near-ties flip under rounding (NOTES.md): a correct --sync-bn run must PASS."""
+    proc, _ = gpupar("verify", "--model", "user_models:resnet_style", "--features", 192, "--samples", 128,
+                     "--epochs", 15, "--sync-bn", "--strategy", "ddp", "--nproc-per-node", 2, "--seed", 42,
+                     cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0 and PASS.search(proc.stdout), proc.stdout + proc.stderr
+
+
+def test_plan_covers_hugging_face_models(gpupar_cli):
+    """The plan's FLOPs and probes run a Llama forward off real values (its mask code reads
+    them: a fake tensor's forward skips those checks), with its own TP plan."""
+    code, out, err = gpupar_cli("plan", *LLAMA, "--samples", 64, "--nproc-per-node", 2)
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("ddp(", "fsdp(", "tp("))}
+    assert {"ddp(dp=2)", "fsdp(dp=2)", "tp(2)"} <= set(rows) and all(r.rstrip().endswith("yes") for r in rows.values())

@@ -1,0 +1,27 @@
+"""The loss over the global batch (issue 23): with padding, the gradient is that of the mean over
+every valid token of the global batch, whatever the micro-batch split and the world size.
+The DDP case runs in tests/mp_ranks.py (test_model_parallel's torchrun); the pipeline's own
+schedule is not covered here."""
+
+import torch
+
+from gpupar.models.gpt import TokenCrossEntropy
+from gpupar.training.step import forward_backward
+
+from padded_tokens import mean_of_means_grads, padded_batch, reference_grads, token_model
+
+
+def test_grad_accum_weighs_micro_batches_by_their_valid_tokens():
+    x, y = padded_batch()
+    model = token_model()
+    want = reference_grads(model, x, y)
+    parts = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]  # 3, 7, 11 and 12 valid tokens
+    # The test can tell: equal weights (a mean of means) are far from the token mean.
+    naive = mean_of_means_grads(model, parts)
+    assert max((a - b).abs().max() for a, b in zip(naive, want)) > 1e-2
+    model.zero_grad()
+    loss = forward_backward(model, parts, TokenCrossEntropy(), torch.autocast("cpu", enabled=False), None)
+    # Float32 sums in another order: a few ulps of gradients of order 0.1.
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, TokenCrossEntropy()(model(x), y), rtol=1e-6, atol=0)
