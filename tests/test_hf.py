@@ -43,6 +43,41 @@ def test_the_loss_comes_from_the_user_then_the_model_then_the_criterion():
     assert loss_of(user, own, {"input_ids": 1}, None) == 3.0 and seen == [(own, {"input_ids": 1})]
 
 
+def test_a_dict_batch_feeds_the_forward_by_its_signature():
+    """Entries the forward does not take (labels, an index) stay in the batch: the target and the
+    loss read them. A user's token model with a padding mask trains through gpupar.train."""
+    import gpupar
+    from gpupar.models.gpt import TokenCrossEntropy
+    from gpupar.training.step import call_model
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids)
+            return self.head(h * attention_mask[..., None] if attention_mask is not None else h)
+
+    ids = torch.randint(0, 11, (16, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(16, 6)
+    labels = ids.roll(-1, 1)
+    assert call_model(Masked(), (), {"input_ids": ids, "attention_mask": mask, "labels": labels, "idx": 0}).shape == (16, 6, 11)
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]}
+
+    data = Rows()
+    cfg = gpupar.Config()
+    cfg.train.epochs, cfg.train.batch_size = 30, 8
+    result = gpupar.train(Masked(), data, loss=TokenCrossEntropy(), config=cfg)
+    losses = result.history.step_losses
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
 def test_hf_models_build_from_a_config_and_bad_configs_are_one_line():
     cfg = ModelConfig(name="hf:gpt2", hf_config="n_layer=1,n_embd=32,n_head=2,vocab_size=64,n_positions=16",
                       seq_len=16)
