@@ -204,13 +204,13 @@ def load_table(path: str):
     """A Hugging Face ``datasets.Dataset`` from local files, Arrow memory-mapped (rows are read
     as the batches need them). Its columns are what each sample is: ``x`` and ``y``, or the
     model's keyword arguments (``input_ids``, ``labels``, ...)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--data {path}: file not found (a datasets directory, .parquet, .jsonl or .arrow)")
     try:
         import datasets
     except ImportError:
         raise UsageError(f"--data {path}: reading it needs the datasets package: pip install 'gpupar[data]'") from None
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--data {path}: file not found (a datasets directory, .parquet, .jsonl or .arrow)")
     try:
         if p.is_dir():
             table = datasets.load_from_disk(str(p))
