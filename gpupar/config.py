@@ -42,7 +42,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     data: str | None = opt(None, "path to .csv, .npz (arrays X, y), .pt (dict of X, y), a token file (.bin, .u16, "
-                           ".u32: windows of --seq-len), or package.module:factory returning tensors, a Dataset, an "
+                           ".u32: windows of --seq-len), a datasets directory or .parquet / .jsonl / .arrow (extra: "
+                           "data), or package.module:factory returning tensors, a Dataset, an "
                            "IterableDataset or a DataLoader; none = synthetic")
     target: str | None = opt(None, "target column of a CSV file")
     task: str = opt("regression", "sets the default loss", ("regression", "classification"))

@@ -18,5 +18,6 @@ from gpupar.data.sources import FULL_BATCH_LIMIT, as_samples, as_stream, first_s
 from gpupar.data.stream import Cut, Stream, StreamEnd
 
 __all__ = ["DATA_FORMS", "FULL_BATCH_LIMIT", "Cut", "Samples", "Stream", "StreamEnd", "as_samples", "as_stream",
-           "batch_rows", "check_batch_divisible", "epoch_batches", "epoch_samples", "eval_batches", "first_samples", "load_data", "load_file",
+           "batch_rows", "check_batch_divisible", "epoch_batches", "epoch_samples", "eval_batches", "first_samples",
+           "load_data", "load_file",
            "next_batch", "prepare_targets", "shard_batch", "split_validation", "synthetic_regression", "to_device"]

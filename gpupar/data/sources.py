@@ -141,6 +141,8 @@ def load_data(cfg: Config):
         return load_data_factory(path)
     if is_token_file(path):
         return TokenWindows(path, cfg.model.seq_len, cfg.data.token_dtype)
+    if is_table_path(path):
+        return load_table(path)
     return load_file(path, cfg.data.target)
 
 
@@ -187,3 +189,38 @@ def first_samples(data, count: int = 2):
         raise UsageError(f"data: {type(data).__name__} has no samples; expected at least one")
     rows = list(enumerate(items))
     return collate_rows(rows, collate)
+
+
+TABLE_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".arrow": "arrow"}  # read through ``datasets``
+
+
+def is_table_path(path: str) -> bool:
+    """A ``save_to_disk`` directory, or a .parquet / .jsonl / .arrow file (a .csv stays an in-memory table)."""
+    p = Path(path)
+    return p.is_dir() or p.suffix.lower() in TABLE_SUFFIXES
+
+
+def load_table(path: str):
+    """A Hugging Face ``datasets.Dataset`` from local files, Arrow memory-mapped (rows are read
+    as the batches need them). Its columns are what each sample is: ``x`` and ``y``, or the
+    model's keyword arguments (``input_ids``, ``labels``, ...)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--data {path}: file not found (a datasets directory, .parquet, .jsonl or .arrow)")
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"--data {path}: reading it needs the datasets package: pip install 'gpupar[data]'") from None
+    try:
+        if p.is_dir():
+            table = datasets.load_from_disk(str(p))
+        else:
+            table = datasets.load_dataset(TABLE_SUFFIXES[p.suffix.lower()], data_files=str(p), split="train")
+    except Exception as exc:  # not a dataset directory, a malformed file: one line
+        raise UsageError(f"--data {path}: datasets could not read it ({type(exc).__name__}: {first_line(exc, '')})") \
+            from None
+    if isinstance(table, datasets.DatasetDict):
+        if "train" not in table:
+            raise UsageError(f"--data {path}: a DatasetDict without a 'train' split (splits: {', '.join(table)})")
+        table = table["train"]
+    return table
