@@ -35,15 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_flags(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("predict", help="batched inference with saved weights (data-parallel with --nproc-per-node)")
-    p.add_argument("--weights", required=True, help="model.safetensors (its run's config.toml rebuilds the model)")
-    p.add_argument("--data", required=True, help="input rows: .csv, .npz or .pt (a target column is dropped)")
-    p.add_argument("--out", required=True, help="CSV file to write, one prediction per input row, in order")
-    p.add_argument("--batch-size", type=number(int), default=4096, help="rows per forward pass")
-    p.add_argument("--model", default=None, metavar="package.module:factory",
-                   help="the factory to build, when the run's config.toml names one (never imported from the file alone)")
-    add_config_flags(p, only=("parallel",))
-    p.set_defaults(func=cmd_predict)
+    _add_predict(sub)
 
     p = sub.add_parser("export", help="write a run's or a checkpoint's full weights: one safetensors file, or "
                                       "a Hugging Face save_pretrained directory for an hf: model")
@@ -103,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print torch, devices, backends and CPU cores")
     p.set_defaults(func=cmd_info)
     return parser
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="batched inference with saved weights (data-parallel with --nproc-per-node)")
+    p.add_argument("--weights", required=True, help="model.safetensors (its run's config.toml rebuilds the model)")
+    p.add_argument("--data", required=True, help="input rows: .csv, .npz or .pt (a target column is dropped)")
+    p.add_argument("--out", required=True, help="CSV file to write, one prediction per input row, in order")
+    p.add_argument("--batch-size", type=number(int), default=4096, help="rows per forward pass")
+    p.add_argument("--model", default=None, metavar="package.module:factory",
+                   help="the factory to build, when the run's config.toml names one (never imported from the file alone)")
+    add_config_flags(p, only=("parallel",))
+    p.set_defaults(func=cmd_predict)
 
 
 def _add_run(sub) -> None:
