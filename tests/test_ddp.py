@@ -81,7 +81,7 @@ def test_external_torchrun(tmp_path):
     proc, _ = gpupar("--nproc-per-node", 2, "-m", "gpupar", "train", "--strategy", "ddp", "--epochs", 20,
                      "--run-dir", tmp_path / "r", cwd=tmp_path, prefix=("-m", "torch.distributed.run"))
     assert proc.returncode == 0, proc.stderr
-    assert EPOCH.findall(proc.stdout) == [("20", "20", "11.5065")]
+    assert EPOCH.findall(proc.stdout) == [("20", "20", "0.9947")]
     assert json.loads((tmp_path / "r/summary.json").read_text())["world_size"] == 2
 
 
@@ -253,4 +253,4 @@ def test_dataparallel_with_fewer_than_two_gpus_says_so_and_trains(gpupar_cli, tm
     code, out, err = gpupar_cli("train", "--strategy", "dp", "--epochs", 20, "--run-dir", tmp_path / "r")
     assert code == 0
     assert "DataParallel needs 2 or more; training on cpu alone" in err
-    assert EPOCH.findall(out) == [("20", "20", "11.5065")]
+    assert EPOCH.findall(out) == [("20", "20", "0.9947")]

@@ -30,19 +30,37 @@ def test_default_run_prints_five_lines_and_learns(gpupar, tmp_path):
     lines = [line for line in out.splitlines() if EPOCH_LINE.match(line)]
     assert [int(EPOCH_LINE.match(line).group(1)) for line in lines] == [20, 40, 60, 80, 100]
     assert out.splitlines()[0] == "Using device: cpu"
+    assert lines == plain_loop_lines()  # each line is that epoch's own loss, as the classic loop prints it
     final = float(EPOCH_LINE.match(lines[-1]).group(2))
     assert final < 0.1
     assert "Final loss:" in out and "samples/s" in out and str(tmp_path / "r") in out
     # The run directory holds the config, one metrics record per logged epoch and the weights.
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [20, 40, 60, 80, 100]
-    assert set(records[0]) >= {"step", "epoch", "loss", "lr", "samples_per_s"}
+    assert set(records[0]) >= {"step", "epoch", "loss", "loss_since_log", "lr", "samples_per_s"}
+    assert records[0]["loss_since_log"] > 5 * records[0]["loss"]  # epochs 1-20's mean, from a loss near 40
     assert records[-1]["loss"] == pytest.approx(final, abs=5e-5)
     weights = load_file(str(tmp_path / "r" / "model.safetensors"))
     assert weights["fc1.weight"].shape == (50, 10) and weights["fc2.weight"].shape == (1, 50)
     expected = Config()
     expected.train.run_dir = str(tmp_path / "r")
     assert load_toml(tmp_path / "r" / "config.toml") == expected
+
+
+def plain_loop_lines() -> list[str]:
+    """The classic example's plain loop on gpupar's data and seed (42 for both)."""
+    X, y = synthetic_regression(1000, seed=42)
+    torch.manual_seed(42)
+    model = gpupar.SimpleNN()
+    optimizer, criterion, lines = torch.optim.Adam(model.parameters(), lr=0.01), nn.MSELoss(), []
+    for epoch in range(100):
+        loss = criterion(model(X), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (epoch + 1) % 20 == 0:
+            lines.append(f"Epoch [{epoch + 1}/100], Loss: {loss.item():.4f}")
+    return lines
 
 
 def test_same_seed_is_bitwise_identical_and_other_seed_differs(gpupar, tmp_path):

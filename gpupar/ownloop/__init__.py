@@ -27,7 +27,7 @@ from gpupar.ownloop import record
 from gpupar.ownloop.env import topology
 from gpupar.ownloop.shard import shard_loader
 from gpupar.parallelize import Parallelized, parallelize
-from gpupar.training.step import loss_of, split_batch
+from gpupar.training.step import call_model, loss_of, split_batch
 
 STRATEGY_ENV = "GPUPAR_STRATEGY"  # `gpupar run --strategy` and verify hand the layout to the script here
 
@@ -142,7 +142,7 @@ class Setup:
             loss = self.parallel.step([batch], loss_fn, contextlib.nullcontext(), None)
             return self.all_reduce(loss.detach())
         args, kwargs, target = split_batch(batch)
-        loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
+        loss = loss_of(loss_fn, call_model(model, args, kwargs), batch, target)
         self.backward(loss)
         return loss
 

@@ -49,7 +49,8 @@ def pick_blocks(model: nn.Module, blocks: str = "auto", min_params: int = 100_00
     ``auto``: every child (with parameters) of an ``nn.Sequential`` or ``nn.ModuleList``
     (the layers of an MLP, the blocks of a transformer), every ``nn.TransformerEncoderLayer``
     / ``DecoderLayer``, and elsewhere every ``nn.Linear`` with at least ``min_params``
-    parameters. A chosen unit is not searched further. ``none``: only the root.
+    parameters; a class the model names in ``_no_split_modules`` (a Hugging Face decoder layer)
+    is a unit wherever it sits. A chosen unit is not searched further. ``none``: only the root.
     Otherwise a comma-separated list of class names, for example ``Block,Linear``.
     """
     if blocks == "none":
@@ -64,13 +65,15 @@ def pick_blocks(model: nn.Module, blocks: str = "auto", min_params: int = 100_00
         return [m for m in reversed(list(model.modules())) if type(m).__name__ in names and m is not model]
 
     chosen: list[nn.Module] = []
+    no_split = set(getattr(model, "_no_split_modules", None) or ())  # a Hugging Face model's own layers
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
             if not any(True for _ in child.parameters()):
                 continue  # activations, dropout: nothing to shard
             big_linear = isinstance(child, nn.Linear) and sum(p.numel() for p in child.parameters()) >= min_params
-            if isinstance(module, (nn.Sequential, nn.ModuleList)) or isinstance(child, TRANSFORMER_LAYERS) or big_linear:
+            layer = isinstance(child, TRANSFORMER_LAYERS) or type(child).__name__ in no_split
+            if isinstance(module, (nn.Sequential, nn.ModuleList)) or layer or big_linear:
                 chosen.append(child)
             else:
                 visit(child)

@@ -130,7 +130,7 @@ class Result:
     member: Member
     train_loss: float  # as gpupar train's "Final loss": the mean over the last logging interval
     val_loss: float | None
-    losses: list[float]  # the logged train losses, one per logging interval
+    losses: list[float]  # the logged epochs' train losses
     diverged_at: int | None = None  # first step whose loss was NaN or Inf
     state: dict[str, torch.Tensor] | None = None
 
@@ -190,9 +190,9 @@ def train_chunk(members: list[Member], cfg: Config, train_set: Samples, val_set:
     check_vmappable(f, train_set.take_to(slice(0, 2), device)[0], log)
 
     step_losses: list[torch.Tensor] = []  # [M] per step; no .item() per step, so a GPU never waits
-    logged: list[torch.Tensor] = []  # [M] mean train loss of each logging interval
-    interval_start = 0
+    logged: list[torch.Tensor] = []  # [M] mean train loss of each logged epoch
     for epoch in range(t.epochs):
+        epoch_start = len(step_losses)
         batches = [None] if full else epoch_batches(len(train_set), batch_size, cfg.data.shuffle, t.seed, epoch)
         for i, batch in enumerate(batches):
             x, y = full or train_set.take_to(batch, device)
@@ -203,9 +203,8 @@ def train_chunk(members: list[Member], cfg: Config, train_set: Samples, val_set:
             optimizer.zero_grad()
             done = len(step_losses) >= total_steps
             if done or (i == len(batches) - 1 and ((epoch + 1) % t.log_every == 0 or epoch + 1 == t.epochs)):
-                # As gpupar train logs: the mean of the step losses since the last log.
-                logged.append(torch.stack(step_losses[interval_start:]).double().mean(0))
-                interval_start = len(step_losses)
+                # As gpupar train logs: the mean of the logged epoch's step losses.
+                logged.append(torch.stack(step_losses[epoch_start:]).double().mean(0))
             if done:
                 break
         if len(step_losses) >= total_steps:

@@ -59,6 +59,12 @@ class Guard:
     def _reset_loss(self) -> None:
         self.loss_sum: torch.Tensor | float = 0.0  # over the finite steps since the last log point
         self.loss_count: torch.Tensor | float = 0.0
+        self._reset_epoch(None)
+
+    def _reset_epoch(self, epoch: int | None) -> None:
+        self.epoch: int | None = epoch  # the newest epoch read, and its finite steps' loss sums
+        self.epoch_sum: torch.Tensor | float = 0.0
+        self.epoch_count: torch.Tensor | float = 0.0
 
     def flag(self, loss: torch.Tensor) -> torch.Tensor:
         """Flag this step's loss and gradients; returns a 0-dim float 1.0 (bad) or 0.0, on the device.
@@ -95,22 +101,30 @@ class Guard:
             self._ones[device] = torch.ones((), device=device)
         return self._ones[device]
 
-    def read(self, with_loss: bool, scheduler, history, log: Callable[[str], None]) -> float | None:
+    def read(self, with_loss: bool, scheduler, history,
+             log: Callable[[str], None]) -> tuple[float, float] | None:
         """One all-reduce and one host read: act on the flags of every step since the last read.
 
-        Returns the mean loss over ranks of the finite steps since the last log point when
-        ``with_loss`` (and starts a new log window). Raises TrainingError under --on-nan stop.
+        Returns, when ``with_loss``, the mean loss over ranks of the finite steps of the newest
+        epoch (what the classic loop prints at a log point) and of those since the last log
+        point, and starts a new log window. Raises TrainingError under --on-nan stop.
         """
         n, topo = len(self.flags), self.topo
         if n:  # the window's finite steps join the loss sums (kept on the device until a log point)
             local = torch.stack(self.losses).to(torch.float64)  # [n]
             bad = torch.stack(self.flags).to(torch.float64)  # [n]
-            self.loss_sum = self.loss_sum + torch.where(bad > 0, 0.0, local).sum()
+            good = torch.where(bad > 0, 0.0, local)
+            self.loss_sum = self.loss_sum + good.sum()
             self.loss_count = self.loss_count + (1.0 - bad).sum()
+            newest = self.where[-1][1]
+            if newest != self.epoch:
+                self._reset_epoch(newest)
+            mine = torch.tensor([e == newest for _, e in self.where], dtype=torch.float64).to(local.device)
+            self.epoch_sum = self.epoch_sum + (good * mine).sum()
+            self.epoch_count = self.epoch_count + ((1.0 - bad) * mine).sum()
         mean = []
-        if with_loss:  # NaN when every step since the last log point was skipped
-            counted = isinstance(self.loss_count, torch.Tensor)
-            mean = [self.loss_sum / self.loss_count if counted else torch.tensor(math.nan, dtype=torch.float64)]
+        if with_loss:  # NaN when every step was skipped
+            mean = [_mean(self.epoch_sum, self.epoch_count), _mean(self.loss_sum, self.loss_count)]
         # per step: any rank's step bad, any rank's loss non-finite (which says what went wrong)
         flags = [bad, (~torch.isfinite(local)).to(torch.float64)] if n else []
         reduced = [t.to(topo.comm_device(), torch.float64).reshape(-1) for t in mean + flags]
@@ -120,7 +134,7 @@ class Guard:
         if topo.distributed:  # the loss mean and the flags in one all-reduce (DDP had this one already)
             dist.all_reduce(shared)
         values = torch.cat([shared] + ([local.to(shared.device)] if n else [])).tolist()  # the one host read
-        loss = values.pop(0) / topo.world_size if with_loss else None
+        loss = (values.pop(0) / topo.world_size, values.pop(0) / topo.world_size) if with_loss else None
         step_bad, loss_bad, losses = values[:n], values[n:2 * n], values[2 * n:]
         history.step_losses.extend(losses)
         where = self.where
@@ -143,6 +157,10 @@ class Guard:
         if skipped and scheduler is not None:
             _unstep(scheduler, skipped)
         return loss
+
+
+def _mean(total, count) -> torch.Tensor:
+    return total / count if isinstance(count, torch.Tensor) else torch.tensor(math.nan, dtype=torch.float64)
 
 
 def _unstep(scheduler, steps: int) -> None:

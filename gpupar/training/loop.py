@@ -28,7 +28,7 @@ from gpupar.training import graphs
 from gpupar.training.finite import Guard
 from gpupar.training.recipe import autocast_for, make_scheduler
 from gpupar.training.state import History, Position
-from gpupar.training.step import forward_backward, loss_of, split_batch
+from gpupar.training.step import call_model, forward_backward, loss_of, split_batch
 
 if TYPE_CHECKING:  # the checkpointer imports DCP; a run without checkpoints never needs it
     from gpupar.checkpoint import Checkpointer
@@ -112,7 +112,7 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
         logger.stepped(step)
         done = step >= steps.total
         if done or epoch_end:  # a log point: the one host read since the last one
-            record = logger.record(step, epoch, guard.read(True, scheduler, history, hooks.log), optimizer)
+            record = logger.record(step, epoch, *guard.read(True, scheduler, history, hooks.log), optimizer)
             if val_set is not None and len(val_set):
                 record["val_loss"] = evaluate(model, val_set, loss_fn, topo, t.precision, steps.batch_size)
             logger.emit(record)
@@ -214,9 +214,13 @@ class _Logger:
         if self.bar is not None:
             self.bar.update(1)
 
-    def record(self, step: int, epoch: int, loss: float, optimizer: torch.optim.Optimizer) -> dict:
+    def record(self, step: int, epoch: int, loss: float, loss_since_log: float,
+               optimizer: torch.optim.Optimizer) -> dict:
+        """``loss``: the logged epoch's own (its steps' mean, the classic loop's printed loss);
+        ``loss_since_log``: the mean over every step since the previous log point."""
         now = time.perf_counter()
-        record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": float(optimizer.param_groups[0]["lr"]),
+        record = {"step": step, "epoch": epoch + 1, "loss": loss, "loss_since_log": loss_since_log,
+                  "lr": float(optimizer.param_groups[0]["lr"]),
                   "samples_per_s": self.samples_since_log / max(now - self.last_log, 1e-9)}
         self.last_log, self.samples_since_log = now, 0
         return record
@@ -263,7 +267,7 @@ def evaluate(model: nn.Module, samples: Samples, loss_fn: nn.Module, topo: Topol
         batch = samples.take_to(slice(start, start + size), topo.device)
         args, kwargs, target = split_batch(batch)
         with autocast_for(topo.device, precision):
-            loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
+            loss = loss_of(loss_fn, call_model(model, args, kwargs), batch, target)
         rows = batch_rows(batch)
         total += loss.item() * rows
         n += rows

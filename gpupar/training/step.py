@@ -9,6 +9,7 @@ which layout it drives.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -47,6 +48,32 @@ def split_batch(batch: Batch) -> tuple[tuple, dict, Any]:
 
 def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def call_model(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``model(*args, **kwargs)``, the keyword arguments matched to its forward's signature: a
+    dict batch may carry entries the forward does not take (``labels`` for a model without its
+    own loss, an index, the raw text); those stay in the batch, for the target and the loss."""
+    if kwargs:
+        names = _keywords(model)
+        if names is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in names}
+    return model(*args, **kwargs)
+
+
+_KEYWORDS: dict[type, frozenset[str] | None] = {}
+
+
+def _keywords(model: nn.Module) -> frozenset[str] | None:
+    """The keyword names the model's forward takes (a wrapper's: the wrapped module's); None
+    when it takes ``**kwargs``. Once per class: the step calls it every micro-batch."""
+    inner = getattr(model, "module", model)  # DDP and DataParallel keep the user's module here
+    key = type(inner)
+    if key not in _KEYWORDS:
+        params = inspect.signature(inner.forward).parameters.values()
+        _KEYWORDS[key] = None if any(p.kind is p.VAR_KEYWORD for p in params) else \
+            frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return _KEYWORDS[key]
 
 
 class BatchLoss:
@@ -90,7 +117,7 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
         skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if skip_sync else contextlib.nullcontext(), _sharded_parameter_use():
             with amp:
-                loss = loss_of(loss_fn, model(*args, **kwargs), batch, target)
+                loss = loss_of(loss_fn, call_model(model, args, kwargs), batch, target)
             # Each micro-batch is 1/grad_accum of the global batch (or its share of the valid
             # tokens): scale so the summed gradients equal those of the mean over the whole batch.
             if weights is not None:
