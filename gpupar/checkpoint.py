@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from gpupar.training.state import Position
-from gpupar.safe_dcp import SafeLoadPlanner, SafeReader, read_dcp_metadata
+from gpupar.safe_dcp import SafeLoadPlanner, SafeReader, check_seal, read_dcp_metadata, seal
 from gpupar.weights import check_weights_out, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError, first_line
@@ -121,6 +121,7 @@ class Checkpointer:
                 self.log(f"No complete checkpoint in {self.root}; starting from step 0")
             return Position()
         where = f"--resume {path}"
+        check_seal(path, where)  # flipped bytes in a shard would otherwise load silently
         trainer = check_trainer(_read_json(path / "trainer.json", where), path / "trainer.json")
         try:
             metadata = read_dcp_metadata(path)
@@ -164,10 +165,7 @@ def commit(tmp: Path, final: Path) -> None:
     elif final.exists():
         shutil.rmtree(final)  # an older save of the same step (a run resumed from before it)
     os.replace(tmp, final)
-    with open(final / COMPLETE, "w") as fh:
-        fh.write("ok\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    seal(final)  # the marker lists a SHA-256 per file; resume and export hold the files to it
 
 
 def check_compatible(model: nn.Module, metadata, where: str) -> None:
@@ -213,6 +211,7 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
         raise UsageError(f"{where}: not a gpupar checkpoint directory (no .metadata); expected RUN/checkpoints/step-N")
     if not (checkpoint / COMPLETE).is_file():
         raise UsageError(f"{where}: incomplete checkpoint (no {COMPLETE} marker: its save was interrupted)")
+    check_seal(checkpoint, where)
     try:
         metadata = read_dcp_metadata(checkpoint)
     except Exception as exc:

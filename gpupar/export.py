@@ -17,7 +17,8 @@ from gpupar.checkpoint import export_run, export_weights
 from gpupar.config_file import load_toml
 from gpupar.errors import UsageError
 from gpupar.models.hf import is_hf
-from gpupar.run.files import atomic_write
+from gpupar.run.files import atomic_write, check_not_input
+from gpupar.run.rundir import check_not_in_another_run, check_not_run_file
 from gpupar.weights import load_into, load_weights, save_weights
 
 
@@ -26,6 +27,7 @@ def export(run: str | None, checkpoint: str | None, out: str) -> Path:
     if (run is None) == (checkpoint is None):
         raise UsageError("gpupar export needs one of --run RUN (its final weights) or --checkpoint RUN/checkpoints/step-N")
     run_dir = Path(run) if run else Path(checkpoint).resolve().parent.parent
+    _check_out(Path(out), run_dir, Path(checkpoint) if checkpoint else None)
     config = run_dir / "config.toml"
     model_name = load_toml(config).model.name if config.is_file() else ""
     if not is_hf(model_name):
@@ -39,6 +41,17 @@ def export(run: str | None, checkpoint: str | None, out: str) -> Path:
     else:
         state = load_weights(_run_weights(run_dir))
     return _save_pretrained(load_toml(config), state, out_dir)
+
+
+def _check_out(out: Path, run_dir: Path, checkpoint: Path | None) -> None:
+    """--out is none of the inputs (by inode), no file of a run, and not inside another run
+    (or inside the checkpoint read), checked before anything is read or written."""
+    inputs = {"--run's weights": run_dir / "model.safetensors", "the run's config": run_dir / "config.toml"}
+    check_not_input(out, "--out", inputs)
+    check_not_run_file(out, "--out")
+    check_not_in_another_run(out, "--out", run_dir)
+    if checkpoint is not None and checkpoint.is_dir() and checkpoint.resolve() in out.absolute().resolve().parents:
+        raise UsageError(f"--out {out} is inside the checkpoint {checkpoint}; write the weights outside it")
 
 
 def _run_weights(run_dir: Path) -> Path:

@@ -79,7 +79,7 @@ def test_resume_errors_name_the_problem(gpupar_cli, tmp_path):
     shutil.copytree(ckpt, corrupt)
     (corrupt / ".metadata").write_bytes(b"not a pickle at all")
     code, _, err = gpupar_cli("train", "--resume", corrupt, "--run-dir", tmp_path / "c")
-    assert code == 2 and "corrupt or unsafe checkpoint metadata" in err
+    assert code == 2 and "corrupt checkpoint: .metadata does not match the SHA-256" in err, err
     shutil.copytree(ckpt, corrupt.with_name("step-6"))
     next(corrupt.with_name("step-6").glob("__0_0.distcp")).write_bytes(b"truncated")
     code, _, err = gpupar_cli("train", "--resume", corrupt.with_name("step-6"), "--run-dir", tmp_path / "d")
@@ -153,6 +153,7 @@ class Canary:
 
 
 def test_malicious_pickles_never_run(gpupar_cli, tmp_path):
+    from gpupar.safe_dcp import seal
     canary = tmp_path / "canary"
     # The planted pickle is a live exploit: an unsafe load really would create the file.
     probe = tmp_path / "probe"
@@ -173,6 +174,7 @@ def test_malicious_pickles_never_run(gpupar_cli, tmp_path):
     evil = tmp_path / "evil/checkpoints/step-2"
     shutil.copytree(run / "checkpoints/step-2", evil)
     (evil / ".metadata").write_bytes(pickle.dumps(Canary(canary)))
+    seal(evil)  # an attacker rewrites the hashes too: the safe reader must hold on its own
     code, _, err = gpupar_cli("train", "--resume", evil, "--run-dir", tmp_path / "evil")
     assert code == 2 and "unsafe checkpoint metadata (refused to load posix.system" in err
     code, _, err = gpupar_cli("export", "--checkpoint", evil, "--out", tmp_path / "e.safetensors")
@@ -196,6 +198,7 @@ def test_malicious_pickles_never_run(gpupar_cli, tmp_path):
         f.unlink()
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=sneaky, no_dist=True)
     assert (sneaky / COMPLETE).is_file()
+    seal(sneaky)
     code, _, err = gpupar_cli("train", "--resume", sneaky, "--run-dir", tmp_path / "sneaky")
     assert code == 2 and "cannot load it into this model and optimizer" in err
     assert "refused to load optim.param_groups.0.lr: it references posix.system, which could run code" in err

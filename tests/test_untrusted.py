@@ -99,3 +99,36 @@ def test_a_closed_stdout_only_loses_log_lines(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert err == "" and (tmp_path / "R/summary.json").is_file() and (tmp_path / "R/model.safetensors").is_file()
+
+
+# --- 2. files gpupar reads back are untrusted input ---------------------------------------------
+
+def test_a_flipped_byte_in_a_shard_is_one_line_for_resume_and_export(gpupar, tmp_path):
+    run = tmp_path / "R"
+    assert gpupar(*TRAIN, "--checkpoint-every", 5, "--run-dir", run)[0] == 0
+    ckpt = run / "checkpoints/step-10"
+    assert '"sha256"' in (ckpt / "COMPLETE").read_text()
+    shard = next(ckpt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside the tensor bytes: DCP alone would load it silently
+    shard.write_bytes(bytes(data))
+    for args in (("train", "--resume", ckpt, "--run-dir", tmp_path / "c"),
+                 ("export", "--checkpoint", ckpt, "--out", tmp_path / "w.safetensors")):
+        one_line(gpupar(*args), "corrupt checkpoint", shard.name, "SHA-256")
+    assert not (tmp_path / "w.safetensors").exists() and not (tmp_path / "c/model.safetensors").exists()
+
+
+def test_export_writes_neither_over_its_input_nor_into_another_run(gpupar, tmp_path):
+    run, other = tmp_path / "R", tmp_path / "O"
+    assert gpupar(*TRAIN, "--checkpoint-every", 5, "--run-dir", run)[0] == 0
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 1}\n')  # what makes a directory a run's
+    os.link(run / "model.safetensors", tmp_path / "hard.safetensors")
+    kept = files_of(run), files_of(other)
+    for source in (("--run", run), ("--checkpoint", run / "checkpoints/step-10")):
+        one_line(gpupar("export", *source, "--out", other / "w.safetensors"), "inside the run directory", str(other))
+        one_line(gpupar("export", *source, "--out", tmp_path / "hard.safetensors"), "same file as --run's weights")
+    one_line(gpupar("export", "--checkpoint", run / "checkpoints/step-10", "--out",
+                    run / "checkpoints/step-10/w.safetensors"), "inside the checkpoint")
+    assert (files_of(run), files_of(other)) == kept
+    assert gpupar("export", "--run", run, "--out", run / "copy.safetensors")[0] == 0  # its own run is fine

@@ -179,6 +179,16 @@ def check_not_run_file(out: str | Path, flag: str) -> None:
                          "directory, or under another name")
 
 
+def check_not_in_another_run(out: str | Path, flag: str, own: Path | None = None) -> None:
+    """Refuse an output path inside a run directory other than ``own`` (the run the command
+    reads from): an export or a prediction must not add to, or replace, another run's files."""
+    top = own.resolve() if own is not None and own.is_dir() else None
+    for parent in Path(out).absolute().parents:
+        if parent.is_dir() and earlier_run(parent) and parent.resolve() != top:
+            raise UsageError(f"{flag} {out} lies inside the run directory {parent} ({', '.join(earlier_run(parent))}), "
+                             "of another run; write it outside that run")
+
+
 def run_id_of(checkpoint: Path) -> str | None:
     """The id of the run that saved ``checkpoint`` (None for one without, or unreadable)."""
     try:
