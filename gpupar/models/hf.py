@@ -121,7 +121,15 @@ def hf_spec(cfg: ModelConfig) -> ModelSpec:
     return ModelSpec(
         cfg.name, build=build, loss=TokenCrossEntropy,
         synthetic_data=lambda samples, seed: synthetic_tokens(samples, cfg.seq_len, vocab, seed),
-        tokens_per_sample=cfg.seq_len, tp_plan=hf_tp_plan)
+        tokens_per_sample=cfg.seq_len, tp_plan=hf_tp_plan, pipeline_units=_no_pipeline)
+
+
+def _no_pipeline(model: nn.Module) -> list:
+    """A decoder layer needs the rotary embedding and the attention mask that the model's own
+    forward makes before the first layer: stages cut between layers cannot run on their own."""
+    raise UsageError(f"--pp / layer-split on {type(model).__name__}: pipeline stages of Hugging Face models are "
+                     "not supported yet (each decoder layer needs the model's rotary embedding and mask); use "
+                     "--strategy fsdp or --tp")
 
 
 # transformers' plan styles: the pairs gpupar shards, and those whose layer may stay whole
