@@ -17,6 +17,7 @@ from gpupar.data import first_samples, load_data, prepare_targets, synthetic_reg
 from gpupar.data.tokens import TokenWindows, check_vocab
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
+from gpupar.models.hf import hf_config, is_hf
 from gpupar.training.step import split_batch
 
 
@@ -80,8 +81,11 @@ def load_problem(cfg: Config, meta: bool = False) -> Problem:
 
 def _source_problem(cfg: Config, spec: ModelSpec, source, meta: bool) -> Problem:
     """A Dataset, stream or DataLoader: the model is probed with its first two samples."""
-    if isinstance(source, TokenWindows) and cfg.model.name == "gpt" and meta:  # before launch: read once
-        check_vocab(source, cfg.model.vocab)
+    if isinstance(source, TokenWindows) and meta:  # before launch: read once
+        if cfg.model.name == "gpt":
+            check_vocab(source, cfg.model.vocab)
+        elif is_hf(cfg.model.name):
+            check_vocab(source, hf_config(cfg.model).vocab_size, "--hf-config vocab_size={}")
     args, _, y = split_batch(first_samples(source))
     X = args[0] if args and isinstance(args[0], torch.Tensor) else None
     n_in = X.shape[1] if X is not None and X.dim() > 1 else 0

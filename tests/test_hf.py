@@ -190,3 +190,14 @@ def test_plan_covers_hugging_face_models(gpupar_cli):
     assert code == 0, err
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("ddp(", "fsdp(", "tp("))}
     assert {"ddp(dp=2)", "fsdp(dp=2)", "tp(2)"} <= set(rows) and all(r.rstrip().endswith("yes") for r in rows.values())
+
+
+def test_a_token_file_with_ids_beyond_the_vocabulary_is_one_line(gpupar_cli, tmp_path):
+    import numpy as np
+
+    (np.arange(5000) % 300).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    code, _, err = gpupar_cli("train", "--model", "hf:gpt2", "--hf-config", GPT2[3], "--data", tmp_path / "tokens.bin",
+                              "--seq-len", 16, "--run-dir", tmp_path / "r")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--hf-config vocab_size=256 is too small" in err and "vocab_size=300 or more" in err
+    assert not (tmp_path / "r").exists()

@@ -79,9 +79,10 @@ class TokenWindows(Dataset):
 _MAX_TOKEN: dict = {}  # one scan per file per process: the launcher checks, then may train here
 
 
-def check_vocab(windows: TokenWindows, vocab: int) -> None:
-    """Every token id must be a row of the model's embedding: one line naming the size that fits."""
+def check_vocab(windows: TokenWindows, vocab: int, flag: str = "--vocab {}") -> None:
+    """Every token id must be a row of the model's embedding: one line naming the size that fits
+    (``flag``: how the user sets it, ``--vocab N`` or ``--hf-config vocab_size=N``)."""
     largest = windows.max_token()
     if largest >= vocab:
-        raise UsageError(f"--vocab {vocab} is too small for {windows.path}: its largest token id is {largest}; "
-                         f"use --vocab {largest + 1} or more")
+        raise UsageError(f"{flag.format(vocab)} is too small for {windows.path}: its largest token id is {largest}; "
+                         f"use {flag.format(largest + 1)} or more")
