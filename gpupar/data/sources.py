@@ -7,7 +7,6 @@ size are one line (UsageError), never a traceback or a silent climb in memory.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from gpupar.data.samples import Samples, split_validation
 from gpupar.data.stream import Stream, collate_rows
 from gpupar.data.tokens import TokenWindows, is_token_file
 from gpupar.errors import UsageError, first_line
+from gpupar.models.builtin import import_callable
 
 # A Dataset collated whole at every step would climb in memory without a word: past this many
 # samples, a Dataset source needs a batch size.
@@ -154,14 +154,7 @@ def is_factory(path: str) -> bool:
 
 def load_data_factory(path: str):
     """Import and call ``package.module:factory`` (no arguments); it returns what gpupar.train takes."""
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"--data {path!r}: cannot import module {module_name!r} ({first_line(exc)})") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise UsageError(f"--data {path!r}: module {module_name!r} has no callable {attr!r}")
+    factory, attr = import_callable(path, "--data"), path.partition(":")[2]
     try:
         data = factory()
     except UsageError:

@@ -86,7 +86,7 @@ def import_callable(path: str, flag: str = "--model", what: str = "factory"):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"{flag} {path!r}: cannot import module {module_name!r} ({exc})") from None
+        raise UsageError(f"{flag} {path!r}: cannot import module {module_name!r} ({first_line(exc)})") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise UsageError(f"{flag} {path!r}: module {module_name!r} has no callable {attr!r}")
