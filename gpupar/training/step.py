@@ -108,10 +108,10 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
     step is the caller's, after the NaN check. The loss is a 0-dim tensor left on the
     device: reading it here (``.item()``) would make the host wait for the GPU every step.
     """
-    weights = micro_batch_weights(loss_fn, micro_batches)
+    parts = [split_batch(batch) for batch in micro_batches]
+    weights = micro_batch_weights(loss_fn, [target for _, _, target in parts])
     step_loss = None
-    for k, batch in enumerate(micro_batches):
-        args, kwargs, target = split_batch(batch)
+    for k, (batch, (args, kwargs, target)) in enumerate(zip(micro_batches, parts)):
         # DDP all-reduces gradients inside backward; on all but the last micro-step that
         # traffic is wasted, since gradients just add up locally (no_sync).
         skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
@@ -143,9 +143,10 @@ def _sharded_parameter_use():
                          "parameter in your loss") from None
 
 
-def micro_batch_weights(loss_fn: Callable, micro_batches: list[Batch]) -> list | None:
+def micro_batch_weights(loss_fn: Callable, targets: list) -> list | None:
     """What each micro-batch's mean loss is scaled by, so that the summed (and data-parallel
-    averaged) gradients are those of the mean over the whole global batch.
+    averaged) gradients are those of the mean over the whole global batch; ``targets`` are the
+    micro-batches' targets, as split_batch gives them.
 
     None: equal-sized micro-batches, 1/M each (the caller divides). A token loss that skips padding (targets equal
     to its ``ignore_index``, -100) averages over a different number of valid tokens in each
@@ -158,7 +159,6 @@ def micro_batch_weights(loss_fn: Callable, micro_batches: list[Batch]) -> list |
     ignore = getattr(loss_fn, "ignore_index", None)
     if not isinstance(ignore, int) or isinstance(loss_fn, BatchLoss):
         return None
-    targets = [split_batch(b)[2] for b in micro_batches]
     if not all(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in targets):
         return None
     counts = torch.stack([(t != ignore).sum() for t in targets]).to(torch.float32)
