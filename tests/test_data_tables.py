@@ -14,7 +14,7 @@ from safetensors.torch import load_file as load_weights
 from gpupar.config import Config
 from gpupar.data.sources import first_samples, load_data
 from gpupar.errors import UsageError
-from tests.harness import gpupar
+from harness import gpupar
 
 datasets = pytest.importorskip("datasets")
 

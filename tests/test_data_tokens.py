@@ -13,7 +13,7 @@ from gpupar.data import sources, tokens
 from gpupar.data.sources import load_data_factory
 from gpupar.data.tokens import TokenWindows, check_vocab
 from gpupar.errors import UsageError
-from tests.harness import gpupar
+from harness import gpupar
 
 
 def _write(path, n, dtype=np.uint16, high=100, seed=0):
