@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="train with a strategy and with one device, and compare them")
     add_config_flags(p)
     add_verify_flags(p)
+    p.add_argument("script", nargs="*", metavar="-- python SCRIPT.py [args]",
+                   help="verify your own loop (with gpupar.setup): the script on one process and in ranks")
     p.set_defaults(func=cmd_verify)
 
     _add_predict(sub)
@@ -137,6 +139,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     options = VerifyOptions(args.band, args.no_dropout, args.nudge_init, args.first_grads, args.save_step_losses)
+    if args.script:  # `gpupar verify -- python script.py`: the user's own loop
+        from gpupar.ownloop.parity import verify_script
+
+        return verify_script(cfg, [d for d in vars(args) if "." in d], args.script, args.rtol, options)
     verdict = run_verify(cfg, args.rtol, options=options)
     if verdict is None:  # one rank of the strategy run
         return 0

@@ -28,7 +28,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     6: ("launch",),
     7: ("verify", "verify.harness", "verify.verdict", "verify.noise", "bench", "bench.driver", "bench.worker",
         "bench.peers", "bench.report", "sweep", "sweep.grid", "sweep.fused", "predict", "export", "notebook", "runs",
-        "ownloop", "ownloop.env", "ownloop.shard", "ownloop.record", "ownloop.store", "ownloop.script"),
+        "ownloop", "ownloop.env", "ownloop.shard", "ownloop.record", "ownloop.store", "ownloop.script", "ownloop.parity"),
     8: ("cli", "flags", "api", "__init__", "__main__"),
 }
 LAYER = {name: level for level, names in LAYERS.items() for name in names}

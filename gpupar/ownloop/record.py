@@ -9,9 +9,10 @@ import json
 import os
 from pathlib import Path
 
+from gpupar.run.files import atomic_write_text
 from gpupar.topology import Topology
 
-DIR_ENV, NUDGE_ENV = "GPUPAR_VERIFY_DIR", "GPUPAR_VERIFY_NUDGE"
+DIR_ENV, NUDGE_ENV, NO_DROPOUT_ENV = "GPUPAR_VERIFY_DIR", "GPUPAR_VERIFY_NUDGE", "GPUPAR_VERIFY_NO_DROPOUT"
 _OPEN: list = []  # recorders not yet written: at exit, or when `gpupar run` finishes the script
 
 
@@ -21,13 +22,15 @@ def flush() -> None:
 
 
 def from_env(topo: Topology) -> "Recorder | None":
-    return Recorder(Path(os.environ[DIR_ENV]), topo, os.environ.get(NUDGE_ENV) == "1") if DIR_ENV in os.environ \
-        else None
+    if DIR_ENV not in os.environ:
+        return None
+    return Recorder(Path(os.environ[DIR_ENV]), topo, os.environ.get(NUDGE_ENV) == "1",
+                    os.environ.get(NO_DROPOUT_ENV) == "1")
 
 
 class Recorder:
-    def __init__(self, root: Path, topo: Topology, nudge: bool):
-        self.root, self.topo, self.nudge = root, topo, nudge
+    def __init__(self, root: Path, topo: Topology, nudge: bool, no_dropout: bool = False):
+        self.root, self.topo, self.nudge, self.no_dropout = root, topo, nudge, no_dropout
         self.losses, self.final, self.model = [], None, None
         if topo.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -35,13 +38,17 @@ class Recorder:
         atexit.register(flush)
 
     def prepare(self, model) -> None:
+        """Before parallelize: the noise reference's nudge, --no-dropout, and the names of the
+        layers that may keep a model from matching one device (verify's notes)."""
+        from gpupar.verify.noise import batch_norms, disable_dropout, nudge_weights, random_layers
+
+        if self.no_dropout:
+            disable_dropout(model)
         if self.nudge:
-            import torch
-
-            from gpupar.verify.noise import nudge_weights
-
-            with torch.no_grad():
-                nudge_weights(model)
+            nudge_weights(model)
+        if self.topo.is_main:
+            names = {"batch_norms": batch_norms(model), "random_layers": random_layers(model)}
+            atomic_write_text(self.root / "notes.json", json.dumps(names))
 
     def watch(self, model, optimizer) -> None:
         """Gather the step-1 gradients before the first step, the whole state after each
@@ -74,6 +81,6 @@ class Recorder:
             return
         from gpupar.weights import save_weights
 
-        (self.root / "step_losses.json").write_text(json.dumps([float(v) for v in self.losses]))
+        atomic_write_text(self.root / "step_losses.json", json.dumps([float(v) for v in self.losses]))
         if self.final is not None:
             save_weights(self.final, self.root / "model.safetensors")
