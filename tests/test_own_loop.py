@@ -108,6 +108,7 @@ def test_verify_of_a_script_fails_a_planted_bug_at_step_1(bug, tmp_path, capfd, 
     code, out, err = _verify(main, capfd, "--strategy", strategy, "--run-dir", tmp_path / "v", "--", "python", script)
     assert code == 1, out + err
     assert out.splitlines()[-1].startswith(f"FAIL: {strategy}(dp=2) differs from the reference at step 1"), out
+    assert "no rounding-noise reference needed" in out  # a step-1 loss beyond rounding: no third run
     if "same data" in bug:  # and the step count says why
         assert "took 20 steps under ddp(dp=2) and 10 on one process" in out, out
 
@@ -115,8 +116,12 @@ def test_verify_of_a_script_fails_a_planted_bug_at_step_1(bug, tmp_path, capfd, 
 def test_verify_of_a_script_refuses_what_it_cannot_judge_in_one_line(tmp_path, gpupar_cli):
     plain = tmp_path / "plain.py"
     plain.write_text("print('a loop that never calls gpupar.setup')\n")
+    unrecorded = tmp_path / "unrecorded.py"  # the example with loss.backward(): verify sees no loss
+    unrecorded.write_text(OWN_LOOP.read_text().replace("gp.backward(loss)", "loss.backward()")
+                          .replace("range(100)", "range(1)"))
     for argv, says in (
             (["--strategy", "ddp", "--", "python", plain], "never called gpupar.setup() on one process"),
+            (["--strategy", "ddp", "--", "python", unrecorded], "recorded no loss on one process: call gp.backward"),
             (["--strategy", "ddp", "--epochs", "3", "--", "python", plain], "--epochs belong to the script"),
             (["--strategy", "ddp", "--", "python", "-m", "mymodule"], "expected `python SCRIPT.py [args]`"),
             (["--strategy", "ddp", "--", "python", tmp_path / "missing.py"], "no such script"),
