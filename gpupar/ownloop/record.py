@@ -72,8 +72,9 @@ class Recorder:
     def write(self) -> None:
         if not self.topo.is_main:
             return
+        from gpupar.run.files import atomic_write_text
         from gpupar.weights import save_weights
 
-        (self.root / "step_losses.json").write_text(json.dumps([float(v) for v in self.losses]))
+        atomic_write_text(self.root / "step_losses.json", json.dumps([float(v) for v in self.losses]))
         if self.final is not None:
             save_weights(self.final, self.root / "model.safetensors")
