@@ -148,12 +148,8 @@ def hf_tp_plan(model: nn.Module, tp: int) -> dict | None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     own = getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {}
-    if not own:
-        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
-            raise UsageError(f"--tp: {type(model).__name__} keeps its projections in transformers' Conv1D "
-                             "layers, with q, k and v fused in one, which gpupar does not shard; use --strategy "
-                             "fsdp, or --pp")
-        return None  # no plan of its own: the automatic plan, proven by a trace
+    if not own:  # no plan of its own (GPT-2): the automatic plan, proven by a trace; its fused
+        return None  # qkv is split by a view, so only the MLP pairs (c_fc, c_proj) are sharded
     config = model.config
     for attr in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(config, attr, None)

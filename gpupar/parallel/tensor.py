@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,8 +61,8 @@ def auto_plan(model: nn.Module, example: torch.Tensor) -> Plan:
         bad = [s for s in sources if s in flow.broken or flow.sinks[s] != {row} or s in plan or s == row]
         if row in plan or row in flow.broken_rows or bad:
             continue
-        plan.update({s: ColwiseParallel() for s in sorted(sources, key=flow.order.index)})
-        plan[row] = RowwiseParallel()
+        plan.update({s: _style(model.get_submodule(s), True) for s in sorted(sources, key=flow.order.index)})
+        plan[row] = _style(model.get_submodule(row), False)
     if not plan:
         why = next(iter(flow.broken.items()), None)
         detail = f": layer {why[0]}'s output {why[1]}" if why else ": its forward calls no nn.Linear into another"
@@ -144,14 +145,25 @@ def _trace_flow(model: nn.Module, example: torch.Tensor) -> _Flow:
     flow = _Flow()
     hooks = []
     for name, layer in model.named_modules():
-        if isinstance(layer, nn.Linear):
+        if widths(layer):
             hooks.append(layer.register_forward_pre_hook(lambda m, a, n=name: flow.enter(n, a)))
             hooks.append(layer.register_forward_hook(lambda m, a, o, n=name: flow.leave(n, o)))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), flow:
-            out = model(example)
+        try:
+            with torch.no_grad(), flow:
+                out = model(example)
+        except Exception:
+            if not example.is_meta:
+                raise
+            # Python that reads values (Hugging Face's mask checks) cannot run on meta; under a
+            # FakeTensorMode those checks skip themselves and shapes still flow.
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            flow = _Flow()  # the hooks read the name `flow`: they record into this one
+            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), flow:
+                out = model(example)
     except Exception as exc:  # the user's forward on one sample: say so in one line
         raise UsageError(f"--tp: tracing {type(model).__name__}'s forward for a plan failed "
                          f"({type(exc).__name__}: {first_line(exc, '')}); pass a plan through the Python API") from None
@@ -163,18 +175,74 @@ def _trace_flow(model: nn.Module, example: torch.Tensor) -> _Flow:
     return flow
 
 
+def widths(layer: nn.Module) -> tuple[int, int] | None:
+    """(input, output) features of a linear layer: an nn.Linear, or transformers' ``Conv1D``
+    (GPT-2's projections: ``x @ W + b`` with ``W`` stored (in, out), the transpose of Linear's).
+    None for any other module."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    weight = getattr(layer, "weight", None)
+    if type(layer).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0], weight.shape[1]
+    return None
+
+
+def by_columns(style: ParallelStyle) -> bool | None:
+    """True for a colwise style, False for a rowwise one, None for any other."""
+    if isinstance(style, Conv1DParallel):
+        return style.colwise
+    return True if isinstance(style, ColwiseParallel) else False if isinstance(style, RowwiseParallel) else None
+
+
+def _style(layer: nn.Module, colwise: bool) -> ParallelStyle:
+    if isinstance(layer, nn.Linear):
+        return ColwiseParallel() if colwise else RowwiseParallel()
+    return Conv1DParallel(colwise)
+
+
+class Conv1DParallel(ParallelStyle):
+    """Megatron's colwise / rowwise split for transformers' ``Conv1D``, whose weight is stored
+    (in, out): by columns it is ``Shard(1)`` of the weight and ``Shard(0)`` of the bias, by rows
+    ``Shard(0)`` of the weight and a whole bias. Inputs and outputs are local tensors, as with
+    torch's Colwise/RowwiseParallel, so layers between a pair see plain per-rank slices."""
+
+    def __init__(self, colwise: bool):
+        super().__init__()
+        self.colwise = colwise
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        weight, bias = ([Shard(1)], [Shard(0)]) if self.colwise else ([Shard(0)], [Replicate()])
+
+        def partition(name, layer, mesh):
+            for pname, param in list(layer.named_parameters(recurse=False)):
+                placement = weight if pname == "weight" else bias
+                layer.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, placement),
+                                                             requires_grad=param.requires_grad))
+
+        def prepare_input(layer, inputs, mesh):
+            x = inputs[0]
+            if not isinstance(x, DTensor):  # colwise: every rank's whole input; rowwise: its slice of it
+                x = DTensor.from_local(x, mesh, [Replicate()] if self.colwise else [Shard(-1)], run_check=False)
+            return (x, *inputs[1:])
+
+        def prepare_output(layer, output, mesh):
+            placement = [Shard(-1)] if self.colwise else [Replicate()]  # rowwise: all-reduce the partial sums
+            return output.redistribute(placements=placement).to_local()
+
+        return distribute_module(module, device_mesh, partition, prepare_input, prepare_output)
+
+
 def check_tp_divisible(model: nn.Module, plan: Plan, tp: int) -> None:
     """A colwise layer's output width and a rowwise layer's input width must divide by tp."""
     for name, style in plan.items():
-        layer = model.get_submodule(name)
-        if not isinstance(layer, nn.Linear):
-            continue
-        if isinstance(style, ColwiseParallel) and layer.out_features % tp:
-            raise UsageError(f"--tp {tp} does not divide the {layer.out_features} output features of {name!r} "
-                             f"(sharded by columns); choose a --hidden that tp divides ({_divisors(layer.out_features)})")
-        if isinstance(style, RowwiseParallel) and layer.in_features % tp:
-            raise UsageError(f"--tp {tp} does not divide the {layer.in_features} input features of {name!r} "
-                             f"(sharded by rows); choose a --hidden that tp divides ({_divisors(layer.in_features)})")
+        n_in, n_out = widths(model.get_submodule(name)) or (0, 0)
+        colwise = by_columns(style)
+        if colwise and n_out % tp:
+            raise UsageError(f"--tp {tp} does not divide the {n_out} output features of {name!r} "
+                             f"(sharded by columns); choose a --hidden that tp divides ({_divisors(n_out)})")
+        if colwise is False and n_in % tp:
+            raise UsageError(f"--tp {tp} does not divide the {n_in} input features of {name!r} "
+                             f"(sharded by rows); choose a --hidden that tp divides ({_divisors(n_in)})")
 
 
 def _divisors(width: int) -> str:

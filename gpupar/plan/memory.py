@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from gpupar.config import Config
 from gpupar.models.outputs import first_output
@@ -87,6 +86,7 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
     """Stage ``stage`` of the model with its TP layers at local width, and the rowwise layer names.
     On the CPU its values are uninitialised: the probe needs only what the kernels allocate."""
     from gpupar.parallel.pipeline import stage_module, stage_names
+    from gpupar.parallel.tensor import by_columns, widths
     from gpupar.parallelize import pipeline_units, stage_plan
 
     model = ctx.model
@@ -103,12 +103,12 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
     if dims.tp_enabled:
         for name, style in stage_plan(whole_plan(ctx, dims), model).items():
             layer = model.get_submodule(name)
-            if not isinstance(layer, nn.Linear):
+            if widths(layer) is None:
                 continue
-            n_in, n_out = layer.in_features, layer.out_features
-            if isinstance(style, ColwiseParallel):
+            n_in, n_out = widths(layer)
+            if by_columns(style):
                 n_out //= dims.tp
-            elif isinstance(style, RowwiseParallel):
+            elif by_columns(style) is False:
                 n_in //= dims.tp
                 rowwise.append(name)
             parent, _, leaf = name.rpartition(".")
