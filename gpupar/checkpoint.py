@@ -44,7 +44,8 @@ from gpupar.weights import check_weights_out, save_weights
 from gpupar.config import Config
 from gpupar.errors import TrainingError, UsageError, first_line
 from gpupar.memory import local_shard
-from gpupar.run.files import check_inside
+from gpupar.run.files import check_inside, write_nofollow
+from gpupar.run.saving import save_failed, signals_held
 # A pipeline's state under the whole model's names (plain get_state_dict / set_state_dict otherwise).
 from gpupar.parallel.pipeline_state import load_state_dicts, model_state, state_dicts
 from gpupar.run.rundir import COMPLETE, check_not_run_file, complete_checkpoints, resolve_resume, run_id_of
@@ -77,6 +78,10 @@ class Checkpointer:
             self.save(position, model, optimizer, scheduler, total_steps)
 
     def save(self, position: Position, model: nn.Module, optimizer, scheduler, total_steps: int) -> Path:
+        with signals_held():  # Ctrl-C or SIGTERM mid-save: the save ends first, then the run stops
+            return self._save(position, model, optimizer, scheduler, total_steps)
+
+    def _save(self, position: Position, model: nn.Module, optimizer, scheduler, total_steps: int) -> Path:
         topo = self.topo
         final = self.root / f"step-{position.step}"
         tmp = self.root / f"step-{position.step}.tmp"
@@ -90,15 +95,22 @@ class Checkpointer:
         _barrier(topo)
 
         model_state, optim_state = state_dicts(model, optimizer)
-        with _quiet():
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-        _write_json(tmp / "rng" / f"rank-{topo.rank}.json", rng_state())
-        if topo.is_main:
-            _write_json(tmp / "trainer.json", {
-                "format": FORMAT, "position": asdict(position), "total_steps": total_steps,
-                "steps_per_epoch": self.steps_per_epoch, "scheduler": _scheduler_state(scheduler),
-                "model": self.cfg.model.name, "strategy": self.topo.dims.describe(),
-                "world_size": topo.world_size, "torch": torch.__version__, "run_id": self.run_id})
+        try:
+            with _quiet():
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp,
+                         no_dist=not dist.is_initialized())
+            _write_json(tmp / "rng" / f"rank-{topo.rank}.json", rng_state())
+            if topo.is_main:
+                _write_json(tmp / "trainer.json", {
+                    "format": FORMAT, "position": asdict(position), "total_steps": total_steps,
+                    "steps_per_epoch": self.steps_per_epoch, "scheduler": _scheduler_state(scheduler),
+                    "model": self.cfg.model.name, "strategy": self.topo.dims.describe(),
+                    "world_size": topo.world_size, "torch": torch.__version__, "run_id": self.run_id})
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            failure = save_failed(exc, position.step, self.root)  # before the cleanup frees the disk
+            if topo.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the half-written save; the earlier ones stay
+            raise failure from None
         _barrier(topo)  # every rank's shards are on disk
 
         if topo.is_main:
@@ -106,7 +118,7 @@ class Checkpointer:
             # keep-last counts this run's checkpoints only: another run's are not this run's to delete.
             ours = [p for p in complete_checkpoints(self.root) if run_id_of(p) == self.run_id]
             for old in ours[:-self.cfg.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
         return final
 
     # --- resuming ---------------------------------------------------------------------------
@@ -159,13 +171,24 @@ class Checkpointer:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Make a fully written checkpoint visible: rename, then mark it complete."""
+    """Make a fully written checkpoint visible in one rename: it is sealed first (the
+    ``COMPLETE`` marker lists a SHA-256 per file; resume and export hold the files to it), so
+    ``step-N/`` exists only whole, whenever a signal or a crash comes."""
+    seal(tmp)
     if final.is_symlink():
         final.unlink()
     elif final.exists():
-        shutil.rmtree(final)  # an older save of the same step (a run resumed from before it)
+        _remove(final)  # an older save of the same step (a run resumed from before it)
     os.replace(tmp, final)
-    seal(final)  # the marker lists a SHA-256 per file; resume and export hold the files to it
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint: renamed out of the ``step-N`` names first, so that an interrupted
+    delete leaves no half-deleted checkpoint that looks complete."""
+    doomed = checkpoint.with_name(f"{checkpoint.name}.deleting.tmp")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def check_compatible(model: nn.Module, metadata, where: str) -> None:
@@ -327,7 +350,7 @@ def _barrier(topo: Topology) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj))
+    write_nofollow(path, json.dumps(obj).encode())  # a link planted in step-N.tmp is never written through
 
 
 def _read_json(path: Path, where: str) -> dict:
@@ -337,6 +360,8 @@ def _read_json(path: Path, where: str) -> dict:
         raise UsageError(f"{where}: corrupt checkpoint ({path.name} is missing)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{where}: corrupt checkpoint ({path.name}: {exc})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: corrupt checkpoint ({path.name}: nested too deeply to be gpupar's)") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -203,7 +203,13 @@ def _text(text: str):
 
 def _earlier_records(path: Path, start_step: int) -> list[dict]:
     """A resumed run keeps the metrics its earlier part logged up to the checkpoint."""
-    if not start_step or not path.is_file():
+    if not start_step or path.is_symlink() or not path.is_file():  # never read outside the run
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "event" not in r and r.get("step", 0) <= start_step]
+    records = []
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except (ValueError, RecursionError):  # untrusted: a line gpupar did not write is dropped
+            continue
+    return [r for r in records if isinstance(r, dict) and "event" not in r
+            and isinstance(r.get("step", 0), int) and r.get("step", 0) <= start_step]

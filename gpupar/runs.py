@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpupar.errors import UsageError, first_line
+from gpupar.run.files import atomic_write, check_out_path
 
 
 @dataclass
@@ -106,7 +107,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
         try:
             record = json.loads(line) if line.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):
             record = "bad"
         if record is None:
             continue
@@ -141,6 +142,10 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
     if not run_dir.is_dir():
         raise UsageError(f"gpupar report {run_dir}: no such run directory (list them with gpupar runs)")
+    out = out or run_dir / "loss.png"
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UsageError(f"--out {out}: unsupported format {out.suffix or '(no suffix)'!r}; expected .png, .pdf or .svg")
+    check_out_path(out, "--out")
     records = read_metrics(run_dir)
     if not records:
         raise UsageError(f"{run_dir}/metrics.jsonl holds no readable loss records: nothing to plot")
@@ -171,8 +176,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=11)
     fig.tight_layout()
-    out = out or run_dir / "loss.png"
-    fig.savefig(out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:]))  # never through a symlink
     plt.close(fig)
     return out
 

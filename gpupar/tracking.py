@@ -100,8 +100,12 @@ class TensorBoardTracker(Tracker):
     def __init__(self, run_dir: Path, device: torch.device):
         from torch.utils.tensorboard import SummaryWriter
 
+        from gpupar.run.files import check_inside
+
         self.device = device
         self.log_dir = run_dir / "tensorboard"
+        if self.log_dir.is_symlink() or self.log_dir.exists():  # its event files are written inside the run only
+            check_inside(self.log_dir, run_dir, "--run-dir's tensorboard folder")
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def log(self, record: dict) -> None:
@@ -142,7 +146,7 @@ class MLflowTracker(Tracker):
         files = [run_dir / name for name in ARTIFACTS]
         files += sorted(p for pattern in REPORT_PATTERNS for p in run_dir.glob(pattern))
         for path in files:
-            if path.is_file():
+            if path.is_file() and not path.is_symlink():  # a link could upload a file from outside the run
                 self.mlflow.log_artifact(str(path))
         self.close()
 

@@ -157,6 +157,11 @@ def test_a_failing_or_hanging_rank_ends_the_job_and_is_named(tmp_path, model, ti
         assert f"gpupar: training failed: {failing}" in proc.stderr, (attempt, proc.stderr)
         if "hangs" in model:  # rank 0 waits on the stuck rank 1 for --timeout, then the job ends
             assert "Timed out" in proc.stderr and seconds < timeout + 45
+            # ... and the collective: the one rank 0 waited in, which rank 1 never entered (issue 26).
+            last = proc.stderr.strip().splitlines()[-1]
+            assert re.search(r"rank 0 timed out in gloo:all_reduce #(\d+) .*; rank 1 never entered it \(its last "
+                             r"collective: gloo:all_reduce #(\d+) .*stopped by the launcher\); the last collective "
+                             r"every rank finished: gloo:all_reduce #\2 ", last), last
         else:  # the raising rank exits 1 with its own message, not SIGABRT
             assert "gpupar [rank 1]: failed: RuntimeError: injected failure on rank 1" in proc.stderr, attempt
         assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr, (attempt, proc.stderr)

@@ -172,3 +172,106 @@ def test_malformed_checkpoint_json_is_refused_naming_the_file(sandbox, trainer, 
         torch.set_rng_state(saved[0])
         random.setstate(saved[1])
         np.random.set_state(saved[2])
+
+
+# --- the files gpupar reads back from a run (issue 26): one line or success, never a traceback,
+# never a read or write outside the run, never longer than a bound ----------------------------
+
+BOUND_S = 10.0  # one example's parse, on a loaded 2-core machine; the files are a few KB
+json_text = st.one_of(json_values.map(json.dumps), st.text(max_size=40),
+                      st.integers(1, 3000).map(lambda n: "[" * n * 30 + "]" * n * 30),
+                      st.sampled_from(['{"step": "1", "loss": [1]}', '{"get": 1, "__class__": 2}', "NaN", "{"]))
+
+
+def _bounded(start: float) -> None:
+    import time
+
+    assert time.monotonic() - start < BOUND_S
+
+
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 8))  # each example draws a plot: ~1 s
+@given(summary=json_text, metrics=st.lists(json_text, max_size=4), config=toml_text)
+def test_run_files_list_and_plot_or_are_refused(gpupar, sandbox, summary, metrics, config):
+    """`gpupar runs` and `gpupar report` over a run whose summary.json, metrics.jsonl and
+    config.toml hold anything: exit 0, or one line and exit 2; the plot goes where it is asked."""
+    import time
+
+    run = sandbox() / "R"
+    run.mkdir()
+    (run / "summary.json").write_text(summary)
+    (run / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    (run / "config.toml").write_bytes(config)
+    start = time.monotonic()
+    code, _, err = gpupar("runs", run.parent)
+    refused_in_one_line(code, err)
+    code, _, err = gpupar("report", run, "--out", run / "l.png")
+    assert code in (0, 2), err
+    if code == 2:  # report notes unreadable lines on stderr before its one line of refusal
+        assert err.strip().splitlines()[-1].startswith("gpupar: error: "), err
+    _bounded(start)
+    assert set(os.listdir(run)) <= {"summary.json", "metrics.jsonl", "config.toml", "l.png"}
+
+
+shard_paths = st.one_of(st.sampled_from(["__0_0.distcp", "../x.distcp", "/etc/passwd", "sub/../__0_0.distcp",
+                                         "fifo", "link", ".", "", "nosuch"]), st.text(max_size=12))
+
+
+@FUZZ
+@given(paths=st.lists(shard_paths, min_size=1, max_size=4), offsets=st.lists(st.integers(-2, 10**6), min_size=2,
+                                                                              max_size=2))
+def test_dcp_shard_records_stay_inside_their_checkpoint(sandbox, paths, offsets):
+    """DCP metadata's shard records, generated: check_storage accepts only regular files inside
+    the checkpoint, with every slice inside its file, and refuses anything else with a ValueError
+    (one line) before anything is opened; a FIFO is never opened (it would block for ever)."""
+    import stat
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+    from gpupar.safe_dcp import check_storage
+
+    ckpt = sandbox() / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "__0_0.distcp").write_bytes(b"x" * 100)
+    os.mkfifo(ckpt / "fifo")
+    (ckpt / "link").symlink_to("/etc/hostname")
+    storage = {MetadataIndex(f"k{i}"): _StorageInfo(p, offsets[0], offsets[1]) for i, p in enumerate(paths)}
+    meta = Metadata(state_dict_metadata={}, storage_data=storage)
+    try:
+        check_storage(meta, ckpt)
+    except ValueError as exc:
+        assert "\n" not in str(exc)
+        return
+    for info in storage.values():  # accepted: every record is a regular file inside, the slice within it
+        real = (ckpt / info.relative_path).resolve()
+        assert ckpt.resolve() in real.parents and stat.S_ISREG(os.stat(real).st_mode), info
+        assert info.offset + info.length <= real.stat().st_size, info
+
+
+@FUZZ
+@given(marker=st.one_of(json_text, st.just("ok\n"), st.builds(lambda files: json.dumps(
+    {"format": 1, "sha256": files}), st.dictionaries(st.sampled_from(["a", "../a", "b/c", "COMPLETE"]),
+                                                     st.sampled_from(["0" * 64, "x", ""]), max_size=3))))
+def test_a_checkpoints_complete_marker_is_held_or_refused_in_one_line(sandbox, marker):
+    from gpupar.errors import UsageError
+    from gpupar.safe_dcp import check_seal
+
+    ckpt = sandbox() / "step-1"
+    ckpt.mkdir()
+    (ckpt / "a").write_bytes(b"data")
+    (ckpt / "COMPLETE").write_text(marker)
+    try:
+        check_seal(ckpt, "--resume x")
+    except UsageError as exc:
+        assert "\n" not in str(exc) and "corrupt checkpoint" in str(exc)
+
+
+@FUZZ
+@given(records=st.lists(st.tuples(st.integers(0, 3), json_values), max_size=4))
+def test_a_ranks_collective_record_never_breaks_the_launchers_message(sandbox, records):
+    from gpupar.launch.collectives import story
+
+    directory = sandbox()
+    for rank, body in records:
+        (directory / f"rank-{rank}.json").write_text(json.dumps(body))
+    assert "\n" not in story(directory, 2)

@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent / "gpupar"
 
 # Lowest first. A module is named by its dotted path below gpupar; a package's __init__ by the package.
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("config", "config_file", "errors", "devices", "weights", "safe_dcp", "run", "run.rundir", "run.files"),
+    0: ("config", "config_file", "errors", "devices", "weights", "safe_dcp", "run", "run.rundir", "run.files",
+        "run.saving"),
     1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "models.hf", "models.outputs", "data",
         "data.files", "data.samples", "data.stream", "data.sources", "data.tokens", "memory", "tracking",
-        "measure", "measure.flops", "launch.elastic"),
+        "measure", "measure.flops", "launch.elastic", "launch.collectives"),
     2: ("parallelize", "parallel", "parallel.activation_checkpoint", "parallel.ddp", "parallel.fsdp",
         "parallel.layer_split", "parallel.pipeline", "parallel.pipeline_state", "parallel.pipeline_eval", "parallel.sync_bn", "parallel.tensor", "parallel.tied",
         "training.step"),

@@ -57,3 +57,35 @@ def test_an_ipv6_loopback_endpoint_listens_on_loopback_only(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     assert proc.returncode == 130
+
+
+def test_the_launcher_names_the_collective_a_stuck_job_waited_in(tmp_path):
+    """The ranks' records (what each wrote on failure or when stopped) in words: the rank that
+    timed out, its collective, the ranks that never entered it, the last one all finished.
+    The spawned check (a rank that sleeps before its all-reduce) is in test_ddp.py."""
+    import json
+
+    from gpupar.launch.collectives import story
+
+    def entry(seq: int, op: str = "gloo:all_reduce", group: str = "default_pg") -> dict:
+        return {"op": op, "group": group, "seq": seq, "sizes": [[11]], "state": "scheduled"}
+
+    def write(rank: int, seqs, timed_out=False, attempt=0, how="stopped by the launcher") -> None:
+        (tmp_path / f"rank-{rank}.json").write_text(json.dumps(
+            {"rank": rank, "attempt": attempt, "how": how, "timed_out": timed_out, "entries": [entry(s) for s in seqs]}))
+
+    assert story(tmp_path, 2) == ""  # no records (an older torch): the launcher's line as before
+    write(0, [8, 9, 10], timed_out=True, how="RuntimeError: Timed out waiting 5000ms")
+    assert story(tmp_path, 2).startswith("rank 0 timed out in gloo:all_reduce #10 of process group default_pg")
+    assert "every rank finished" not in story(tmp_path, 2)  # rank 1 left no record (SIGKILL): not claimed
+    write(1, [8, 9])
+    text = story(tmp_path, 2)
+    assert "; rank 1 never entered it (its last collective: gloo:all_reduce #9 of process group default_pg; " \
+           "stopped by the launcher)" in text
+    assert text.endswith("the last collective every rank finished: gloo:all_reduce #9 of process group default_pg")
+    write(1, [8, 9, 10])  # both in #10, rank 1 stopped in it: no one is named as missing it
+    assert "never entered" not in story(tmp_path, 2)
+    write(1, [1], attempt=1)  # a later attempt's records replace the earlier attempt's
+    assert story(tmp_path, 2) == ""
+    (tmp_path / "rank-0.json").write_text("[" * 100000)  # a hostile record is skipped, never a traceback
+    assert story(tmp_path, 2) == ""

@@ -132,3 +132,45 @@ def test_export_writes_neither_over_its_input_nor_into_another_run(gpupar, tmp_p
                     run / "checkpoints/step-10/w.safetensors"), "inside the checkpoint")
     assert (files_of(run), files_of(other)) == kept
     assert gpupar("export", "--run", run, "--out", run / "copy.safetensors")[0] == 0  # its own run is fine
+
+
+def test_no_file_of_a_run_is_written_or_read_through_a_symlink(gpupar, tmp_path):
+    """Links planted in a run directory (metrics.jsonl, summary.json, config.toml, loss.png,
+    the tensorboard folder) lead out of it: a resumed run and `gpupar report` replace the link
+    with their own file, or refuse in one line; the files the links point at are never
+    written, and never read back as the run's (metrics.jsonl's earlier records)."""
+    run = tmp_path / "R"
+    assert gpupar(*TRAIN, "--checkpoint-every", 5, "--run-dir", run)[0] == 0
+    targets = {}
+    for name in ("metrics.jsonl", "summary.json", "config.toml", "loss.png"):
+        targets[name] = tmp_path / f"outside-{name}"
+        targets[name].write_text("keep me\n")
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(targets[name])
+    code, _, err = gpupar(*TRAIN, "--epochs", 12, "--resume", "auto", "--run-dir", run)
+    assert code == 0, err
+    assert gpupar("report", run)[0] == 0
+    assert all(t.read_text() == "keep me\n" for t in targets.values())
+    assert not any((run / name).is_symlink() for name in targets)
+    assert "keep me" not in (run / "metrics.jsonl").read_text()
+    one_line(gpupar("report", run, "--out", tmp_path / "loss.gif"), "unsupported format '.gif'")
+    other, elsewhere = tmp_path / "T", tmp_path / "elsewhere"
+    other.mkdir()
+    elsewhere.mkdir()
+    (other / "tensorboard").symlink_to(elsewhere)
+    one_line(gpupar(*TRAIN, "--track", "tensorboard", "--run-dir", other), "tensorboard folder", "leads outside")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_adversarial_smoke_cases_all_hold():
+    """A few cases of tests/adversarial.py (a symlinked lock, an output onto an input, a DCP
+    shard at a FIFO, a factory a run's config names, hostile JSON), run as a user would, in
+    processes: the script's runner and judge are held to work. The whole script is the measure:
+    `PYTHONPATH=$PWD python tests/adversarial.py`."""
+    import adversarial
+    from adversarial_kit import CASES, HELD
+
+    results = adversarial.run_cases([c for c in CASES if c.smoke], jobs=2)
+    assert len(results) >= 5
+    failed = [(c.name, outcome, detail) for c, outcome, detail in results if outcome != HELD]
+    assert not failed, failed

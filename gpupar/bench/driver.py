@@ -30,6 +30,7 @@ from gpupar.measure.flops import count_step_flops, gpu_peak_tflops
 from gpupar.config import Config
 from gpupar.config_file import to_toml
 from gpupar.errors import TrainingError, UsageError
+from gpupar.run.files import atomic_write_text
 
 STRATEGIES = ("single", "ddp", "fsdp", "tp", "pp")
 
@@ -97,7 +98,7 @@ def run_combination(cfg: Config, out_dir: Path, steps: int, warmup: int, peer: s
 
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(to_toml(cfg))
+    atomic_write_text(out_dir / "config.toml", to_toml(cfg))
     result = out_dir / "result.json"
     for stale in [result, *out_dir.glob("result.json.rank*.err")]:
         stale.unlink(missing_ok=True)

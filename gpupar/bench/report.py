@@ -10,13 +10,14 @@ import re
 from pathlib import Path
 
 from gpupar.errors import UsageError
+from gpupar.run.files import atomic_write, atomic_write_text
 
 
 def write_outputs(summary: dict, out: Path) -> list[Path]:
     """bench.json, report.md and the plots under ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(summary))
+    atomic_write_text(out / "bench.json", json.dumps(summary, indent=2) + "\n")  # never through a link
+    atomic_write_text(out / "report.md", markdown(summary))
     return [out / "bench.json", out / "report.md", *plots(summary, out)]
 
 
@@ -103,7 +104,7 @@ def plots(summary: dict, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "throughput.png")
+    atomic_write(out / "throughput.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     written.append(out / "throughput.png")
 
@@ -122,7 +123,7 @@ def plots(summary: dict, out: Path) -> list[Path]:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     fig.tight_layout()
-    fig.savefig(out / "memory.png")
+    atomic_write(out / "memory.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     written.append(out / "memory.png")
     return written
@@ -151,4 +152,4 @@ def update_markdown(path: Path, label: str, report: str) -> None:
         text = pattern.sub(lambda _: block, text)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    atomic_write_text(path, text)

@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +21,7 @@ from gpupar.measure.flops import cpu_matmul_probe
 from gpupar.config import Config
 from gpupar.config_file import load_toml
 from gpupar.errors import first_line
+from gpupar.run.files import atomic_write_text
 from gpupar.memory import peak_bytes
 
 class StepTimer:
@@ -88,7 +88,7 @@ def bench_worker(config_path: str, result_path: str, steps: int, warmup: int, pe
                    claim=False, checked=True)
     except BaseException as exc:
         first = first_line(exc, "")
-        Path(f"{result_path}.rank{rank}.err").write_text(f"{type(exc).__name__}: {first}"[:300])
+        atomic_write_text(f"{result_path}.rank{rank}.err", f"{type(exc).__name__}: {first}"[:300])
         raise
 
 def _bench_here(cfg: Config, topo, result_path: str, steps: int, warmup: int, peer: str | None) -> None:
@@ -108,7 +108,7 @@ def _bench_here(cfg: Config, topo, result_path: str, steps: int, warmup: int, pe
         train_peer(peer, cfg, topo, timer)
     result = gather_result(topo, timer, probe)
     if topo.is_main:
-        Path(result_path).write_text(json.dumps(result))
+        atomic_write_text(result_path, json.dumps(result))
 
 
 def _train_gpupar(cfg: Config, topo, timer: StepTimer) -> None:

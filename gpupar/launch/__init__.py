@@ -24,7 +24,8 @@ import torch
 
 from gpupar.config import Config, layout
 from gpupar.config_file import to_toml
-from gpupar.errors import TrainingError, UsageError
+from gpupar.errors import TrainingError, UsageError, first_line
+from gpupar.launch.collectives import is_timeout, record, watch
 from gpupar.launch.elastic import MAX_CPU_RANKS_PER_CORE, launch_plan, launched_by_torchrun, run_workers
 
 Here = Callable[[Any, Any], Any]  # (Topology, RunDir | None) -> result
@@ -120,11 +121,16 @@ def _as_rank(cfg: Config, here: Here | None, replicas: bool, claim: bool) -> Any
         raise UsageError(f"{os.environ['WORLD_SIZE']} ranks were launched but the layout runs in one process; "
                          "use --strategy ddp (or another multi-process layout)")
     dims = ParallelDims.replicas(int(os.environ["WORLD_SIZE"])) if replicas else None
+    watch()  # stopped by the launcher: say which collectives this rank entered last
     topo = Topology.from_env(cfg, dims)
-    if claim:  # claimed by gpupar's launcher; under an outside torchrun, rank 0 claims it now
-        with rundir.for_rank(cfg, topo.is_main) as run_dir:
-            result = here(topo, run_dir)
-    else:
-        result = here(topo, None)
+    try:
+        if claim:  # claimed by gpupar's launcher; under an outside torchrun, rank 0 claims it now
+            with rundir.for_rank(cfg, topo.is_main) as run_dir:
+                result = here(topo, run_dir)
+        else:
+            result = here(topo, None)
+    except BaseException as exc:
+        record(f"{type(exc).__name__}: {first_line(exc)}", is_timeout(exc))
+        raise
     topo.close()
     return result

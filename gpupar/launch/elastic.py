@@ -15,9 +15,11 @@ import ipaddress
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ import torch
 
 from gpupar.config import Config
 from gpupar.errors import Interrupted, TrainingError, UsageError, first_line
+from gpupar.launch.collectives import DIR_ENV, recorder_env, story
 
 SLURM_PORT = 29500
 MAX_CPU_RANKS_PER_CORE = 4  # more CPU ranks than this per core is a warning before launch
@@ -134,7 +137,10 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
         max_restarts=cfg.parallel.max_restarts, monitor_interval=0.1, start_method="spawn",
         local_addr=lp.local_addr or route_source(lp.endpoint),
     )
-    handed = {"GPUPAR_LAUNCHER_PID": str(os.getpid()), **({"GPUPAR_RUN_ID": run_id} if run_id else {})}
+    records = tempfile.mkdtemp(prefix="gpupar-collectives-")  # where a failing rank writes its last collectives
+    handed = {"GPUPAR_LAUNCHER_PID": str(os.getpid()), **({"GPUPAR_RUN_ID": run_id} if run_id else {}),
+              DIR_ENV: records,
+              **{k: v for k, v in recorder_env().items() if k not in os.environ}}
     loopback = lp.local_addr is not None and is_loopback(lp.local_addr)  # reachable from this machine only
     if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and loopback_interface():
         handed["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo's own sockets: not the hostname's address
@@ -152,8 +158,9 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
         if failure.exitcode < 0 and failure.signal_name() == "SIGTERM" and len(causes) < len(exc.failures):
             # Stopped by the launcher after its peers gave up on it: the stuck rank.
             how += f"; its peers timed out waiting for it after --timeout {cfg.parallel.timeout:g}s"
+        stuck = story(records, lp.nproc_per_node)
         raise TrainingError(f"rank {rank} failed ({how}) after {cfg.parallel.max_restarts} restart(s); "
-                            "the other ranks were stopped") from None
+                            "the other ranks were stopped" + (f"; {stuck}" if stuck else "")) from None
     except Exception as exc:  # rendezvous timeouts and the like
         if type(exc).__module__.startswith("torch.distributed"):
             detail = first_line(exc, "no detail")
@@ -161,6 +168,7 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
                                 f"--timeout {cfg.parallel.timeout:g}s): {type(exc).__name__}: {detail}") from None
         raise
     finally:
+        shutil.rmtree(records, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -79,6 +79,7 @@ class Recorder:
     def write(self) -> None:
         if not self.topo.is_main:
             return
+        from gpupar.run.files import atomic_write_text
         from gpupar.weights import save_weights
 
         atomic_write_text(self.root / "step_losses.json", json.dumps([float(v) for v in self.losses]))

@@ -58,6 +58,7 @@ class RunDir:
     lock_fd: int | None = None
     earlier: list[str] = field(default_factory=list)  # files of an earlier part (a resumed run)
     replaced: Path | None = None  # where --overwrite moved the earlier run, until this one succeeds
+    fresh: bool = False  # the claim found no directory, or an empty one
 
     def release(self) -> None:
         if self.lock_fd is not None:
@@ -70,7 +71,24 @@ class RunDir:
     def __exit__(self, failed, *exc) -> None:
         if self.replaced is not None and failed is None:  # this run's results are in: the old run can go
             shutil.rmtree(self.replaced, ignore_errors=True)
+        if failed is not None and self.fresh and self.lock_fd is not None and not earlier_run(self.path):
+            self._forget()
         self.release()
+
+    def _forget(self) -> None:
+        """A rejected or failed run in a directory it found empty leaves nothing behind (a
+        config.toml with no results would make the next run there refuse it as 'another
+        run'); anything it saved worth keeping (a checkpoint) stays, and so does the directory then."""
+        for name in ("config.toml", "launch.toml", "checkpoints", LOCK):
+            target = self.path / name
+            try:
+                target.rmdir() if target.is_dir() and not target.is_symlink() else target.unlink()
+            except OSError:
+                pass
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
 
     def unchanged(self) -> str:
         """The end of a failure's one line: what it did (not) do to the directory."""
@@ -118,6 +136,7 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
                          f"({', '.join(earlier)}); resuming would replace that run's results. Pass another "
                          "--run-dir, or --overwrite to replace it (its files are kept aside until this run succeeds)")
     run_id = (run_id_of(checkpoint) if checkpoint else None) or uuid.uuid4().hex[:12]
+    fresh = not path.exists() or not any(path.iterdir())
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = _lock(path, create=True)
@@ -126,7 +145,7 @@ def claim(path: str | Path, resume: str | None, overwrite: bool, command: str | 
     holder = f"pid {os.getpid()}: {command or ' '.join(['gpupar', *sys.argv[1:]])}\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
-    run = RunDir(path, run_id, fd)
+    run = RunDir(path, run_id, fd, fresh=fresh)
     if overwrite and earlier and (resume is None or foreign):
         run.replaced = path / f".replaced-{uuid.uuid4().hex[:12]}"
         run.replaced.mkdir()
