@@ -96,8 +96,20 @@ class Samples:
 
 
 def to_device(batch, device: torch.device):
-    """A collated batch (a pytree of tensors) on ``device``; copies from pinned memory do not wait."""
-    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
+    """A collated batch (a pytree of tensors) on ``device``. To CUDA, a host tensor is pinned
+    first (a DataLoader worker's ``pin_memory`` already did) so that its copy does not wait:
+    the step's kernels queue behind it. On the CPU nothing is copied or pinned."""
+    if device.type != "cuda":
+        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return tree_map(move, batch)
 
 
 def batch_rows(batch) -> int:
