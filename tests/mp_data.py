@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import gpupar
+from gpupar.data import synthetic_regression
 
 N, FEATURES = 100, 3
 gen = torch.Generator().manual_seed(5)
@@ -27,6 +28,25 @@ class Pairs(Dataset):
 
     def __getitem__(self, i):
         return {"x": X[i], "y": Y[i]}
+
+
+class Classic(Dataset):
+    """The classic example's data (1000 samples, 10 features) as dict items, lazily indexed."""
+
+    def __init__(self):
+        self.x, self.y = synthetic_regression()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def classic_loader():
+    """``--data mp_data:classic_loader``: what a training script brings (test_ddp's and test_fsdp's
+    verify runs): a shuffling DataLoader of dict items with 2 workers; its batch of 200 is global."""
+    return DataLoader(Classic(), batch_size=200, shuffle=True, num_workers=2, drop_last=True)
 
 
 class Stream(IterableDataset):

@@ -4,6 +4,10 @@ file is never loaded whole)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from gpupar.data import sources, tokens
 from gpupar.data.sources import load_data_factory
 from gpupar.data.tokens import TokenWindows, check_vocab
 from gpupar.errors import UsageError
-from harness import gpupar
+from harness import TESTS, env, gpupar
 
 
 def _write(path, n, dtype=np.uint16, high=100, seed=0):
@@ -93,3 +97,24 @@ def test_gpt_trains_on_a_token_file_and_bad_files_exit_2(tmp_path):
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], done.stderr
+
+
+def test_gpt_trains_on_a_token_file_larger_than_its_address_space_limit(tmp_path):
+    """The file is larger than the process may map or allocate in all (RLIMIT_AS, set after
+    torch's own address space is counted: tests/bounded_tokens.py), so a whole load fails
+    there; training on it, shuffled windows from all over the file, works, and the resident
+    memory grows by less than a quarter of the file (the shuffle's [windows] permutation,
+    8 bytes a window of 64 tokens, the model and its optimizer)."""
+    e = {**env(), "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # a fixed address space
+    args = ["train", "--data", "tokens.bin", "--seq-len", "64", "--model", "gpt", "--batch-size", "8",
+            "--max-steps", "3", "--shuffle", "--run-dir", "run"]
+    proc = subprocess.run([sys.executable, str(TESTS / "bounded_tokens.py"), str(tmp_path), "512", "--", *args],
+                          capture_output=True, text=True, cwd=tmp_path, env=e, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "WHOLE LOAD FAILS" in proc.stdout  # the cap bites: the file cannot be read into memory
+    size, cap, baseline = map(int, re.search(r"FILE (\d+) CAP (\d+) BASELINE_RSS (\d+)", proc.stdout).groups())
+    assert size > cap and os.path.getsize(tmp_path / "tokens.bin") == size
+    assert os.stat(tmp_path / "tokens.bin").st_blocks * 512 < 64 << 20  # sparse: a few MiB on disk
+    peak = int(re.search(r"VmHWM (\d+)", proc.stdout).group(1))
+    assert peak - baseline < size // 4, (peak, baseline, size)
+    assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -49,7 +49,8 @@ def test_self_launch_prints_once_and_matches_single_device(tmp_path):
 
 
 @pytest.mark.parametrize("world,extra", [
-    (2, ["--batch-size", 200, "--shuffle", "--grad-accum", 2, "--epochs", 8]),
+    # Fed by a user's DataLoader (2 workers, dict items; tests/mp_data.py): the same global batches.
+    (2, ["--data", "mp_data:classic_loader", "--batch-size", 200, "--shuffle", "--grad-accum", 2, "--epochs", 8]),
     (4, ["--batch-size", 100, "--shuffle", "--epochs", 4, "--model", "mlp", "--hidden", 32, "--layers", 3]),
 ])
 def test_verify_ddp_passes_with_minibatches_shuffle_and_accumulation(tmp_path, world, extra):

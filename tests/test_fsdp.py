@@ -129,7 +129,9 @@ def test_fsdp_trains_reports_memory_and_saves_weights_predict_loads(gpupar_cli, 
     # the clip factor); the run is kept to 15 steps because this trajectory amplifies rounding
     # later on (measured: 1.6e-6 at step 16, 5e-4 at step 30, where DDP reaches 2e-6). A wrong
     # clip (say, per-rank norms) would show at step 2: clipping is active from step 1.
-    (2, ["--strategy", "fsdp", "--model", "user_models:even_mlp", "--batch-size", 200, "--shuffle",
+    # Fed by a user's DataLoader (2 workers, dict items; tests/mp_data.py), as test_ddp's world-2 run.
+    (2, ["--strategy", "fsdp", "--model", "user_models:even_mlp", "--data", "mp_data:classic_loader",
+         "--batch-size", 200, "--shuffle",
          "--grad-accum", 2, "--clip-grad-norm", 1.0, "--reshard-after-forward", "false", "--epochs", 3]),
     (4, ["--strategy", "fsdp", "--model", "mlp", "--hidden", 32, "--layers", 3, "--batch-size", 100,
          "--epochs", 3]),

@@ -36,20 +36,22 @@ class Samples:
     """
 
     source: tuple[torch.Tensor, torch.Tensor] | Dataset
-    index: torch.Tensor  # [n] positions into a Dataset source (tensors are stored already gathered)
+    index: torch.Tensor | None  # [n] positions into the source; None: every row in order (no [N] index held)
     collate_fn: Callable = default_collate
     workers: int = 0
     pin_memory: bool = False
 
     @classmethod
-    def of(cls, data, index: torch.Tensor, **loading) -> "Samples":
+    def of(cls, data, index: torch.Tensor | None, **loading) -> "Samples":
         if isinstance(data, (tuple, list)):
             X, y = data
-            return cls((X[index], y[index]), torch.arange(len(index)))
+            return cls((X, y) if index is None else (X[index], y[index]), None)
         return cls(data, index, **loading)
 
     def __len__(self) -> int:
-        return len(self.index)
+        if self.index is not None:
+            return len(self.index)
+        return len(self.source[0]) if isinstance(self.source, tuple) else len(self.source)  # type: ignore[arg-type]
 
     def to(self, device: torch.device) -> "Samples":
         """Tensors move to the device once; a Dataset stays where it is (batches move per step)."""
@@ -62,7 +64,11 @@ class Samples:
         if isinstance(self.source, tuple):
             X, y = self.source
             return X[positions], y[positions]
-        return self.collate([int(i) for i in self.index[positions]])
+        if self.index is not None:
+            return self.collate([int(i) for i in self.index[positions]])
+        if isinstance(positions, slice):
+            return self.collate(list(range(len(self))[positions]))
+        return self.collate(positions.tolist())
 
     def collate(self, rows: list[int]):
         """The collated batch of Dataset rows ``rows`` (what a DataLoader worker runs)."""
@@ -90,8 +96,20 @@ class Samples:
 
 
 def to_device(batch, device: torch.device):
-    """A collated batch (a pytree of tensors) on ``device``; copies from pinned memory do not wait."""
-    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
+    """A collated batch (a pytree of tensors) on ``device``. To CUDA, a host tensor is pinned
+    first (a DataLoader worker's ``pin_memory`` already did) so that its copy does not wait:
+    the step's kernels queue behind it. On the CPU nothing is copied or pinned."""
+    if device.type != "cuda":
+        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return tree_map(move, batch)
 
 
 def batch_rows(batch) -> int:
@@ -99,18 +117,37 @@ def batch_rows(batch) -> int:
     return next((int(t.shape[0]) for t in tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim()), 1)
 
 
-def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> "EpochBatches":
     """The global batches of one epoch as index tensors; identical on every rank.
 
     The last short batch is dropped when the data do not divide into whole batches,
     so that every optimizer step sees a full global batch on every rank.
     """
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    else:
-        order = torch.arange(n)
-    full = n // batch_size
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)) if shuffle else None
+    return EpochBatches(order, n // batch_size, batch_size)
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """An epoch's batches, cut when asked for: a token file of 10^8 windows is 10^7 batches,
+    which as a list of index tensors would hold gigabytes before the first step. In order
+    (``order`` None), a batch is a fresh ``arange``: no index of the whole epoch exists."""
+
+    order: torch.Tensor | None  # [n] a seeded permutation, or None: rows in order
+    count: int
+    batch_size: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.count:
+            raise IndexError(f"batch {i} of {self.count}")
+        lo, hi = i * self.batch_size, (i + 1) * self.batch_size
+        return torch.arange(lo, hi) if self.order is None else self.order[lo:hi]
+
+    def __iter__(self):
+        return (self[i] for i in range(self.count))
 
 
 def shard_batch(batch: torch.Tensor, parts: int, part: int) -> torch.Tensor:
@@ -135,9 +172,6 @@ def check_batch_divisible(batch_size: int, grad_accum: int, dp: int, samples: in
     hint = (f"try --batch-size {min(fits, key=lambda size: abs(size - batch_size))}" if fits else
             f"the {samples} training samples cannot fill even one batch of {unit}: use fewer ranks")
     raise UsageError(f"{what} must be divisible by {' x '.join(parts)} = {unit}; {hint}")
-
-
-# A Dataset collated whole at every step would climb in memory without a word: past this many
 
 
 def next_batch(loader):

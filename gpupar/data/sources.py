@@ -64,7 +64,9 @@ def as_samples(data, cfg: Config) -> tuple[Samples | Stream, Samples | Stream | 
     else:
         raise UsageError(f"data: got {type(data).__name__}; accepted: tensors (X, y), a map-style torch "
                          "Dataset, an IterableDataset, a DataLoader over either, or a Hugging Face datasets.Dataset")
-    train_idx, val_idx = split_validation(n, cfg.data.val_fraction, cfg.train.seed)
+    # No validation split: every row in order, with no [N] index (a token file may hold 10^8 windows).
+    train_idx, val_idx = split_validation(n, cfg.data.val_fraction, cfg.train.seed) \
+        if cfg.data.val_fraction > 0 else (None, torch.arange(0))
     train_set = Samples.of(data, train_idx, **loading)
     return train_set, (Samples.of(data, val_idx, **loading) if len(val_idx) else None)
 
