@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def test_ray_torch_trainer_runs_the_own_loop_and_gpupar_train_to_the_one_process
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GPUPAR_STRATEGY"):
         monkeypatch.delenv(name, raising=False)
+    # TorchTrainer.fit installs its own SIGINT handler in this process and leaves it behind;
+    # later tests that signal the pytest process need Python's own back.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         trainer = TorchTrainer(
@@ -91,6 +95,8 @@ def test_ray_torch_trainer_runs_the_own_loop_and_gpupar_train_to_the_one_process
         trainer.fit()
     finally:
         ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     # DDP parity tolerance (tests/test_own_loop.py): the 2-way all-reduce's summation order only.
     for run, reference in (("own-ray", "own-single"), ("train-ray", "train-single"), ("own-ray", "train-single")):
         ref, got = (load_weights(tmp_path / d / "model.safetensors") for d in (reference, run))
