@@ -78,7 +78,8 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
                 raise UsageError(f"--pp on {type(model).__name__} (not a Sequential) traces its forward: "
                                  "parallelize needs inputs")
             example = inputs[:micro_batch_size(cfg, dims, len(inputs))].to(topo.device)
-        stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel, example)
+        stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel, example,
+                             spec.pipeline_stage)
     # 2. Tensor parallel: shard each stage's layers across the "tp" ranks (DTensor strategies
     #    are imported only by the runs that use them: ~0.6 s per process).
     if dims.tp_enabled:
@@ -121,6 +122,9 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
     before launch (on the meta device where it can be). ``example`` is one micro-batch of
     inputs (zeros of the data's shape): a pipeline that traces the forward traces it on them."""
     if dims.process == "layer-split":
+        if spec.pipeline_stage is not None:  # its stages run their own forward, not the model's
+            raise UsageError(f"--strategy layer-split on {type(model).__name__}: its decoder layers need the mask "
+                             "and positions its forward makes, which gpupar remakes in pipeline stages only; use --pp")
         devices = parse_devices(cfg.parallel.devices)
         stage_starts(model, pipeline_units(model, spec), len(devices), cfg.parallel.split_points, flag="--devices")
     # 1. Pipeline split: the stages against the model's layers, the trace, ties kept in a stage.

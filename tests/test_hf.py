@@ -169,8 +169,20 @@ def test_layouts_of_hugging_face_models_use_their_own_layers_and_plans(gpupar_cl
     assert hf_tp_plan(gpt2, 2) is None
     traced = {name: (type(style), style.colwise) for name, style in auto_plan(gpt2, torch.zeros(1, 8, dtype=torch.long)).items()}
     assert traced == {f"transformer.h.{i}.mlp.{n}": (Conv1DParallel, n == "c_fc") for i in range(2) for n in ("c_fc", "c_proj")}
-    code, _, err = gpupar_cli("train", *LLAMA, "--pp", 2, "--nproc-per-node", 2)
-    assert code == 2 and "pipeline stages of Hugging Face models are not supported yet" in err, err
+    # Pipeline stages cut the decoder layers where they sit; GPT-2's tie of wte and lm_head
+    # spans the first and last stage: one line before launch, naming the config that unties it.
+    from gpupar.models.hf_pipeline import pipeline_units
+
+    assert pipeline_units(llama) == [["model.embed_tokens", "model.layers.0"],
+                                     ["model.layers.1", "model.norm", "lm_head"]]
+    assert pipeline_units(gpt2) == [["transformer.wte", "transformer.wpe", "transformer.h.0"],
+                                    ["transformer.h.1", "transformer.ln_f", "lm_head"]]
+    code, _, err = gpupar_cli("train", *GPT2, "--pp", 2, "--nproc-per-node", 2)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'transformer.wte.weight' and 'lm_head.weight' are one tied parameter" in err
+    assert "--hf-config tie_word_embeddings=false" in err
+    code, _, err = gpupar_cli("train", *LLAMA, "--strategy", "layer-split", "--devices", "cpu,cpu")
+    assert code == 2 and "--strategy layer-split on LlamaForCausalLM: its decoder layers need" in err, err
     code, _, err = gpupar_cli("train", "--model", "user_models:reads_hidden", "--tp", 2, "--nproc-per-node", 2)
     assert code == 2 and "layer fc1's output is also read by mean.dim" in err and len(err.strip().splitlines()) == 1
 

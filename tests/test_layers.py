@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "gpupar"
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("config", "config_file", "errors", "devices", "weights", "safe_dcp", "run", "run.rundir", "run.files",
         "run.saving"),
-    1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "models.hf", "models.outputs", "data",
+    1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "models.hf", "models.hf_pipeline", "models.outputs", "data",
         "data.files", "data.samples", "data.stream", "data.sources", "data.tokens", "memory", "tracking",
         "measure", "measure.flops", "launch.elastic", "launch.collectives"),
     2: ("parallelize", "parallel", "parallel.activation_checkpoint", "parallel.ddp", "parallel.fsdp",

@@ -23,6 +23,7 @@ import copy
 import inspect
 import io
 import logging
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from torch import nn
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError, first_line
+from gpupar.training.step import ValidTokens
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
@@ -205,20 +207,23 @@ def stage_names(model: nn.Module, units: list[list[str]], pp: int, options: Para
 
 
 def split_model(model: nn.Module, units: list[list[str]], pp: int, pp_rank: int,
-                options: ParallelConfig, example: torch.Tensor | None = None) -> list[tuple[int, nn.Module]]:
+                options: ParallelConfig, example: torch.Tensor | None = None,
+                make_stage: Callable[[nn.Module], nn.Module] | None = None) -> list[tuple[int, nn.Module]]:
     """This rank's stages as (stage index, module): one, or ``stages_per_rank`` round-robin ones.
 
     With ``example`` (one micro-batch of inputs), the stages come from tracing the model's
     forward and cutting the graph at the first module of each stage (``SplitPoint.BEGINNING``);
     the stage modules keep the whole model's parameter names. Without it, each stage is a copy
-    of the model without the other stages' modules."""
+    of the model without the other stages' modules, run as it is or as ``make_stage`` makes it
+    (a module with its own stage forward: ``ModelSpec.pipeline_stage``)."""
     every = stage_names(model, units, pp, options)
     if example is not None:
         pipe = trace_stages(model, every, example)
         return [(s, pipe.get_stage_module(s)) for s in range(len(every))
                 if stage_owner(s, pp, options.schedule) == pp_rank]
     names = [name for unit in units for name in unit]
-    return [(s, stage_module(model, keep, [n for n in names if n not in keep]))
+    make = make_stage or (lambda copy: copy)
+    return [(s, make(stage_module(model, keep, [n for n in names if n not in keep])))
             for s, keep in enumerate(every) if stage_owner(s, pp, options.schedule) == pp_rank]
 
 
@@ -270,7 +275,7 @@ class Pipeline(nn.Module):
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # The last stage's rank (the last pp rank; rank 0 in a V) broadcasts its loss.
         self.last_rank = dist.get_global_rank(pp_group, self.stage_owner(num_stages - 1))
-        self._schedule, self._loss_fn, self._rounds = None, None, 1
+        self._schedule, self._loss_fn, self._rounds, self._tokens = None, None, 1, None
 
     def forward(self, *args):
         raise RuntimeError("a pipeline-parallel model runs through Pipeline.forward_backward, not forward")
@@ -287,7 +292,11 @@ class Pipeline(nn.Module):
 
         def microbatch_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             # Each micro-batch is 1/(M x rounds) of the batch and gradients add up over all the
-            # backwards: scale so the sum equals the gradient of the batch's mean loss (as on one device).
+            # backwards: scale so the sum equals the gradient of the batch's mean loss (as on one
+            # device). A token loss that skips padding weighs each micro-batch by its valid tokens
+            # instead: the mean over every valid token of the global batch, not a mean of means.
+            if self._tokens is not None:
+                return loss_fn(output, target) * self._tokens.weight(target)
             return loss_fn(output, target) / (m * self._rounds)
 
         stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
@@ -315,6 +324,8 @@ class Pipeline(nn.Module):
         # --grad-accum k: k rounds of the schedule (k x M micro-batches) before the optimizer
         # step, gradients adding up in .grad; each round's micro-batches are M more.
         self._rounds = len(micro_batches)
+        # The step's valid tokens over the world (a collective: every rank holds its targets).
+        self._tokens = ValidTokens.of(loss_fn, [y for _, y in micro_batches])
         for x, y in micro_batches:
             check_microbatches(len(x), self.microbatches)
             round_losses: list[torch.Tensor] = []  # the schedule clears the list it is given

@@ -156,15 +156,35 @@ def micro_batch_weights(loss_fn: Callable, targets: list) -> list | None:
     count, no host sync). Over the world each data shard is counted once per tensor-parallel
     peer, as the gradient average counts it, so the product is the global token mean.
     """
-    ignore = getattr(loss_fn, "ignore_index", None)
-    if not isinstance(ignore, int) or isinstance(loss_fn, BatchLoss):
-        return None
-    if not all(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in targets):
-        return None
-    counts = torch.stack([(t != ignore).sum() for t in targets]).to(torch.float32)
-    total = counts.sum()
-    world = 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        dist.all_reduce(total)
-    return list((counts * world / total.clamp(min=1)).unbind())
+    tokens = ValidTokens.of(loss_fn, targets)
+    return None if tokens is None else [tokens.weight(t) for t in targets]
+
+
+class ValidTokens:
+    """The valid tokens of a step: every target that is not the loss's ``ignore_index``, summed
+    over this rank's micro-batches and all-reduced over the world (one collective, no host
+    sync). ``weight(target)`` is what a micro-batch's mean loss over ``target`` is scaled by:
+    its valid tokens times the world size, over the world's total (see micro_batch_weights;
+    the pipeline's schedule, which cuts its own micro-batches, weighs each one the same way)."""
+
+    def __init__(self, ignore: int, total: torch.Tensor, world: int):
+        self.ignore, self.total, self.world = ignore, total, world
+
+    @classmethod
+    def of(cls, loss_fn: Callable, targets: list) -> ValidTokens | None:
+        """None where micro-batches weigh equally: no token loss with an ``ignore_index``, the
+        user's own loss, or targets that are not integer tensors."""
+        ignore = getattr(loss_fn, "ignore_index", None)
+        if not isinstance(ignore, int) or isinstance(loss_fn, BatchLoss):
+            return None
+        if not all(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in targets):
+            return None
+        total = torch.stack([(t != ignore).sum() for t in targets]).sum().to(torch.float32)
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(total)
+        return cls(ignore, total, world)
+
+    def weight(self, target: torch.Tensor) -> torch.Tensor:
+        return (target != self.ignore).sum().to(torch.float32) * self.world / self.total.clamp(min=1)
