@@ -238,11 +238,15 @@ def test_verify_passes_on_a_resnet_with_batchnorm_and_max_pooling(tmp_path):
 
 def test_plan_covers_hugging_face_models(gpupar_cli):
     """The plan's FLOPs and probes run a Llama forward off real values (its mask code reads
-    them: a fake tensor's forward skips those checks), with its own TP plan."""
+    them: a fake tensor's forward skips those checks), with its own TP plan, and its pipeline
+    stages."""
     code, out, err = gpupar_cli("plan", *LLAMA, "--samples", 64, "--nproc-per-node", 2)
     assert code == 0, err
-    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("ddp(", "fsdp(", "tp("))}
-    assert {"ddp(dp=2)", "fsdp(dp=2)", "tp(2)"} <= set(rows) and all(r.rstrip().endswith("yes") for r in rows.values())
+    rows = {re.split(r"\s{2,}", line)[0]: line for line in out.splitlines()
+            if line.startswith(("ddp(", "fsdp(", "tp(", "pp("))}
+    # pipeline rows probe each stage's own forward (models/hf_pipeline.py)
+    assert {"ddp(dp=2)", "fsdp(dp=2)", "tp(2)", "pp(2, 1f1b)"} <= set(rows), rows
+    assert all(r.rstrip().endswith("yes") for r in rows.values()), rows
 
 
 def test_a_token_file_with_ids_beyond_the_vocabulary_is_one_line(gpupar_cli, tmp_path):

@@ -95,6 +95,8 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
         names = [n for u in units for n in u]
         keep = stage_names(model, units, dims.pp, cfg.parallel)[stage]
         model = stage_module(model, keep, [n for n in names if n not in keep])
+        if ctx.spec.pipeline_stage is not None:  # a stage that runs its own forward (a Hugging Face decoder's)
+            model = ctx.spec.pipeline_stage(model)
     else:
         import copy
 
