@@ -51,6 +51,21 @@ def test_the_layer_finder_looks_inside_the_model():
         layer_units(user_models.GoesNaN())
 
 
+def test_pipeline_batches_are_inputs_and_targets_or_one_line():
+    """The schedule feeds one tensor to the first stage: a pair or an {"x", "y"} dict goes in,
+    a keyword batch (a Hugging Face dict) and micro-batches that do not divide are one line."""
+    from gpupar.parallel.pipeline import pipeline_batch
+
+    x, y = torch.zeros(4, 3), torch.ones(4)
+    for batch in ((x, y), [x, y], {"x": x, "y": y}):
+        got = pipeline_batch(batch, 2)
+        assert got[0] is x and got[1] is y
+    with pytest.raises(UsageError, match=r"^--pp feeds \(inputs, targets\) tensors .* a dict of input_ids, labels "):
+        pipeline_batch({"input_ids": x, "labels": y}, 2)
+    with pytest.raises(UsageError, match=r"--microbatches 3 must divide each rank's batch of 4 samples"):
+        pipeline_batch((x, y), 3)
+
+
 def test_the_classic_model_splits_across_devices_and_stages(gpupar_cli, tmp_path):
     # The README's command, on the default model (the classic SimpleNN itself).
     code, out, err = gpupar_cli("verify", "--strategy", "layer-split", "--devices", "cpu,cpu",

@@ -31,7 +31,7 @@ from torch import nn
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError, first_line
-from gpupar.training.step import ValidTokens
+from gpupar.training.step import ValidTokens, split_batch
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
@@ -324,12 +324,10 @@ class Pipeline(nn.Module):
         # --grad-accum k: k rounds of the schedule (k x M micro-batches) before the optimizer
         # step, gradients adding up in .grad; each round's micro-batches are M more.
         self._rounds = len(micro_batches)
-        # The step's valid tokens over the world (a collective: every rank holds its targets).
-        self._tokens = ValidTokens.of(loss_fn, [y for _, y in micro_batches])
-        for x, y in micro_batches:
-            check_microbatches(len(x), self.microbatches)
-            round_losses: list[torch.Tensor] = []  # the schedule clears the list it is given
-            losses.append(round_losses)
+        rounds = [pipeline_batch(batch, self.microbatches) for batch in micro_batches]  # (inputs, targets)
+        self._tokens = ValidTokens.of(loss_fn, [y for _, y in rounds])  # over the world: a collective
+        for x, y in rounds:
+            losses.append(round_losses := [])  # a list per round: the schedule clears the one it is given
             args = (x,) if self.has_first else ()
             kwargs = {"target": y, "losses": round_losses} if self.has_last else {}
             # bf16: autocast around the schedule runs every stage's forward (and the loss) in bf16
@@ -345,7 +343,6 @@ class Pipeline(nn.Module):
             loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for r in losses for l in r]).sum()
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
-
 
     def stage_owner(self, stage: int) -> int:
         return stage_owner(stage, dist.get_world_size(self.pp_group), self.schedule_name)
@@ -389,8 +386,15 @@ def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group:
     return total
 
 
-def check_microbatches(rank_batch: int, microbatches: int) -> None:
-    """Equal micro-batches keep the pipeline's gradient equal to the whole batch's."""
-    if rank_batch % microbatches:
-        raise UsageError(f"--microbatches {microbatches} must divide each rank's batch of {rank_batch} "
+def pipeline_batch(batch, microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule feeds one tensor to the first stage and one target to the loss, in equal
+    micro-batches (which keep the pipeline's gradient equal to the whole batch's)."""
+    args, kwargs, target = split_batch(batch)
+    if kwargs or len(args) != 1 or not all(isinstance(t, torch.Tensor) for t in (*args, target)):
+        kind = f"a dict of {', '.join(map(str, batch))}" if isinstance(batch, dict) else type(batch).__name__
+        raise UsageError(f"--pp feeds (inputs, targets) tensors through its stages; this batch is {kind} "
+                         "(pass (input_ids, labels) pairs, or use fsdp/ddp/tp for keyword batches)")
+    if len(args[0]) % microbatches:
+        raise UsageError(f"--microbatches {microbatches} must divide each rank's batch of {len(args[0])} "
                          "samples (--batch-size / --dp)")
+    return args[0], target
