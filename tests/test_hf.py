@@ -181,6 +181,10 @@ def test_layouts_of_hugging_face_models_use_their_own_layers_and_plans(gpupar_cl
                                      ["model.layers.1", "model.norm", "lm_head"]]
     assert pipeline_units(gpt2) == [["transformer.wte", "transformer.wpe", "transformer.h.0"],
                                     ["transformer.h.1", "transformer.ln_f", "lm_head"]]
+    mistral = _build(("--model", "hf:mistral", "--hf-config", LLAMA[3]))  # Llama's parts, a sliding-window mask
+    with pytest.raises(UsageError, match=r"--pp on MistralForCausalLM \(model type 'mistral'\): gpupar cuts the "
+                                         r"decoders of gpt2 and llama models"):
+        pipeline_units(mistral)
     code, _, err = gpupar_cli("train", *GPT2, "--pp", 2, "--nproc-per-node", 2)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "'transformer.wte.weight' and 'lm_head.weight' are one tied parameter" in err

@@ -10,9 +10,11 @@ that make them stay on every stage), and the last applies the final norm and the
 The computation is the model's forward, step for step; verify proves it against one device.
 
 The stage keeps the whole model's parameter names (``transformer.h.1.attn.c_attn.weight``),
-so checkpoints, export and verify see the model they know. Two families are known: GPT-2's
-(``wte``, ``wpe``, ``drop``, ``h``, ``ln_f``) and Llama's (``embed_tokens``, ``layers``,
-``norm``, ``rotary_emb``; Mistral and Qwen2 keep the same parts). Any other is one line.
+so checkpoints, export and verify see the model they know. Two model types are known, by
+their ``config.model_type``: ``gpt2`` (``wte``, ``wpe``, ``drop``, ``h``, ``ln_f``) and
+``llama`` (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``). Others that keep the same
+parts may scale the embeddings (Gemma) or mask by a sliding window (Mistral), which a stage
+would silently skip, so any other type is one line.
 """
 
 from __future__ import annotations
@@ -47,23 +49,31 @@ class DecoderParts:
     """The output head (last stage)."""
 
 
+FAMILIES = ("gpt2", "llama")
+"""The model types whose forward a stage repeats (verify proves both under --pp 2)."""
+
+
 def decoder_parts(model: nn.Module) -> DecoderParts:
     """The parts of ``model``'s decoder, found from its own decoder layer class
     (``_no_split_modules``) and the names its family gives the modules around the list."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in FAMILIES:
+        raise UsageError(f"--pp on {type(model).__name__} (model type {kind!r}): gpupar cuts the decoders of "
+                         f"{' and '.join(FAMILIES)} models into pipeline stages; use --strategy fsdp or --tp")
     layers = _decoder_list(model)
     base, _, _ = layers.rpartition(".")
     inner = model.get_submodule(base) if base else model
     prefix = base + "." if base else ""
     # A stage's copy keeps the names of the modules it lost (as None); the head sits at the top.
     has = set(inner._modules) if "lm_head" in model._modules else set()
-    if {"wte", "wpe", "h", "ln_f"} <= has:
+    if kind == "gpt2" and {"wte", "wpe", "h", "ln_f"} <= has:
         return DecoderParts("gpt2", prefix + "wte", layers, prefix + "ln_f", positions=prefix + "wpe",
                             dropout=prefix + "drop" if "drop" in has else None)
-    if {"embed_tokens", "layers", "norm", "rotary_emb"} <= has:
+    if kind == "llama" and {"embed_tokens", "layers", "norm", "rotary_emb"} <= has:
         return DecoderParts("llama", prefix + "embed_tokens", layers, prefix + "norm", rotary=prefix + "rotary_emb")
-    raise UsageError(f"--pp on {type(model).__name__}: gpupar cuts the decoders of GPT-2 (wte, wpe, h, ln_f) and "
-                     f"Llama-style models (embed_tokens, layers, norm, rotary_emb); this one keeps "
-                     f"{', '.join(sorted(inner._modules))} beside {layers}; use --strategy fsdp or --tp")
+    raise UsageError(f"--pp on {type(model).__name__}: a {kind} decoder keeps "
+                     f"{'wte, wpe, h, ln_f' if kind == 'gpt2' else 'embed_tokens, layers, norm, rotary_emb'} beside "
+                     f"lm_head, this one {', '.join(sorted(inner._modules))}; use --strategy fsdp or --tp")
 
 
 def _decoder_list(model: nn.Module) -> str:
