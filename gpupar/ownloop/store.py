@@ -8,6 +8,7 @@ processes loads on one process, under TP or under a pipeline, and the other way 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,13 +49,17 @@ def _flat(state: dict) -> dict:
 
 
 def save(path, state: dict, topo: Topology) -> None:
-    dcp.save(_flat(state), checkpoint_id=str(Path(path)), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_flat(state), checkpoint_id=str(Path(path)), no_dist=not dist.is_initialized())
 
 
 def load(path, state: dict, topo: Topology) -> dict:
     flat = _flat(state)
-    dcp.load(flat, storage_reader=SafeReader(str(Path(path))), planner=SafeLoadPlanner(),
-             no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(flat, storage_reader=SafeReader(str(Path(path))), planner=SafeLoadPlanner(),
+                 no_dist=not dist.is_initialized())
     model = _the_model(state)
     model_key = next((k for k, v in state.items() if v is model), None)
     optimizers = [k for k, v in state.items() if isinstance(v, torch.optim.Optimizer)]
