@@ -115,9 +115,14 @@ def test_what_a_hand_written_loop_cannot_do_is_one_line():
     from gpupar.ownloop import Setup
     from gpupar.parallel.pipeline import Pipeline
     from gpupar.topology import ParallelDims, Topology
+    from user_models import ResidualMLP
 
-    gp = Setup.__new__(Setup)  # as gp.setup() leaves it at 2 DDP ranks, without their process group
-    gp.topo = Topology(torch.device("cpu"), world_size=2, dims=ParallelDims(dp_replicate=2, process="ranks"))
+    def at(**degrees) -> Setup:  # as gpupar.setup() leaves it at 2 ranks, without their process group
+        gp = Setup.__new__(Setup)
+        gp.topo, gp.recorder = Topology(torch.device("cpu"), world_size=2, dims=ParallelDims(**degrees)), None
+        return gp
+
+    gp, pp = at(dp_replicate=2, process="ranks"), at(pp=2, process="ranks")
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     model(torch.ones(1, 2)).sum().backward()
@@ -125,7 +130,8 @@ def test_what_a_hand_written_loop_cannot_do_is_one_line():
     for call, says in ((lambda: gp.no_sync(model), "not the model gp.setup returned"),
                        (lambda: gp.all_reduce(torch.ones(()), "max"), "accepted are 'mean' and 'sum'"),
                        (lambda: gp.setup(model, optimizer), "must come before the optimizer's first step"),
-                       (lambda: Pipeline.forward(None, torch.ones(1)), "call gp.forward_backward(model, batch")):
+                       (lambda: Pipeline.forward(None, torch.ones(1)), "call gp.forward_backward(model, batch"),
+                       (lambda: pp.setup(ResidualMLP()), "gp.setup(model, optimizer, example=inputs) under pp")):
         with pytest.raises(UsageError, match=re.escape(says)) as caught:
             call()
         assert "\n" not in str(caught.value)

@@ -78,6 +78,9 @@ class Setup:
         pipeline or an automatic TP plan traces the forward on."""
         if optimizer is not None and any(optimizer.state.values()):
             raise UsageError("gp.setup(model, optimizer) must come before the optimizer's first step")
+        if self.topo.pp_enabled and example is None and not isinstance(model, nn.Sequential):
+            raise UsageError(f"gp.setup(model, optimizer, example=inputs) under pp: {type(model).__name__} is not an "
+                             "nn.Sequential, so its stages are cut by tracing its forward on a batch of inputs")
         names = {id(p): n for n, p in model.named_parameters()}
         if self.recorder is not None:
             self.recorder.prepare(model)
@@ -109,14 +112,16 @@ class Setup:
 
     def no_sync(self, model: nn.Module):
         """Skip the gradient reduction for accumulation steps (all but the last): DDP's
-        ``no_sync``, FSDP's ``set_requires_gradient_sync(False)`` (on each pipeline stage that
-        is sharded). Without data-parallel ranks (tp, pp alone) nothing is reduced: a no-op."""
-        modules = list(model.stages) if is_pipeline(model) else [model]
-        if len(modules) == 1 and hasattr(modules[0], "no_sync"):
-            return modules[0].no_sync()
-        sharded = [m for m in modules if hasattr(m, "set_requires_gradient_sync")]
-        if sharded:
-            return _fsdp_no_sync(sharded)
+        ``no_sync``, FSDP's ``set_requires_gradient_sync(False)``. Under tp or pp alone nothing
+        is reduced per micro-batch: a no-op. A pipeline's schedule reduces its sharded stages'
+        gradients at the end of each ``gp.forward_backward`` itself (torch's PipelineStage):
+        the sums stay right, and the whole batch in one call is what saves the reductions."""
+        if is_pipeline(model):
+            return contextlib.nullcontext()
+        if hasattr(model, "no_sync"):
+            return model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):
+            return _fsdp_no_sync(model)
         if self.topo.dp > 1:
             raise UsageError(f"gp.no_sync({type(model).__name__}): not the model gp.setup returned, which reduces "
                              f"gradients over the {self.topo.dp} data-parallel ranks; pass that one")
@@ -206,11 +211,9 @@ def _rebuild(optimizer: torch.optim.Optimizer, names: dict[int, str], model: nn.
 
 
 @contextlib.contextmanager
-def _fsdp_no_sync(modules: list[nn.Module]):
-    for module in modules:
-        module.set_requires_gradient_sync(False)
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        for module in modules:
-            module.set_requires_gradient_sync(True)
+        model.set_requires_gradient_sync(True)
