@@ -292,11 +292,10 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
     if clip is not None:
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        params = list(model.parameters())
         if hasattr(model, "clip_grad_norm_"):  # a pipeline: the norm spans every stage
             model.clip_grad_norm_(clip)
-        elif _mixes_dtensors(params):  # TP's shards beside the layers it keeps whole: torch's cannot mix them
-            clip_grad_norm_across(params, clip, None, params[0].device)
+        elif _mixes_dtensors(params := list(model.parameters())):  # TP's shards beside the layers it keeps
+            clip_grad_norm_across(params, clip, None, params[0].device)  # whole: torch's cannot mix them
         else:
             torch.nn.utils.clip_grad_norm_(params, clip)
     if scaler:
