@@ -54,7 +54,7 @@ def test_the_layer_finder_looks_inside_the_model():
 def test_pipeline_batches_are_inputs_and_targets_or_one_line():
     """The schedule feeds one tensor to the first stage: a pair or an {"x", "y"} dict goes in,
     a keyword batch (a Hugging Face dict) and micro-batches that do not divide are one line."""
-    from gpupar.parallel.pipeline import pipeline_batch
+    from gpupar.training.step import pipeline_batch
 
     x, y = torch.zeros(4, 3), torch.ones(4)
     for batch in ((x, y), [x, y], {"x": x, "y": y}):

@@ -31,7 +31,7 @@ from torch import nn
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError, first_line
-from gpupar.training.step import ValidTokens, split_batch
+from gpupar.training.step import ValidTokens, pipeline_batch
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
@@ -296,9 +296,8 @@ class Pipeline(nn.Module):
             # backwards: scale so the sum equals the gradient of the batch's mean loss (as on one
             # device). A token loss that skips padding weighs each micro-batch by its valid tokens
             # instead: the mean over every valid token of the global batch, not a mean of means.
-            if self._tokens is not None:
-                return loss_fn(output, target) * self._tokens.weight(target)
-            return loss_fn(output, target) / (m * self._rounds)
+            tokens = self._tokens
+            return loss_fn(output, target) * (tokens.weight(target) if tokens is not None else 1 / (m * self._rounds))
 
         stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
                   for s, module in zip(self.stage_ids, self.stages)]
@@ -391,16 +390,3 @@ def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group:
             torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total.to(kind[0].grad.device))
     return total
 
-
-def pipeline_batch(batch, microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The schedule feeds one tensor to the first stage and one target to the loss, in equal
-    micro-batches (which keep the pipeline's gradient equal to the whole batch's)."""
-    args, kwargs, target = split_batch(batch)
-    if kwargs or len(args) != 1 or not all(isinstance(t, torch.Tensor) for t in (*args, target)):
-        kind = f"a dict of {', '.join(map(str, batch))}" if isinstance(batch, dict) else type(batch).__name__
-        raise UsageError(f"--pp feeds (inputs, targets) tensors through its stages; this batch is {kind} "
-                         "(pass (input_ids, labels) pairs, or use fsdp/ddp/tp for keyword batches)")
-    if len(args[0]) % microbatches:
-        raise UsageError(f"--microbatches {microbatches} must divide each rank's batch of {len(args[0])} "
-                         "samples (--batch-size / --dp)")
-    return args[0], target

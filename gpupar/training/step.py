@@ -46,6 +46,20 @@ def split_batch(batch: Batch) -> tuple[tuple, dict, Any]:
     return (batch,), {}, None
 
 
+def pipeline_batch(batch, microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule feeds one tensor to the first stage and one target to the loss, in equal
+    micro-batches (which keep the pipeline's gradient equal to the whole batch's)."""
+    args, kwargs, target = split_batch(batch)
+    if kwargs or len(args) != 1 or not all(isinstance(t, torch.Tensor) for t in (*args, target)):
+        kind = f"a dict of {', '.join(map(str, batch))}" if isinstance(batch, dict) else type(batch).__name__
+        raise UsageError(f"--pp feeds (inputs, targets) tensors through its stages; this batch is {kind} "
+                         "(pass (input_ids, labels) pairs, or use fsdp/ddp/tp for keyword batches)")
+    if len(args[0]) % microbatches:
+        raise UsageError(f"--microbatches {microbatches} must divide each rank's batch of {len(args[0])} "
+                         "samples (--batch-size / --dp)")
+    return args[0], target
+
+
 def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
