@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import pytest
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))  # user_models.py is importable as --model user_models:factory
+# Every process a test starts (ranks, CLIs, scripts) imports this checkout's gpupar, not an
+# editable install of another worktree, and finds tests/user_models.py.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(TESTS), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

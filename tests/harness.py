@@ -13,7 +13,8 @@ TESTS = Path(__file__).parent
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), e.get("PYTHONPATH", "")])
+    # This checkout first: an editable install elsewhere (another worktree) must not be what runs.
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), e.get("PYTHONPATH", "")])
     e.pop("RANK", None)
     return e
 
