@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from gpupar.errors import TrainingError, UsageError
-from gpupar.launch.elastic import free_port
+from gpupar.launch.elastic import free_port, own_signal_handlers
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -60,7 +60,8 @@ def notebook_launch(fn: Callable[..., Any], *args: Any, nproc: int = 2, start_me
                           monitor_interval=0.1, start_method=start_method, local_addr="127.0.0.1")
     _flush()
     try:
-        results = elastic_launch(config, _run_rank)(fn, start_method == "fork", *args)
+        with own_signal_handlers():  # the kernel's interrupt stays the kernel's
+            results = elastic_launch(config, _run_rank)(fn, start_method == "fork", *args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         raise TrainingError(f"rank {rank} failed: {_failure_line(failure)}; the other ranks were stopped") from None

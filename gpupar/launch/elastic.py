@@ -108,7 +108,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+@contextlib.contextmanager
+def own_signal_handlers():
+    """Put back this process's SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers after a launch.
+
+    TorchElastic installs its own (they raise its SignalException) and leaves them behind: a
+    caller that launched in-process (a notebook's kernel, a test) would get that exception on a
+    later Ctrl-C instead of its own interrupt."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    handlers = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None:
@@ -148,12 +161,9 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
     if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and loopback_interface():
         handed["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo's own sockets: not the hostname's address
     saved = {k: os.environ.get(k) for k in handed}
-    # TorchElastic installs its own handlers for these and leaves them behind: a caller that
-    # launched in-process (a notebook, a test) would get its SignalException on a later Ctrl-C.
-    handlers = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
     os.environ.update(handed)  # the workers inherit this process's environment
     try:
-        with loopback_stores() if loopback else contextlib.nullcontext():
+        with own_signal_handlers(), loopback_stores() if loopback else contextlib.nullcontext():
             elastic_launch(config, sys.executable)("-u", "-m", "gpupar", *argv)
     except SignalException as exc:  # the agent stopped every worker with the same signal
         raise Interrupted(int(exc.sigval)) from None
@@ -174,8 +184,6 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
                                 f"--timeout {cfg.parallel.timeout:g}s): {type(exc).__name__}: {detail}") from None
         raise
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         shutil.rmtree(records, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
