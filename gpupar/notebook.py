@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from gpupar.errors import TrainingError, UsageError
-from gpupar.launch.elastic import free_port, own_signal_handlers
+from gpupar.launch.elastic import own_signal_handlers
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -53,7 +53,7 @@ def notebook_launch(fn: Callable[..., Any], *args: Any, nproc: int = 2, start_me
     # The failures are reported here in one line; TorchElastic's own log lines would repeat them.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = "127.0.0.1:0"  # the rendezvous store binds a free port itself: no race for one
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"notebook-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=endpoint,
                           rdzv_configs={"join_timeout": max(timeout, 30.0)}, max_restarts=0,

@@ -68,7 +68,9 @@ def launch_plan(cfg: Config, env: dict[str, str] | None = None) -> LaunchPlan:
     if nnodes > 1 and endpoint is None:
         raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint host:port (the same on every node)")
     if endpoint is None:
-        return LaunchPlan(nproc, nnodes, node_rank, f"127.0.0.1:{free_port()}", "127.0.0.1")
+        # Port 0: the rendezvous store binds a free port itself and hands it to the ranks, so
+        # two jobs started at once never race for one (a port picked here could be taken first).
+        return LaunchPlan(nproc, nnodes, node_rank, "127.0.0.1:0", "127.0.0.1")
     if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", endpoint):
         raise UsageError(f"--rdzv-endpoint {endpoint!r} must look like host:port, for example 10.0.0.1:29500")
     host = endpoint.rsplit(":", 1)[0]
@@ -100,12 +102,6 @@ def first_slurm_host(nodelist: str) -> str:
     if not ranges:
         return prefix
     return prefix + re.split(r"[-,]", ranges)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
