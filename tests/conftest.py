@@ -10,6 +10,10 @@ sys.path.insert(0, str(TESTS))  # user_models.py is importable as --model user_m
 # Every process a test starts (ranks, CLIs, scripts) imports this checkout's gpupar, not an
 # editable install of another worktree, and finds tests/user_models.py.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(TESTS), os.environ.get("PYTHONPATH")]))
+# One intra-op thread in every process: the tests' models are tiny, where a second OpenMP thread
+# only spins (it doubled the CPU time of a one-device run), and pytest-xdist already runs one
+# test per core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
