@@ -24,7 +24,7 @@ from gpupar.topology import Topology
 
 def ok(name: str) -> None:
     if dist.get_rank() == 0:
-        print(f"OK {name}", flush=True)
+        print(f"\nOK {name}", flush=True)  # a line of its own, even after a peer's partial line
 
 
 def main() -> None:
