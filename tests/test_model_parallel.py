@@ -75,7 +75,9 @@ def test_balanced_split_by_parameter_count_and_user_split_points():
     with pytest.raises(UsageError, match=r"--split-points '3,1': need 2 increasing layer indices in 1..3"):
         stage_starts(model, units, 3, "3,1")
     gpt = GPT(layers=3)
-    assert GPT.layer_units(gpt) == [["tok_emb", "pos_emb", "blocks.0"], ["blocks.1"], ["blocks.2", "norm", "head"]]
+    assert GPT.layer_units(gpt) == [["tok_emb", "pos_emb"], ["blocks.0"], ["blocks.1"], ["blocks.2"], ["norm", "head"]]
+    # The embeddings and head are small here: the balanced cut puts them beside a block.
+    assert stage_starts(gpt, GPT.layer_units(gpt), 2, None) == [0, 2]  # emb+blocks.0 | blocks.1, blocks.2, head
 
 
 def test_auto_plan_shards_only_what_a_trace_of_the_forward_proves():

@@ -156,13 +156,17 @@ def test_pipeline_validation_loss_equals_one_device(gpupar_cli, tmp_path, flags)
     torch.testing.assert_close(pp, one, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("schedule", ["zbv", "dualpipev", "interleaved-zb"])
-def test_zero_bubble_schedules_verify(gpupar_cli, tmp_path, schedule):
+@pytest.mark.parametrize("schedule,model", [
+    # The GPT's default 2 blocks make the V's 4 stages: embeddings | block | block | norm + head.
+    ("zbv", ("--model", "gpt", "--samples", 64, "--batch-size", 32, "--epochs", 3)),
+    ("dualpipev", ("--model", "gpt", "--samples", 64, "--batch-size", 32, "--epochs", 3)),
+    ("interleaved-zb", ("--model", "mlp", "--layers", 4, "--hidden", 32, "--batch-size", 200, "--epochs", 2)),
+], ids=["zbv-gpt", "dualpipev-gpt", "interleaved-zb-mlp"])
+def test_zero_bubble_schedules_verify(gpupar_cli, tmp_path, schedule, model):
     """torch's zero-bubble schedules (split input/weight backward; ZBV and DualPipeV in a V, whose
     last stage is on rank 0): the same sums as 1f1b in another order, verify's 1e-5."""
-    code, out, err = gpupar_cli("verify", "--model", "mlp", "--layers", 4, "--hidden", 32, "--pp", 2,
-                                "--schedule", schedule, "--microbatches", 4, "--batch-size", 200,
-                                "--nproc-per-node", 2, "--epochs", 2, "--run-dir", tmp_path / "v")
+    code, out, err = gpupar_cli("verify", *model, "--pp", 2, "--schedule", schedule, "--microbatches", 4,
+                                "--nproc-per-node", 2, "--run-dir", tmp_path / "v")
     assert code == 0, err
     assert PASS.search(out).groups() == (f"pp(2, {schedule})", "1e-05")
 
