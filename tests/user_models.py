@@ -316,6 +316,23 @@ def tied_pair():
     return model
 
 
+class HalvedLinear(nn.Linear):
+    """An nn.Linear whose own forward halves its weight first: still a Linear to the TP plan."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * 0.5, self.bias)
+
+
+def halved_blocks():
+    """ResidualMLP whose up-projections are HalvedLinear: a traced stage runs a mul before the
+    linear, so swapping the layer for a plain nn.Linear would drop the halving."""
+    torch.manual_seed(0)
+    model = ResidualMLP(blocks=2)
+    for block in model.blocks:
+        block.up = HalvedLinear(32, 64)
+    return model
+
+
 class BasicBlock(nn.Module):
     """ResNet's basic block (He et al., 2016): conv-BN-ReLU-conv-BN, added to the input."""
 
