@@ -6,6 +6,7 @@ ranks): layer-split is the same ops on one device type (bitwise); a pipeline onl
 the sum of the micro-batch gradients, so verify's default 1e-5 relative holds (README, Parity).
 """
 
+import json
 import re
 
 import pytest
@@ -114,6 +115,13 @@ def test_pipeline_checkpoints_resume_bitwise_reshard_and_export(gpupar_cli, tmp_
     code, out, err = gpupar_cli("train", *flags, "--resume", full / "checkpoints/step-20", "--run-dir", tmp_path / "one")
     assert code == 0 and "at step 20 (saved by pp(2) on 2 rank(s))" in out, err
     for name, value in _weights(tmp_path / "one").items():
+        torch.testing.assert_close(value, whole[name], rtol=0, atol=1e-6)
+    # pp 2 -> ddp 2 (each rank loads the whole model and the whole optimizer state).
+    code, out, err = gpupar_cli("train", *flags, "--strategy", "ddp", "--nproc-per-node", 2,
+                                "--resume", full / "checkpoints/step-20", "--run-dir", tmp_path / "ddp")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ddp/summary.json").read_text())["resumed_at_step"] == 20
+    for name, value in _weights(tmp_path / "ddp").items():
         torch.testing.assert_close(value, whole[name], rtol=0, atol=1e-6)
     # fsdp 2 -> pp 2.
     assert gpupar_cli("train", *flags, "--strategy", "fsdp", "--nproc-per-node", 2, "--checkpoint-every", 20,
