@@ -147,7 +147,8 @@ def test_rank_level_tensor_and_pipeline_checks(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.findall(r"^OK (\S+)", proc.stdout, re.M) == ["mesh", "auto-pairing", "gpt-plan", "user-plan",
                                                            "divisibility", "pipeline-split", "gloo-reduce-scatter",
-                                                           "ddp-token-mean", "loss-reads-parameters"]
+                                                           "ddp-token-mean", "loss-reads-parameters",
+                                                           "pipeline-loss-scaler"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
