@@ -25,7 +25,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("training", "training.state", "training.recipe", "training.finite", "training.graphs", "training.loop",
         "checkpoint"),
     4: ("problem", "job"),
-    5: ("plan", "plan.memory", "plan.buffers", "plan.probe", "plan.dispatch"),
+    5: ("plan", "plan.memory", "plan.buffers", "plan.probe", "plan.dispatch", "plan.schedules"),
     6: ("launch",),
     7: ("verify", "verify.harness", "verify.verdict", "verify.noise", "bench", "bench.driver", "bench.worker",
         "bench.peers", "bench.report", "sweep", "sweep.grid", "sweep.fused", "predict", "export", "notebook", "runs",
