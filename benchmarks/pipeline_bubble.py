@@ -108,6 +108,8 @@ def worker(rank: int, pp: int, port: int, args) -> None:
         n_stages = len(modules) * pp
         first, last = stage_owner(0, pp, name) == rank, stage_owner(n_stages - 1, pp, name) == rank
         for m in args.microbatches:
+            if name == "dualpipev" and m < n_stages:  # torch's DualPipeV needs M >= its stages
+                continue
             log = {"busy": 0.0, "held": 0, "peak": 0}
             configs.append((name, m, build(name, m, modules, pp, device, saved, log), log, first, last,
                             sum(saved), [module for _, module in modules]))

@@ -176,7 +176,14 @@ def test_zero_bubble_schedules_verify(gpupar_cli, tmp_path, schedule, model):
     assert PASS.search(out).groups() == (f"pp(2, {schedule})", "1e-05")
 
 
-def test_v_schedules_need_two_stages_per_rank(gpupar_cli, tmp_path):
-    code, _, err = gpupar_cli("train", "--model", "mlp", "--layers", 6, "--pp", 2, "--schedule", "zbv",
-                              "--stages-per-rank", 3, "--nproc-per-node", 2, "--run-dir", tmp_path / "r")
-    assert code == 2 and err.count("\n") == 1 and "--schedule zbv places exactly 2 stages per rank" in err
+@pytest.mark.parametrize("flags,message", [
+    (("--layers", 6, "--schedule", "zbv", "--stages-per-rank", 3), "--schedule zbv places exactly 2 stages per rank"),
+    (("--layers", 4, "--schedule", "dualpipev", "--microbatches", 2, "--batch-size", 200),
+     "--schedule dualpipev needs at least as many --microbatches as stages (4); got 2"),
+    (("--layers", 4, "--schedule", "interleaved-zb", "--microbatches", 5, "--batch-size", 200),
+     "M // pp = 2 rounds, which must divide --microbatches 5; use e.g. --microbatches 4"),
+], ids=["zbv-stages", "dualpipev-microbatches", "interleaved-rounds"])
+def test_what_a_schedule_needs_is_one_line(gpupar_cli, tmp_path, flags, message):
+    code, _, err = gpupar_cli("train", "--model", "mlp", *flags, "--pp", 2, "--nproc-per-node", 2,
+                              "--run-dir", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
