@@ -18,7 +18,7 @@ from gpupar.models import SimpleNN
 from gpupar.parallel.pipeline import layer_units
 
 import user_models
-from harness import gpupar
+from harness import env, gpupar
 
 PASS = re.compile(r"PASS: (.+?) matches the single-device reference within (\S+) relative")
 
@@ -92,20 +92,24 @@ def _weights(run):
     return load_file(str(run / "model.safetensors"))
 
 
-def test_pipeline_checkpoints_resume_bitwise_reshard_and_export(gpupar_cli, tmp_path):
+def test_pipeline_checkpoints_resume_bitwise_reshard_and_export(gpupar_cli, tmp_path, monkeypatch):
     """Each stage saves its part through DCP under the whole model's names. Tolerances: the same
     layout resumes bit for bit; another layout only changes the summation order of the
     micro-batch (or per-rank) gradients from the resumed step on: 1e-6 absolute on weights of
     size ~0.1-1 after 20 steps (measured 3e-8)."""
-    flags = ("--model", "mlp", "--layers", 4, "--hidden", 16, "--epochs", 8, "--batch-size", 200, "--shuffle")
+    flags = ("--model", "user_models:killable_stages", "--epochs", 8, "--batch-size", 200, "--shuffle")
     pp = ("--pp", 2, "--nproc-per-node", 2)
     full, fsdp = tmp_path / "full", tmp_path / "fsdp"
+    monkeypatch.setenv("PYTHONPATH", env()["PYTHONPATH"])  # the ranks the in-process CLI starts import user_models
     assert gpupar_cli("train", *flags, *pp, "--checkpoint-every", 20, "--run-dir", full)[0] == 0
-    # Same layout, from step 20 (epoch 4 of 8): the same weights, bit for bit.
-    proc, _ = gpupar("train", *flags, *pp, "--resume", full / "checkpoints/step-20", "--run-dir", tmp_path / "same",
-                     cwd=tmp_path)  # a subprocess: rank 0's log is its stdout
-    assert proc.returncode == 0 and "Resumed from" in proc.stdout and "saved by pp(2) on 2 rank(s)" in proc.stdout, \
-        proc.stderr
+    # Same layout, killed: rank 1 SIGKILLs itself at its 100th stage forward (4 micro-batches a
+    # step: about step 25 of 40); the restart resumes from step 20 to the same weights, bit for bit.
+    monkeypatch.setenv("TEST_KILL_RANK1_AT", "100")
+    proc, _ = gpupar("train", *flags, *pp, "--checkpoint-every", 20, "--max-restarts", 1,
+                     "--run-dir", tmp_path / "same", cwd=tmp_path)  # a subprocess: rank 0's log is its stdout
+    monkeypatch.delenv("TEST_KILL_RANK1_AT")
+    assert proc.returncode == 0, proc.stderr
+    assert "step-20 at step 20 (saved by pp(2) on 2 rank(s))" in proc.stdout, proc.stdout
     whole = _weights(full)
     assert all(torch.equal(whole[k], v) for k, v in _weights(tmp_path / "same").items())
     # pp 2 -> one device, from step 20 (a fresh run would match too: the log says it resumed).

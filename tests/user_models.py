@@ -97,6 +97,30 @@ def killable():
     return Killable()
 
 
+class KillAt(nn.Module):
+    """Killable's SIGKILL as a parameter-free layer: inside an nn.Sequential it rides with the
+    last Linear, so under --pp 2 it runs on rank 1's stage (a stage copy runs real Python,
+    where a traced forward would have baked the check away)."""
+
+    calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+
+        self.calls += 1
+        if (os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+                and self.calls == int(os.environ.get("TEST_KILL_RANK1_AT", "0"))):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+
+def killable_stages():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 1), KillAt())
+
+
 class NonFiniteAt(nn.Module):
     """Finite forward passes, but at the 4th one (step 3, after the shape check) NaN appears in
     the gradients ($TEST_NAN=grad, the default) or in the loss on rank 1 only ($TEST_NAN=loss-rank1)."""
