@@ -78,9 +78,12 @@ def test_the_classic_model_splits_across_devices_and_stages(gpupar_cli, tmp_path
     # --grad-accum 2: two rounds of the schedule per optimizer step; the loss and the step-1
     # gradients are the whole batch's mean (a missing 1/rounds fails step 1's loss by 2x).
     ("--pp", 2, "--nproc-per-node", 2, "--grad-accum", 2, "--batch-size", 400),
-], ids=["clip-pp2", "clip-dp2xpp2", "bf16-pp2", "fp16-pp2", "accum-pp2"])
+    # The GPT: bf16, the global clip (0.1, below its step-1 norm of 0.4) and a validation split (2e-2: bf16's).
+    ("--model", "gpt", "--samples", 80, "--batch-size", 32, "--pp", 2, "--nproc-per-node", 2, "--precision", "bf16",
+     "--clip-grad-norm", 0.1, "--val-fraction", 0.2),
+], ids=["clip-pp2", "clip-dp2xpp2", "bf16-pp2", "fp16-pp2", "accum-pp2", "gpt-bf16-clip-val"])
 def test_pipeline_clips_by_the_global_norm_trains_in_bf16_and_accumulates(gpupar_cli, tmp_path, flags):
-    code, out, err = gpupar_cli("verify", *flags, "--epochs", 10, "--run-dir", tmp_path / "v")
+    code, out, err = gpupar_cli("verify", *flags, "--epochs", 3 if "gpt" in flags else 10, "--run-dir", tmp_path / "v")
     assert code == 0, err
     layout, tolerance = PASS.search(out).groups()
     assert layout.startswith("pp(2, 1f1b)") and tolerance == ("2e-02" if {"bf16", "fp16"} & set(flags) else "1e-05")
