@@ -12,11 +12,9 @@ TESTS = Path(__file__).parent
 
 
 def env() -> dict[str, str]:
-    """The test process's environment, with this checkout first on the path: a subprocess run
-    in a temporary directory would otherwise import whichever gpupar is installed (an editable
-    install of another worktree), not the code under test."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), e.get("PYTHONPATH", "")])
+    # This checkout first: an editable install elsewhere (another worktree) must not be what runs.
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), e.get("PYTHONPATH", "")])
     e.pop("RANK", None)
     return e
 

@@ -203,9 +203,11 @@ def test_verify_tp2_x_pp2_traced_residual_blocks_world4(tmp_path):
 
 
 def test_verify_3d_tp2_x_pp2_gpt_world4(tmp_path):
-    """Tensor and pipeline parallel together: each pipeline stage is sharded over its tp pair."""
+    """Tensor and pipeline parallel together: each pipeline stage is sharded over its tp pair.
+    Clipped by the global norm: TP keeps the GPT's LayerNorms whole, so each stage clips
+    DTensor and plain gradients together (torch's clip cannot mix them in one call)."""
     proc, _ = gpupar("verify", "--model", "gpt", "--tp", 2, "--pp", 2, "--layers", 2, "--hidden", 32,
-                     "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4,
+                     "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4, "--clip-grad-norm", 0.5,
                      "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Using device: cpu x 4 ranks: pp(2, 1f1b) x tp(2)" in proc.stdout

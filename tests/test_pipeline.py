@@ -18,7 +18,7 @@ from gpupar.models import SimpleNN
 from gpupar.parallel.pipeline import layer_units
 
 import user_models
-from harness import env, gpupar
+from harness import gpupar
 
 PASS = re.compile(r"PASS: (.+?) matches the single-device reference within (\S+) relative")
 
@@ -103,7 +103,6 @@ def test_pipeline_checkpoints_resume_bitwise_reshard_and_export(gpupar_cli, tmp_
     flags = ("--model", "user_models:killable_stages", "--epochs", 8, "--batch-size", 200, "--shuffle")
     pp = ("--pp", 2, "--nproc-per-node", 2)
     full, fsdp = tmp_path / "full", tmp_path / "fsdp"
-    monkeypatch.setenv("PYTHONPATH", env()["PYTHONPATH"])  # the ranks the in-process CLI starts import user_models
     assert gpupar_cli("train", *flags, *pp, "--checkpoint-every", 20, "--run-dir", full)[0] == 0
     # Same layout, killed: rank 1 SIGKILLs itself at its 100th stage forward (4 micro-batches a
     # step: about step 25 of 40); the restart resumes from step 20 to the same weights, bit for bit.

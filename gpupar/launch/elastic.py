@@ -108,6 +108,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+
+
 def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None:
     """Run ``python -m gpupar ARGV`` in every local rank; raise naming the rank that failed.
 
@@ -145,6 +148,9 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
     if loopback and "GLOO_SOCKET_IFNAME" not in os.environ and loopback_interface():
         handed["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo's own sockets: not the hostname's address
     saved = {k: os.environ.get(k) for k in handed}
+    # TorchElastic installs its own handlers for these and leaves them behind: a caller that
+    # launched in-process (a notebook, a test) would get its SignalException on a later Ctrl-C.
+    handlers = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
     os.environ.update(handed)  # the workers inherit this process's environment
     try:
         with loopback_stores() if loopback else contextlib.nullcontext():
@@ -168,6 +174,8 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
                                 f"--timeout {cfg.parallel.timeout:g}s): {type(exc).__name__}: {detail}") from None
         raise
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         shutil.rmtree(records, ignore_errors=True)
         for key, value in saved.items():
             if value is None:

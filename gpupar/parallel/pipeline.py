@@ -273,7 +273,8 @@ class Pipeline(nn.Module):
         self._schedule, self._loss_fn, self._rounds, self._scaler = None, None, 1, None
 
     def forward(self, *args):
-        raise RuntimeError("a pipeline-parallel model runs through Pipeline.forward_backward, not forward")
+        raise UsageError("a pipeline-parallel model runs its stages through a schedule, not model(inputs): "
+                         "in your own loop, call gp.forward_backward(model, batch, loss_fn)")
 
     def _schedule_for(self, loss_fn: nn.Module):
         # Imported here: torch.distributed.pipelining pulls in torch._dynamo (~0.5 s per process).
@@ -360,27 +361,32 @@ class Pipeline(nn.Module):
         return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device)
 
 
-def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,
+def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None,
                           comm_device: torch.device) -> torch.Tensor:
     """The L2 norm of the gradients of ``params`` summed over the ranks of ``pp_group``, and the
     gradients scaled by ``max_norm / norm`` where that is below 1; returns the norm (a tensor: no
     host sync). DTensor gradients (FSDP, TP) reduce their own shards first: ``full_tensor()`` of
-    their norm counts a replicated shard once and a sharded one in full."""
+    their norm counts a replicated shard once and a sharded one in full; plain tensors (whole
+    replicas, or the layers tensor parallel leaves whole) count once. ``pp_group`` None: no
+    pipeline, nothing to add up."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in params if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None]
+    sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
+    plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
     squares = torch.zeros((), dtype=torch.float32, device=comm_device)
-    sharded = [g for g in grads if isinstance(g, DTensor)]
-    plain = [g for g in grads if not isinstance(g, DTensor)]
     if sharded:
-        norm = torch.nn.utils.get_total_norm(sharded, 2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded], 2.0)
         squares = squares + norm.full_tensor().to(comm_device, torch.float32) ** 2
     if plain:
-        squares = squares + torch.nn.utils.get_total_norm(plain, 2.0).to(comm_device, torch.float32) ** 2
-    dist.all_reduce(squares, group=pp_group)  # stages hold disjoint parameters: their squares add up
+        squares = squares + torch.nn.utils.get_total_norm([p.grad for p in plain], 2.0).to(comm_device,
+                                                                                           torch.float32) ** 2
+    if pp_group is not None:  # stages hold disjoint parameters: their squares add up
+        dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
-    if grads:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].device))
+    for kind in (sharded, plain):  # one foreach each: torch's cannot mix DTensors and tensors (TP's whole layers)
+        if kind:
+            torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total.to(kind[0].grad.device))
     return total
 
 

@@ -23,6 +23,7 @@ from gpupar.data import (Cut, Samples, Stream, StreamEnd, batch_rows, check_batc
                          eval_batches, next_batch, shard_batch, to_device)
 from gpupar.errors import UsageError
 from gpupar.memory import grad_bytes
+from gpupar.parallel.pipeline import clip_grad_norm_across
 from gpupar.parallelize import Parallelized, captures_whole_step
 from gpupar.topology import Topology
 from gpupar.training import graphs
@@ -291,14 +292,21 @@ class _Logger:
         return self.history
 
 
+def _mixes_dtensors(params: list[nn.Parameter]) -> bool:
+    tensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    return tensor is not None and len({isinstance(p, tensor.DTensor) for p in params}) == 2
+
+
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip: float | None) -> None:
     if clip is not None:
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if hasattr(model, "clip_grad_norm_"):  # a pipeline: the norm spans every stage
             model.clip_grad_norm_(clip)
+        elif _mixes_dtensors(params := list(model.parameters())):  # TP's shards beside the layers it keeps
+            clip_grad_norm_across(params, clip, None, params[0].device)  # whole: torch's cannot mix them
         else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(params, clip)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
