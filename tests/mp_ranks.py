@@ -125,7 +125,47 @@ def main() -> None:
     else:
         raise AssertionError("a penalty over DTensor parameters raised nothing")
     ok("loss-reads-parameters")
+
+    pipeline_loss_scaler(topo.rank)
+    ok("pipeline-loss-scaler")
     topo.close()
+
+
+def pipeline_loss_scaler(rank: int) -> None:
+    """fp16's loss scaler over a 2-stage pipeline (the world as the pp group): the backward runs
+    from loss x S, the reported loss is the loss, and an Inf in stage 1's gradients alone skips
+    the step on both stages and halves both scales (stage 0 never calls scale itself)."""
+    from gpupar.config import ParallelConfig
+    from gpupar.parallel.pipeline import Pipeline, layer_units
+    from gpupar.parallel.pipeline_scaler import PipelineGradScaler
+
+    torch.manual_seed(0)
+    whole, cpu = mlp(10, 16, 2, 1), torch.device("cpu")
+    x, y = torch.randn(8, 10), torch.randn(8, 1)
+    reference_loss = nn.functional.mse_loss(whole(x), y)
+    reference_loss.backward()
+    options = ParallelConfig(pp=2, schedule="1f1b")
+    pipe = Pipeline(split_model(whole, layer_units(whole), 2, rank, options), 2, cpu, dist.group.WORLD, options,
+                    cpu, microbatches=2)
+    scaler = PipelineGradScaler(cpu, dist.group.WORLD, cpu, init_scale=2.0 ** 10)
+    loss = pipe.forward_backward([(x, y)], nn.MSELoss(), None, scaler)
+    torch.testing.assert_close(loss.float(), reference_loss.detach(), rtol=1e-6, atol=0)  # not x 1024
+    for name, p in pipe.named_parameters():  # the stage's gradients are S x the whole batch's
+        reference = whole.get_parameter(name.split(".", 2)[2]).grad
+        torch.testing.assert_close(p.grad / 2.0 ** 10, reference, rtol=1e-5, atol=1e-7)
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in pipe.parameters()]
+    if rank == 1:
+        next(pipe.parameters()).grad.view(-1)[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(before, pipe.parameters())), f"rank {rank} stepped past an Inf"
+    assert scaler.get_scale() == 2.0 ** 9, scaler.get_scale()
+    optimizer.zero_grad()
+    pipe.forward_backward([(x, y)], nn.MSELoss(), None, scaler)
+    scaler.step(optimizer)
+    scaler.update()
+    assert not any(torch.equal(a, p) for a, p in zip(before, pipe.parameters())) and scaler.get_scale() == 2.0 ** 9
 
 
 def ddp_token_mean(rank: int) -> None:

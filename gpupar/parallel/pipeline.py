@@ -275,7 +275,7 @@ class Pipeline(nn.Module):
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # The last stage's rank (the last pp rank; rank 0 in a V) broadcasts its loss.
         self.last_rank = dist.get_global_rank(pp_group, self.stage_owner(num_stages - 1))
-        self._schedule, self._loss_fn, self._rounds, self._tokens = None, None, 1, None
+        self._schedule, self._loss_fn, self._rounds, self._tokens, self._scaler = None, None, 1, None, None
 
     def forward(self, *args):
         raise UsageError("a pipeline-parallel model runs its stages through a schedule, not model(inputs): "
@@ -297,7 +297,10 @@ class Pipeline(nn.Module):
             # device). A token loss that skips padding weighs each micro-batch by its valid tokens
             # instead: the mean over every valid token of the global batch, not a mean of means.
             tokens = self._tokens
-            return loss_fn(output, target) * (tokens.weight(target) if tokens is not None else 1 / (m * self._rounds))
+            loss = loss_fn(output, target) * (tokens.weight(target) if tokens is not None else 1 / (m * self._rounds))
+            # fp16: backward from loss x S (pipeline_scaler.PipelineGradScaler), so the gradients
+            # that flow back through the stages stay above fp16's underflow.
+            return self._scaler.scale(loss) if self._scaler is not None else loss
 
         stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
                   for s, module in zip(self.stage_ids, self.stages)]
@@ -318,21 +321,22 @@ class Pipeline(nn.Module):
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
         every stage's forwards and backwards in its order, and leaves this rank's stage
         gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
-        rank returns the batch's mean loss. (fp32 or bf16; --grad-accum k runs k rounds.)"""
+        rank returns the batch's mean loss. (fp32, bf16 or fp16 with ``scaler``; --grad-accum k
+        runs k rounds.)"""
         schedule = self._schedule_for(loss_fn)
-        losses: list[list[torch.Tensor]] = []
         # --grad-accum k: k rounds of the schedule (k x M micro-batches) before the optimizer
         # step, gradients adding up in .grad; each round's micro-batches are M more.
-        self._rounds = len(micro_batches)
+        self._rounds, self._scaler = len(micro_batches), scaler
         rounds = [pipeline_batch(batch, self.microbatches) for batch in micro_batches]  # (inputs, targets)
         self._tokens = ValidTokens.of(loss_fn, [y for _, y in rounds])  # over the world: a collective
+        losses: list[list[torch.Tensor]] = []
         for x, y in rounds:
             losses.append(round_losses := [])  # a list per round: the schedule clears the one it is given
             args = (x,) if self.has_first else ()
             kwargs = {"target": y, "losses": round_losses} if self.has_last else {}
-            # bf16: autocast around the schedule runs every stage's forward (and the loss) in bf16
-            # where autocast does, with the fp32 parameters as master weights; the stages send and
-            # receive the bf16 activations as they come (shapes and dtypes inferred inside autocast).
+            # bf16/fp16: autocast around the schedule runs every stage's forward (and the loss) in
+            # half precision where autocast does, with the fp32 parameters as master weights; the
+            # stages send and receive the half-precision activations as they come.
             with amp if amp is not None else contextlib.nullcontext():
                 schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
@@ -341,6 +345,8 @@ class Pipeline(nn.Module):
         loss = torch.zeros((), dtype=torch.float64, device=self.comm_device)
         if self.has_last:
             loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for r in losses for l in r]).sum()
+            if scaler is not None:  # the schedule kept loss x S: report the loss (S is a power of 2: exact)
+                loss = loss / scaler.scale(torch.ones((), device=self.device)).to(self.comm_device, torch.float64)
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
 

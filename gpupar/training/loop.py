@@ -88,7 +88,7 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
     whole_step = captures_whole_step(cfg, topo.dims) and not parallel.pipeline and len(parallel.devices) == 1
     scheduler = make_scheduler(optimizer, cfg, steps.total)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(topo.device.type) if t.precision == "fp16" and topo.device.type == "cuda" else None
+    scaler = _loss_scaler(parallel, topo) if t.precision == "fp16" and topo.device.type == "cuda" else None
     amp = autocast_for(topo.device, t.precision, cache=not whole_step)
     train_set = train_set.to(topo.device)  # tensors move once, not every step
     # Resuming puts back weights, optimizer, scheduler and RNG, and says where to continue.
@@ -129,6 +129,15 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
         if done:
             break
     return logger.close(step)
+
+
+def _loss_scaler(parallel: Parallelized, topo: Topology) -> torch.amp.GradScaler:
+    """fp16's loss scaler; a pipeline's checks every stage's gradients for Inf together."""
+    if parallel.pipeline:
+        from gpupar.parallel.pipeline_scaler import PipelineGradScaler
+
+        return PipelineGradScaler(topo.device, parallel.model.pp_group, topo.comm_device())
+    return torch.amp.GradScaler(topo.device.type)
 
 
 def _as_parallelized(model: Parallelized | nn.Module) -> Parallelized:
