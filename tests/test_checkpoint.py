@@ -222,22 +222,23 @@ def _close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-def test_reshard_ddp2_to_single_and_back_and_export(tmp_path):
+def test_reshard_ddp2_to_single_and_back_and_export(tmp_path, gpupar_cli):
+    """The ranks run in their own processes; the one-device runs here, through the CLI's main."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    for run, strategy in ((ddp, ("--strategy", "ddp", "--nproc-per-node", 2)), (single, ())):
-        proc, _ = gpupar("train", *DDP_FLAGS, *strategy, "--checkpoint-every", 20, "--run-dir", run, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
+    proc, _ = gpupar("train", *DDP_FLAGS, "--strategy", "ddp", "--nproc-per-node", 2, "--checkpoint-every", 20,
+                     "--run-dir", ddp, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    code, _, err = gpupar_cli("train", *DDP_FLAGS, "--checkpoint-every", 20, "--run-dir", single)
+    assert code == 0, err
     assert json.loads((ddp / "checkpoints/step-20/trainer.json").read_text())["world_size"] == 2
 
     # DDP W=2 -> single: loading the final checkpoint gives DDP's weights exactly ...
-    proc, _ = gpupar("train", *DDP_FLAGS, "--resume", ddp / "checkpoints/step-40", "--run-dir", tmp_path / "a",
-                     cwd=tmp_path)
-    assert proc.returncode == 0 and "saved by ddp(dp=2) on 2 rank(s)" in proc.stdout, proc.stderr
+    code, out, err = gpupar_cli("train", *DDP_FLAGS, "--resume", ddp / "checkpoints/step-40", "--run-dir", tmp_path / "a")
+    assert code == 0 and "saved by ddp(dp=2) on 2 rank(s)" in out, err
     assert_bitwise_equal(weights(tmp_path / "a"), weights(ddp))
     # ... and training continues from step 20 on one device to the same result as DDP.
-    proc, _ = gpupar("train", *DDP_FLAGS, "--resume", ddp / "checkpoints/step-20", "--run-dir", tmp_path / "b",
-                     cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = gpupar_cli("train", *DDP_FLAGS, "--resume", ddp / "checkpoints/step-20", "--run-dir", tmp_path / "b")
+    assert code == 0, err
     _close(weights(tmp_path / "b"), weights(ddp))
 
     # single -> DDP W=2, continuing from step 20.
@@ -248,13 +249,13 @@ def test_reshard_ddp2_to_single_and_back_and_export(tmp_path):
 
     # Export of a DDP checkpoint: one file, the full weights, usable by predict.
     out = tmp_path / "export/model.safetensors"
-    proc, _ = gpupar("export", "--checkpoint", ddp / "checkpoints/step-40", "--out", out, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = gpupar_cli("export", "--checkpoint", ddp / "checkpoints/step-40", "--out", out)
+    assert code == 0, err
     assert_bitwise_equal(load_file(str(out)), weights(ddp))
     torch.save({"X": torch.rand(7, 10)}, tmp_path / "x.pt")
-    proc, _ = gpupar("predict", "--weights", out, "--data", tmp_path / "x.pt", "--out", tmp_path / "p.csv",
-                     "--model", "user_models:killable", cwd=tmp_path)  # a user factory is named, never read
-    assert proc.returncode == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 8, proc.stderr
+    code, _, err = gpupar_cli("predict", "--weights", out, "--data", tmp_path / "x.pt", "--out", tmp_path / "p.csv",
+                              "--model", "user_models:killable")  # a user factory is named, never read
+    assert code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 8, err
 
 
 def _gpupar_processes(marker: str) -> list[int]:
@@ -289,7 +290,7 @@ def test_sigkilled_worker_restarts_and_resumes_to_the_same_weights(tmp_path, mon
     assert _gpupar_processes(str(run)) == []  # no orphaned workers
 
 
-def test_reshard_ddp2_to_fsdp4_to_single_and_tp2_to_single(tmp_path):
+def test_reshard_ddp2_to_fsdp4_to_single_and_tp2_to_single(tmp_path, gpupar_cli):
     """DCP checkpoints hold full logical tensors, so any strategy and world size can load them."""
     ddp, fsdp, tp = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "tp"
     proc, _ = gpupar("train", *DDP_FLAGS, "--strategy", "ddp", "--nproc-per-node", 2, "--checkpoint-every", 20,
@@ -301,15 +302,13 @@ def test_reshard_ddp2_to_fsdp4_to_single_and_tp2_to_single(tmp_path):
     assert proc.returncode == 0 and "saved by ddp(dp=2) on 2 rank(s)" in proc.stdout, proc.stderr
     _close(weights(fsdp), weights(ddp))  # same data and order; fp32 reduction order only
     # FSDP W=4 -> single: the sharded step-40 checkpoint loads into one plain model exactly.
-    proc, _ = gpupar("train", *DDP_FLAGS, "--resume", fsdp / "checkpoints/step-40", "--run-dir", tmp_path / "s",
-                     cwd=tmp_path)
-    assert proc.returncode == 0 and "saved by fsdp(dp=4) on 4 rank(s)" in proc.stdout, proc.stderr
+    code, out, err = gpupar_cli("train", *DDP_FLAGS, "--resume", fsdp / "checkpoints/step-40", "--run-dir", tmp_path / "s")
+    assert code == 0 and "saved by fsdp(dp=4) on 4 rank(s)" in out, err
     assert_bitwise_equal(weights(tmp_path / "s"), weights(fsdp))
     # TP 2 -> single: DTensor shards of a tensor-parallel run, loaded whole.
     tp_flags = ("--epochs", 40, "--checkpoint-every", 20)
     proc, _ = gpupar("train", *tp_flags, "--tp", 2, "--nproc-per-node", 2, "--run-dir", tp, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    proc, _ = gpupar("train", *tp_flags, "--resume", tp / "checkpoints/step-40", "--run-dir", tmp_path / "t",
-                     cwd=tmp_path)
-    assert proc.returncode == 0 and "saved by tp(2) on 2 rank(s)" in proc.stdout, proc.stderr
+    code, out, err = gpupar_cli("train", *tp_flags, "--resume", tp / "checkpoints/step-40", "--run-dir", tmp_path / "t")
+    assert code == 0 and "saved by tp(2) on 2 rank(s)" in out, err
     assert_bitwise_equal(weights(tmp_path / "t"), weights(tp))

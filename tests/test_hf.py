@@ -103,15 +103,16 @@ def test_hf_models_build_from_a_config_and_bad_configs_are_one_line():
         c.validate()
 
 
-def test_gpt2_trains_from_the_cli_and_exports_a_from_pretrained_directory(tmp_path):
-    proc, _ = gpupar("train", *GPT2, "--samples", 64, "--batch-size", 16, "--epochs", 4, "--log-every", 1,
-                     "--checkpoint-every", 8, "--run-dir", "r", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    losses = [float(v) for v in re.findall(r"Loss: ([\d.]+)", proc.stdout)]
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, proc.stdout  # it learns the token task
+def test_gpt2_trains_from_the_cli_and_exports_a_from_pretrained_directory(tmp_path, gpupar_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the CLI's main runs in this process; its paths are relative
+    code, out, err = gpupar_cli("train", *GPT2, "--samples", 64, "--batch-size", 16, "--epochs", 4, "--log-every", 1,
+                                "--checkpoint-every", 8, "--run-dir", "r")
+    assert code == 0, err
+    losses = [float(v) for v in re.findall(r"Loss: ([\d.]+)", out)]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, out  # it learns the token task
     for source, out in ((("--run", "r"), "hf"), (("--checkpoint", "r/checkpoints/step-16"), "hf-ckpt")):
-        proc, _ = gpupar("export", *source, "--out", out, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
+        code, _, err = gpupar_cli("export", *source, "--out", out)
+        assert code == 0, err
     # The exported directory loads with from_pretrained and computes the trained model's logits.
     from safetensors.torch import load_file
     trained = model_spec(ModelConfig(name=GPT2[1], hf_config=GPT2[3], seq_len=32)).build(0, 0)
@@ -122,8 +123,8 @@ def test_gpt2_trains_from_the_cli_and_exports_a_from_pretrained_directory(tmp_pa
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / out, local_files_only=True).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(x).logits, trained(x).logits, rtol=0, atol=1e-6)
-    proc, _ = gpupar("export", "--run", "r", "--out", "hf", cwd=tmp_path)  # never over a model directory
-    assert proc.returncode == 2 and "must be a new or empty directory" in proc.stderr
+    code, _, err = gpupar_cli("export", "--run", "r", "--out", "hf")  # never over a model directory
+    assert code == 2 and "must be a new or empty directory" in err
 
 
 @pytest.mark.parametrize("model,layout,seed", [(GPT2, ("--strategy", "ddp"), 42), (LLAMA, ("--strategy", "fsdp", "--activation-checkpointing", "full"), 1),
