@@ -43,6 +43,16 @@ class Pairs(Dataset):
         return {"x": X[i], "y": Y[i]}
 
 
+class Nested(Dataset):
+    """((x, mask), y) items: the model is called with two inputs."""
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return (X[i], torch.ones(FEATURES + 1)), Y[i]
+
+
 class Classic(Dataset):
     """The classic example's data (1000 samples, 10 features) as dict items, lazily indexed."""
 
@@ -82,9 +92,9 @@ class Recorder(nn.Module):
         self.fc = nn.Linear(FEATURES, 1)
         self.seen: list[list[int]] = []
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         self.seen.append(x[:, 0].long().tolist())
-        return self.fc(x[:, 1:])
+        return self.fc((x if mask is None else x * mask)[:, 1:])
 
 
 def train(data, strategy, batch, grad_accum=1, shuffle=False):
@@ -232,6 +242,8 @@ def main():
         dist.destroy_process_group()
         return
     check("map-style", Pairs, batch=20)
+    check("tensors-1d-target", lambda: (X, Y[:, 0]), batch=20)  # y [N]: one output column
+    check("nested", Nested, batch=20)
     check("loader-workers", lambda: DataLoader(Pairs(), batch_size=20, shuffle=True, num_workers=2), batch=20,
           shuffle=True)
     check("iterable", Stream, batch=24, left=4)  # 100 = 4 x 24 + 4: the last 4 are said, not trained

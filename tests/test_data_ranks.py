@@ -1,7 +1,8 @@
 """Issue 22: per rank, the samples each data source gives it, over 2 epochs at world 2, and
 where a run interrupted mid-epoch continues, at world 2, 4 and 1.
 
-One torchrun spawn at world 2 (tests/mp_data.py) checks map-style, a DataLoader with 2
+One torchrun spawn at world 2 (tests/mp_data.py) checks map-style (dict items, and
+((x, mask), y) items), tensors with a 1-D target, a DataLoader with 2
 workers (shuffled), an IterableDataset with and without __len__ (one with --grad-accum 2, one
 with a remainder that does not fill a batch), and a DataLoader with 2 workers over a stream:
 disjoint shards that together are the single-device micro-batch, every sample once per epoch.
@@ -31,7 +32,8 @@ def world_2(tmp_path_factory):
 
 def test_every_source_shards_disjointly_into_the_single_device_batches(world_2):
     proc, _ = world_2
-    assert re.findall(r"^OK (\S+)$", proc.stdout, re.M) == ["map-style", "loader-workers", "iterable",
+    assert re.findall(r"^OK (\S+)$", proc.stdout, re.M) == ["map-style", "tensors-1d-target", "nested",
+                                                            "loader-workers", "iterable",
                                                             "iterable-sized-accum", "iterable-loader-workers"]
 
 
