@@ -71,7 +71,7 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
     if batch > n_train:
         raise UsageError(f"--batch-size {batch} exceeds the {n_train} training samples")
     if dims.pp_enabled:
-        check_pipeline_options(cfg)
+        check_pipeline_options(cfg, dims)
     check_batch_divisible(batch, cfg.train.grad_accum, dims.dp, n_train, dims.microbatches,
                           cfg.train.batch_size is None)
     rows = micro_batch_size(cfg, dims, n_train) if dims.pp_enabled else 1
@@ -86,14 +86,20 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
     return dims
 
 
-def check_pipeline_options(cfg: Config) -> None:
-    """What a pipeline step does not support yet, and what a schedule needs of the layout."""
-    if cfg.parallel.schedule in ("zbv", "dualpipev") and cfg.parallel.stages_per_rank != 2:
-        raise UsageError(f"--schedule {cfg.parallel.schedule} places exactly 2 stages per rank in a V; "
-                         f"got --stages-per-rank {cfg.parallel.stages_per_rank}")
-    if cfg.train.precision == "fp16":
-        raise UsageError("--precision fp16 with --pp: the loss scaler's inf check would have to span every "
-                         "stage, which is not built yet; use --precision bf16 (no scaler)")
+def check_pipeline_options(cfg: Config, dims: ParallelDims) -> None:
+    """What a schedule needs of the layout."""
+    p = cfg.parallel
+    if p.schedule in ("zbv", "dualpipev") and p.stages_per_rank != 2:
+        raise UsageError(f"--schedule {p.schedule} places exactly 2 stages per rank in a V; "
+                         f"got --stages-per-rank {p.stages_per_rank}")
+    m, pp = dims.microbatches, dims.pp
+    if p.schedule == "dualpipev" and m < 2 * pp:  # torch's ScheduleDualPipeV: M >= its 2 x pp stages
+        raise UsageError(f"--schedule dualpipev needs at least as many --microbatches as stages ({2 * pp}); "
+                         f"got {m}")
+    rounds = max(1, m // pp)  # the interleaved schedules run M in rounds of pp micro-batches
+    if p.schedule in ("interleaved-1f1b", "interleaved-zb") and m % rounds:
+        raise UsageError(f"--schedule {p.schedule} runs the micro-batches in M // pp = {rounds} rounds, which must "
+                         f"divide --microbatches {m}; use e.g. --microbatches {rounds * pp}")
 
 
 def layout_name(cfg: Config, topo: Topology) -> str:

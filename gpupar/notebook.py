@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from gpupar.errors import TrainingError, UsageError
-from gpupar.launch.elastic import free_port
+from gpupar.launch.elastic import own_signal_handlers
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -53,14 +53,15 @@ def notebook_launch(fn: Callable[..., Any], *args: Any, nproc: int = 2, start_me
     # The failures are reported here in one line; TorchElastic's own log lines would repeat them.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = "127.0.0.1:0"  # the rendezvous store binds a free port itself: no race for one
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"notebook-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=endpoint,
                           rdzv_configs={"join_timeout": max(timeout, 30.0)}, max_restarts=0,
                           monitor_interval=0.1, start_method=start_method, local_addr="127.0.0.1")
     _flush()
     try:
-        results = elastic_launch(config, _run_rank)(fn, start_method == "fork", *args)
+        with own_signal_handlers():  # the kernel's interrupt stays the kernel's
+            results = elastic_launch(config, _run_rank)(fn, start_method == "fork", *args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         raise TrainingError(f"rank {rank} failed: {_failure_line(failure)}; the other ranks were stopped") from None

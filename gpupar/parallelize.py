@@ -78,13 +78,16 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
                 raise UsageError(f"--pp on {type(model).__name__} (not a Sequential) traces its forward: "
                                  "parallelize needs inputs")
             example = inputs[:micro_batch_size(cfg, dims, len(inputs))].to(topo.device)
-        stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel, example)
+        stages = split_model(model, pipeline_units(model, spec), dims.pp, topo.pp_rank, cfg.parallel, example,
+                             spec.pipeline_stage)
     # 2. Tensor parallel: shard each stage's layers across the "tp" ranks (DTensor strategies
     #    are imported only by the runs that use them: ~0.6 s per process).
     if dims.tp_enabled:
-        from gpupar.parallel.tensor import apply_tp
+        from gpupar.parallel.tensor import apply_tp, plain_linears
 
-        stages = [(s, apply_tp(m, topo.mesh["tp"], stage_plan(plan, m))) for s, m in stages]
+        # A traced stage's planned layers become nn.Linear again (same parameters) first.
+        stages = [(s, apply_tp(plain_linears(m, stage_plan(plan, m)), topo.mesh["tp"], stage_plan(plan, m)))
+                  for s, m in stages]
     # 3. Activation checkpointing per block (on the TP-sharded layers, inside the FSDP units to come).
     stages = [(s, apply_activation_checkpointing(m, cfg.parallel.activation_checkpointing)) for s, m in stages]
     # 4. Compile each stage in place (its state-dict names stay): before data parallel wraps it.
@@ -121,30 +124,31 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
     before launch (on the meta device where it can be). ``example`` is one micro-batch of
     inputs (zeros of the data's shape): a pipeline that traces the forward traces it on them."""
     if dims.process == "layer-split":
+        if spec.pipeline_stage is not None:  # its stages run their own forward, not the model's
+            raise UsageError(f"--strategy layer-split on {type(model).__name__}: its decoder layers need the mask "
+                             "and positions its forward makes, which gpupar remakes in pipeline stages only; use --pp")
         devices = parse_devices(cfg.parallel.devices)
         stage_starts(model, pipeline_units(model, spec), len(devices), cfg.parallel.split_points, flag="--devices")
     # 1. Pipeline split: the stages against the model's layers, the trace, ties kept in a stage.
-    stages = [model]
+    stages, traced = [model], None  # traced: the stages cut from the traced forward, where they are
     if dims.pp_enabled:
         units = pipeline_units(model, spec)
         names = [name for unit in units for name in unit]
         every = stage_names(model, units, dims.pp, cfg.parallel)
         stages = [stage_module(model, keep, [n for n in names if n not in keep]) for keep in every]
         if traceable(model, spec.pipeline_units is not None):  # its stages will be cut from its traced forward
-            if dims.tp_enabled:
-                raise UsageError(f"--tp {dims.tp} with --pp {dims.pp}: {type(model).__name__} is split by tracing its "
-                                 "forward, and a traced stage's layers are graph modules that tensor parallel cannot "
-                                 "shard yet; use --pp with dp, or build the model as an nn.Sequential")
-            trace_stages(model, every, example)
+            traced = trace_stages(model, every, example)
         tied.check_pp(stages, model)
     # 2. Tensor parallel: divisibility and ties of every sharded layer of every stage.
     if dims.tp_enabled:
-        from gpupar.parallel.tensor import check_tp_divisible
+        from gpupar.parallel.tensor import check_tp_divisible, plain_linears
 
         plan = tp_plan(model, dims.tp, spec, None if example is None else example[:1])
-        for stage in stages:
+        for s, stage in enumerate(stages):
             check_tp_divisible(stage, stage_plan(plan, stage), dims.tp)
             tied.check_tp(stage, stage_plan(plan, stage))
+            if traced is not None:  # each planned layer of a traced stage must be one linear
+                plain_linears(traced.get_stage_module(s), stage_plan(plan, stage))
     # 4. Compile: a pipeline's stages are not compiled.
     if (cfg.train.compile or cfg.train.cuda_graphs) and dims.pp_enabled:
         raise UsageError("--compile / --cuda-graphs with --pp: pipeline stages are not compiled yet")

@@ -52,8 +52,9 @@ class Problem:
 def load_problem(cfg: Config, meta: bool = False) -> Problem:
     """Load or synthesise the data, then build the model with an input width that follows it.
 
-    ``meta``: build the model on the meta device where it can (shapes, no memory, no compute),
-    for the checks before launch; a model that cannot be built or run there is built on the CPU.
+    ``meta``: for the checks before launch, a model above ``PROBE_ON_META_BYTES`` stays on the
+    meta device where it can (shapes, no memory, no compute); a small one, or one that cannot be
+    built or run there, is built on the CPU.
     """
     d, spec = cfg.data, model_spec(cfg.model)
     if d.data is None and spec.synthetic_data is not None:  # the model's own task (the GPT's tokens)
@@ -115,16 +116,28 @@ def _source_samples(source) -> int | None:
         return None
 
 
+PROBE_ON_META_BYTES = 64 << 20
+"""Models above this size are probed on the meta device; smaller ones are built for real.
+A forward on meta runs torch's Python decompositions, whose first call imports torch._dynamo
+(1-2 s of CPU in every process that probes), while a small model costs less to build."""
+
+
 def _build(cfg: Config, spec: ModelSpec, n_in: int, n_out: int, meta: bool) -> nn.Module:
     if meta:
         try:
             with torch.device("meta"):
-                return build_model(cfg.model, n_in, n_out, cfg.train.seed)
+                model = build_model(cfg.model, n_in, n_out, cfg.train.seed)
         except UsageError:
             raise
         except Exception:  # a factory that needs real tensors (loads a file, reads values)
-            pass
+            model = None
+        if model is not None and _bytes(model) > PROBE_ON_META_BYTES:
+            return model
     return build_model(cfg.model, n_in, n_out, cfg.train.seed)
+
+
+def _bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def device_of(model: nn.Module) -> torch.device:

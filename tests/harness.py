@@ -1,19 +1,27 @@
 """Running gpupar in real processes: the launcher, torchrun and multi-node paths spawn ranks."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from gpupar.launch.elastic import free_port  # noqa: F401  (tests import it from here)
 
 TESTS = Path(__file__).parent
 
 
+def free_port() -> int:
+    """A port free now (for the tests that name an endpoint themselves; gpupar binds port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), e.get("PYTHONPATH", "")])
+    # This checkout first: an editable install elsewhere (another worktree) must not be what runs.
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), e.get("PYTHONPATH", "")])
     e.pop("RANK", None)
     return e
 

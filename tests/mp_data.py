@@ -130,7 +130,7 @@ def check(name, make, batch, grad_accum=1, shuffle=False, left=0):
     for key in single_state:
         torch.testing.assert_close(state[key], single_state[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
     if dist.get_rank() == 0:
-        print(f"OK {name}", flush=True)
+        print(f"\nOK {name}", flush=True)  # a line of its own, even after a peer's partial line
 
 
 class Crash(Exception):

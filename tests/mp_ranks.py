@@ -24,7 +24,7 @@ from gpupar.topology import Topology
 
 def ok(name: str) -> None:
     if dist.get_rank() == 0:
-        print(f"OK {name}", flush=True)
+        print(f"\nOK {name}", flush=True)  # a line of its own, even after a peer's partial line
 
 
 def main() -> None:
@@ -108,6 +108,8 @@ def main() -> None:
 
     ddp_token_mean(topo.rank)
     ok("ddp-token-mean")
+    pp_token_mean(topo.rank)
+    ok("pp-token-mean")
 
     # A loss that reads the parameters (a weight penalty) meets TP's DTensor shards: one line.
     from gpupar.training.step import BatchLoss, forward_backward
@@ -123,7 +125,47 @@ def main() -> None:
     else:
         raise AssertionError("a penalty over DTensor parameters raised nothing")
     ok("loss-reads-parameters")
+
+    pipeline_loss_scaler(topo.rank)
+    ok("pipeline-loss-scaler")
     topo.close()
+
+
+def pipeline_loss_scaler(rank: int) -> None:
+    """fp16's loss scaler over a 2-stage pipeline (the world as the pp group): the backward runs
+    from loss x S, the reported loss is the loss, and an Inf in stage 1's gradients alone skips
+    the step on both stages and halves both scales (stage 0 never calls scale itself)."""
+    from gpupar.config import ParallelConfig
+    from gpupar.parallel.pipeline import Pipeline, layer_units
+    from gpupar.parallel.pipeline_scaler import PipelineGradScaler
+
+    torch.manual_seed(0)
+    whole, cpu = mlp(10, 16, 2, 1), torch.device("cpu")
+    x, y = torch.randn(8, 10), torch.randn(8, 1)
+    reference_loss = nn.functional.mse_loss(whole(x), y)
+    reference_loss.backward()
+    options = ParallelConfig(pp=2, schedule="1f1b")
+    pipe = Pipeline(split_model(whole, layer_units(whole), 2, rank, options), 2, cpu, dist.group.WORLD, options,
+                    cpu, microbatches=2)
+    scaler = PipelineGradScaler(cpu, dist.group.WORLD, cpu, init_scale=2.0 ** 10)
+    loss = pipe.forward_backward([(x, y)], nn.MSELoss(), None, scaler)
+    torch.testing.assert_close(loss.float(), reference_loss.detach(), rtol=1e-6, atol=0)  # not x 1024
+    for name, p in pipe.named_parameters():  # the stage's gradients are S x the whole batch's
+        reference = whole.get_parameter(name.split(".", 2)[2]).grad
+        torch.testing.assert_close(p.grad / 2.0 ** 10, reference, rtol=1e-5, atol=1e-7)
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in pipe.parameters()]
+    if rank == 1:
+        next(pipe.parameters()).grad.view(-1)[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(before, pipe.parameters())), f"rank {rank} stepped past an Inf"
+    assert scaler.get_scale() == 2.0 ** 9, scaler.get_scale()
+    optimizer.zero_grad()
+    pipe.forward_backward([(x, y)], nn.MSELoss(), None, scaler)
+    scaler.step(optimizer)
+    scaler.update()
+    assert not any(torch.equal(a, p) for a, p in zip(before, pipe.parameters())) and scaler.get_scale() == 2.0 ** 9
 
 
 def ddp_token_mean(rank: int) -> None:
@@ -142,6 +184,32 @@ def ddp_token_mean(rank: int) -> None:
     forward_backward(ddp, mine, TokenCrossEntropy(), torch.autocast("cpu", enabled=False), None)
     for p, w in zip(ddp.module.parameters(), want):  # float32 sums in another order: a few ulps
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+
+
+def pp_token_mean(rank: int) -> None:
+    """A pipeline of 2 stages (the embedding | the head), 2 rounds (--grad-accum 2) of 2 micro-batches
+    that the schedule cuts itself, over the padded batch (valid tokens 3, 7 | 11, 12): each stage's
+    gradient is the whole batch's token mean, and so is the loss every rank returns."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from gpupar.config import ParallelConfig
+    from gpupar.models.gpt import TokenCrossEntropy
+    from gpupar.parallel.pipeline import Pipeline, layer_units
+    from padded_tokens import padded_batch, reference_grads, token_model
+
+    x, y = padded_batch()
+    reference = token_model()
+    want = dict(zip([n for n, _ in reference.named_parameters()], reference_grads(reference, x, y)))
+    model, options = token_model(), ParallelConfig()
+    stages = split_model(model, layer_units(model), 2, rank, options)
+    group = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",)).get_group()
+    pipe = Pipeline(stages, 2, torch.device("cpu"), group, options, torch.device("cpu"), microbatches=2)
+    loss = pipe.forward_backward([(x[:4], y[:4]), (x[4:], y[4:])], TokenCrossEntropy())
+    held = dict(stages[0][1].named_parameters())
+    assert held and set(held) < set(want), held.keys()
+    for name, p in held.items():  # float32 sums in another order: a few ulps
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.float(), TokenCrossEntropy()(reference(x), y).detach(), rtol=1e-6, atol=0)
 
 
 def allocated(fn) -> int:

@@ -91,7 +91,7 @@ def main() -> None:
         text = report(verdict)
         assert verdict.passed == must_pass, text
         print(text.splitlines()[-1], flush=True)
-        print(f"OK {name}", flush=True)
+        print(f"\nOK {name}", flush=True)  # a line of its own, even after a peer's partial line
 
     def ddp_model(cfg=ddp_cfg):
         return parallelize(residual_mlp(), topo, cfg, spec)

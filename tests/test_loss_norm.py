@@ -1,7 +1,7 @@
 """The loss over the global batch (issue 23): with padding, the gradient is that of the mean over
 every valid token of the global batch, whatever the micro-batch split and the world size.
-The DDP case runs in tests/mp_ranks.py (test_model_parallel's torchrun); the pipeline's own
-schedule is not covered here."""
+The DDP and pipeline cases run in tests/mp_ranks.py (test_model_parallel's one torchrun of 2
+ranks: ddp_token_mean, and pp_token_mean through the schedule's own micro-batches)."""
 
 import torch
 

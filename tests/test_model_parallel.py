@@ -75,7 +75,9 @@ def test_balanced_split_by_parameter_count_and_user_split_points():
     with pytest.raises(UsageError, match=r"--split-points '3,1': need 2 increasing layer indices in 1..3"):
         stage_starts(model, units, 3, "3,1")
     gpt = GPT(layers=3)
-    assert GPT.layer_units(gpt) == [["tok_emb", "pos_emb", "blocks.0"], ["blocks.1"], ["blocks.2", "norm", "head"]]
+    assert GPT.layer_units(gpt) == [["tok_emb", "pos_emb"], ["blocks.0"], ["blocks.1"], ["blocks.2"], ["norm", "head"]]
+    # The embeddings and head are small here: the balanced cut puts them beside a block.
+    assert stage_starts(gpt, GPT.layer_units(gpt), 2, None) == [0, 2]  # emb+blocks.0 | blocks.1, blocks.2, head
 
 
 def test_auto_plan_shards_only_what_a_trace_of_the_forward_proves():
@@ -145,7 +147,8 @@ def test_rank_level_tensor_and_pipeline_checks(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.findall(r"^OK (\S+)", proc.stdout, re.M) == ["mesh", "auto-pairing", "gpt-plan", "user-plan",
                                                            "divisibility", "pipeline-split", "gloo-reduce-scatter",
-                                                           "ddp-token-mean", "loss-reads-parameters"]
+                                                           "ddp-token-mean", "pp-token-mean", "loss-reads-parameters",
+                                                           "pipeline-loss-scaler"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
@@ -186,10 +189,25 @@ def test_verify_dp2_x_tp2_gpt_world4(tmp_path):
     assert PASS.search(proc.stdout).groups() == ("fsdp(dp=2) x tp(2)", "1e-04")
 
 
+def test_verify_tp2_x_pp2_traced_residual_blocks_world4(tmp_path):
+    """A ModuleList of residual blocks is split by tracing; each traced stage's planned layers
+    become nn.Linear again and are sharded over the tp pair (rank 0's stage holds inp and
+    blocks 0-1: 8,864 parameters whole, 4,704 with up/down halved = 18.4 KiB)."""
+    proc, _ = gpupar("verify", "--model", "user_models:residual_mlp", "--tp", 2, "--pp", 2, "--samples", 64,
+                     "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4, "--run-dir", tmp_path / "v",
+                     cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert PASS.search(proc.stdout).groups() == ("pp(2, 1f1b) x tp(2)", "1e-04")
+    rank0 = re.search(r"^\s+0\s+(\S+)", proc.stdout, re.M)
+    assert rank0 and float(rank0.group(1)) == pytest.approx(4704 * 4 / 1024, abs=0.01), proc.stdout
+
+
 def test_verify_3d_tp2_x_pp2_gpt_world4(tmp_path):
-    """Tensor and pipeline parallel together: each pipeline stage is sharded over its tp pair."""
+    """Tensor and pipeline parallel together: each pipeline stage is sharded over its tp pair.
+    Clipped by the global norm: TP keeps the GPT's LayerNorms whole, so each stage clips
+    DTensor and plain gradients together (torch's clip cannot mix them in one call)."""
     proc, _ = gpupar("verify", "--model", "gpt", "--tp", 2, "--pp", 2, "--layers", 2, "--hidden", 32,
-                     "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4,
+                     "--samples", 64, "--batch-size", 32, "--epochs", 3, "--nproc-per-node", 4, "--clip-grad-norm", 0.5,
                      "--run-dir", tmp_path / "v", cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Using device: cpu x 4 ranks: pp(2, 1f1b) x tp(2)" in proc.stdout
@@ -241,8 +259,8 @@ def test_pipeline_usage_errors_before_launch(gpupar_cli, tmp_path):
     (["--model", "user_models:tied_blocks", "--pp", 2, "--nproc-per-node", 2],
      "--pp: 'blocks.0.up.weight' and 'blocks.2.up.weight' are one tied parameter but fall in different pipeline "
      "stages"),
-    (["--model", "user_models:residual_mlp", "--pp", 2, "--tp", 2, "--nproc-per-node", 4],
-     "--tp 2 with --pp 2: ResidualMLP is split by tracing its forward"),
+    (["--model", "user_models:halved_blocks", "--pp", 2, "--tp", 2, "--nproc-per-node", 4],
+     "--tp with --pp: the traced stage's 'blocks.0.up' runs mul, linear, not one linear on its own weight"),
     (["--model", "user_models:tied_pair", "--tp", 2, "--nproc-per-node", 2],
      "--tp: '2.weight' and '4.weight' are one tied parameter but the tensor-parallel plan shards their modules "
      "differently (ColwiseParallel, RowwiseParallel)"),

@@ -113,6 +113,29 @@ def test_plan_json_rows_reasons_and_order(gpupar_cli, monkeypatch):
     assert code == 0 and "no: needs" in out
 
 
+def test_plan_models_the_zero_bubble_schedules(gpupar_cli, monkeypatch):
+    """--schedule zbv adds its rows beside gpipe and 1f1b: a rank holds its two stages of the V
+    (rank 1: layers 1 and 2, the worst rank, exact bytes), and the step is shorter than 1F1B's
+    by its bubble (0 against (p-1)/(M+p-1) = 1/5 at M = 4: same work, so 4/5 of 1F1B's)."""
+    import gpupar.plan.probe as probe
+    from gpupar.plan.schedules import bubble_fraction, peak_microbatches
+
+    # Free sends and ops: the step is the compute over (1 - bubble), the same compute for both.
+    free = Machine("cpu", tflops=0.05, op_overhead_s=0.0, cores=2, collectives={"2": {"send_recv": [0.0, 1e30]}})
+    monkeypatch.setattr(probe, "measure_machine", lambda *a, **k: free)
+    code, out, err = gpupar_cli("plan", "--model", "mlp", "--layers", 4, "--hidden", 64, "--world-sizes", "2",
+                                "--strategy", "pp", "--schedule", "zbv", "--json")
+    assert code == 0, err
+    rows = {r["layout"]: r for r in json.loads(out)["rows"] if r["activation_checkpointing"] == "none"}
+    zbv, onef = rows["pp(2, zbv)"], rows["pp(2, 1f1b)"]
+    assert zbv["params"] == (2 * (64 * 64 + 64)) * 4  # stages 1 and 2 of the V, on rank 1
+    assert [r["params"] for r in zbv["per_rank"]] == [((10 * 64 + 64) + (64 + 1)) * 4, zbv["params"]]
+    assert zbv["step_s"] == pytest.approx(0.8 * onef["step_s"], rel=1e-9)
+    assert bubble_fraction("zbv", 2, 4) == 0 and bubble_fraction("1f1b", 2, 4) == pytest.approx(0.2)
+    assert bubble_fraction("interleaved-zb", 2, 4) == pytest.approx(1 / 25)  # ZB-H1's third, over 2 chunks
+    assert [peak_microbatches("interleaved-1f1b", 2, 8, r) for r in (0, 1)] == [2.5, 1.5]
+
+
 @pytest.mark.parametrize("flags,named", [
     (("--world-sizes", "0"), "--world-sizes '0'"),
     (("--device-memory", "80XB"), "--device-memory '80XB'"),

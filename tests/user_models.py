@@ -97,6 +97,30 @@ def killable():
     return Killable()
 
 
+class KillAt(nn.Module):
+    """Killable's SIGKILL as a parameter-free layer: inside an nn.Sequential it rides with the
+    last Linear, so under --pp 2 it runs on rank 1's stage (a stage copy runs real Python,
+    where a traced forward would have baked the check away)."""
+
+    calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+
+        self.calls += 1
+        if (os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+                and self.calls == int(os.environ.get("TEST_KILL_RANK1_AT", "0"))):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+
+def killable_stages():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 1), KillAt())
+
+
 class NonFiniteAt(nn.Module):
     """Finite forward passes, but at the 4th one (step 3, after the shape check) NaN appears in
     the gradients ($TEST_NAN=grad, the default) or in the loss on rank 1 only ($TEST_NAN=loss-rank1)."""
@@ -313,6 +337,23 @@ def tied_pair():
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                           nn.Linear(16, 1))
     model[4].weight = model[2].weight
+    return model
+
+
+class HalvedLinear(nn.Linear):
+    """An nn.Linear whose own forward halves its weight first: still a Linear to the TP plan."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * 0.5, self.bias)
+
+
+def halved_blocks():
+    """ResidualMLP whose up-projections are HalvedLinear: a traced stage runs a mul before the
+    linear, so swapping the layer for a plain nn.Linear would drop the halving."""
+    torch.manual_seed(0)
+    model = ResidualMLP(blocks=2)
+    for block in model.blocks:
+        block.up = HalvedLinear(32, 64)
     return model
 
 

@@ -133,4 +133,13 @@ def _as_rank(cfg: Config, here: Here | None, replicas: bool, claim: bool) -> Any
         record(f"{type(exc).__name__}: {first_line(exc)}", is_timeout(exc))
         raise
     topo.close()
+    _KEPT.append((topo, result))
     return result
+
+
+_KEPT: list = []
+"""What a rank's job leaves behind (its topology and mesh, the parallelised model with its
+reducer): referenced until the process ends, since a rank ends with ``os._exit``, which skips
+their destructors (gpupar/__main__.py). Dropped earlier, when the caller discards the result,
+a gloo process group's C++ destructor could wait on its own threads for ever: a rank that had
+written every file hung there in about 1 of 8 runs of two jobs at once."""

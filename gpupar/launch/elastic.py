@@ -68,7 +68,9 @@ def launch_plan(cfg: Config, env: dict[str, str] | None = None) -> LaunchPlan:
     if nnodes > 1 and endpoint is None:
         raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint host:port (the same on every node)")
     if endpoint is None:
-        return LaunchPlan(nproc, nnodes, node_rank, f"127.0.0.1:{free_port()}", "127.0.0.1")
+        # Port 0: the rendezvous store binds a free port itself and hands it to the ranks, so
+        # two jobs started at once never race for one (a port picked here could be taken first).
+        return LaunchPlan(nproc, nnodes, node_rank, "127.0.0.1:0", "127.0.0.1")
     if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", endpoint):
         raise UsageError(f"--rdzv-endpoint {endpoint!r} must look like host:port, for example 10.0.0.1:29500")
     host = endpoint.rsplit(":", 1)[0]
@@ -102,10 +104,20 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + re.split(r"[-,]", ranges)[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def own_signal_handlers():
+    """Put back this process's SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers after a launch.
+
+    TorchElastic installs its own (they raise its SignalException) and leaves them behind: a
+    caller that launched in-process (a notebook's kernel, a test) would get that exception on a
+    later Ctrl-C instead of its own interrupt."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    handlers = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None:
@@ -147,7 +159,7 @@ def run_workers(cfg: Config, argv: list[str], run_id: str | None = None) -> None
     saved = {k: os.environ.get(k) for k in handed}
     os.environ.update(handed)  # the workers inherit this process's environment
     try:
-        with loopback_stores() if loopback else contextlib.nullcontext():
+        with own_signal_handlers(), loopback_stores() if loopback else contextlib.nullcontext():
             elastic_launch(config, sys.executable)("-u", "-m", "gpupar", *argv)
     except SignalException as exc:  # the agent stopped every worker with the same signal
         raise Interrupted(int(exc.sigval)) from None

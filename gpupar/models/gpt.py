@@ -93,11 +93,11 @@ class GPT(nn.Module):
 
     def layer_units(self) -> list[list[str]]:
         """The model as a list of layers (module names), for pipeline and layer-split stages:
-        the embeddings ride with the first block and the norm and head with the last."""
-        names = [[f"blocks.{i}"] for i in self.blocks]
-        names[0] = ["tok_emb", "pos_emb"] + names[0]
-        names[-1] = names[-1] + ["norm", "head"]
-        return names
+        the embeddings, each block, and the final norm with the head. The embeddings and the
+        head are layers of their own (as torchtitan may place them), so a V-shaped schedule's
+        2 x pp stages fit the default two blocks (embeddings | block | block | head), while the
+        parameter balance still puts them beside a block wherever that is the better cut."""
+        return [["tok_emb", "pos_emb"], *([f"blocks.{i}"] for i in self.blocks), ["norm", "head"]]
 
 
 class TokenCrossEntropy(nn.Module):

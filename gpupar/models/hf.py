@@ -4,7 +4,8 @@ directory. Offline: nothing is fetched from the hub, ever.
 
 The model is the library's own class, trained as it is: its output (a ``ModelOutput``) is
 read by the step's loss rules (``training.step.loss_of``), its decoder layers are the
-FSDP and activation-checkpointing units (``_no_split_modules``), and its parameter names
+FSDP and activation-checkpointing units (``_no_split_modules``) and what pipeline stages cut
+(``models/hf_pipeline.py``), and its parameter names
 stay those ``from_pretrained`` expects, so ``gpupar export`` writes a directory that
 transformers loads back.
 """
@@ -21,6 +22,7 @@ from torch import nn
 from gpupar.config import ModelConfig
 from gpupar.errors import UsageError, first_line
 from gpupar.models.gpt import TokenCrossEntropy, synthetic_tokens
+from gpupar.models.hf_pipeline import DecoderStage, pipeline_units
 from gpupar.models.spec import ModelSpec
 
 PREFIX = "hf:"
@@ -121,15 +123,8 @@ def hf_spec(cfg: ModelConfig) -> ModelSpec:
     return ModelSpec(
         cfg.name, build=build, loss=TokenCrossEntropy,
         synthetic_data=lambda samples, seed: synthetic_tokens(samples, cfg.seq_len, vocab, seed),
-        tokens_per_sample=cfg.seq_len, tp_plan=hf_tp_plan, pipeline_units=_no_pipeline)
-
-
-def _no_pipeline(model: nn.Module) -> list:
-    """A decoder layer needs the rotary embedding and the attention mask that the model's own
-    forward makes before the first layer: stages cut between layers cannot run on their own."""
-    raise UsageError(f"--pp / layer-split on {type(model).__name__}: pipeline stages of Hugging Face models are "
-                     "not supported yet (each decoder layer needs the model's rotary embedding and mask); use "
-                     "--strategy fsdp or --tp")
+        tokens_per_sample=cfg.seq_len, tp_plan=hf_tp_plan,
+        pipeline_units=pipeline_units, pipeline_stage=DecoderStage)  # stages run their own forward
 
 
 # transformers' plan styles: the pairs gpupar shards, and those whose layer may stay whole

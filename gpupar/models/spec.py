@@ -30,3 +30,6 @@ class ModelSpec:
     plan that a trace of the forward proves (parallel/tensor.py auto_plan)."""
     pipeline_units: Callable[[nn.Module], list[list[str]]] | None = None
     """module -> its layers in order, each a list of module names; None = a Sequential's children."""
+    pipeline_stage: Callable[[nn.Module], nn.Module] | None = None
+    """A copy of the model without the other stages' modules -> the module a pipeline stage runs
+    (a Hugging Face decoder's stage forward); None = the copy itself (its forward skips what it lacks)."""

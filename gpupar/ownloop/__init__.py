@@ -14,6 +14,7 @@ that `gpupar train` and one device train.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -26,6 +27,8 @@ from gpupar.models import ModelSpec
 from gpupar.ownloop import record
 from gpupar.ownloop.env import topology
 from gpupar.ownloop.shard import shard_loader
+from gpupar.parallel.pipeline import clip_grad_norm_across
+from gpupar.parallel.pipeline_state import is_pipeline, whole_name
 from gpupar.parallelize import Parallelized, parallelize
 from gpupar.training.step import call_model, loss_of, split_batch
 
@@ -75,6 +78,9 @@ class Setup:
         pipeline or an automatic TP plan traces the forward on."""
         if optimizer is not None and any(optimizer.state.values()):
             raise UsageError("gp.setup(model, optimizer) must come before the optimizer's first step")
+        if self.topo.pp_enabled and example is None and not isinstance(model, nn.Sequential):
+            raise UsageError(f"gp.setup(model, optimizer, example=inputs) under pp: {type(model).__name__} is not an "
+                             "nn.Sequential, so its stages are cut by tracing its forward on a batch of inputs")
         names = {id(p): n for n, p in model.named_parameters()}
         if self.recorder is not None:
             self.recorder.prepare(model)
@@ -105,29 +111,39 @@ class Setup:
             self.recorder.loss(loss)
 
     def no_sync(self, model: nn.Module):
-        """Skip the gradient reduction for accumulation steps (all but the last)."""
+        """Skip the gradient reduction for accumulation steps (all but the last): DDP's
+        ``no_sync``, FSDP's ``set_requires_gradient_sync(False)``. Under tp or pp alone nothing
+        is reduced per micro-batch: a no-op. A pipeline's schedule reduces its sharded stages'
+        gradients at the end of each ``gp.forward_backward`` itself (torch's PipelineStage):
+        the sums stay right, and the whole batch in one call is what saves the reductions."""
+        if is_pipeline(model):
+            return contextlib.nullcontext()
         if hasattr(model, "no_sync"):
             return model.no_sync()
         if hasattr(model, "set_requires_gradient_sync"):
             return _fsdp_no_sync(model)
-        if self.topo.distributed:
-            raise UsageError("gp.no_sync under tp/pp: gradients are not reduced per micro-batch there; "
-                             "accumulate with gp.forward_backward over the whole batch instead")
+        if self.topo.dp > 1:
+            raise UsageError(f"gp.no_sync({type(model).__name__}): not the model gp.setup returned, which reduces "
+                             f"gradients over the {self.topo.dp} data-parallel ranks; pass that one")
         return contextlib.nullcontext()
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip by the norm of the WHOLE gradient, across every shard; returns that norm."""
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        """Clip by the norm of the WHOLE gradient, across every shard and pipeline stage, as
+        ``torch.nn.utils.clip_grad_norm_`` does on one device; returns that norm (a tensor)."""
+        if is_pipeline(model):
+            return model.clip_grad_norm_(max_norm)
+        return clip_grad_norm_across(list(model.parameters()), max_norm, None, self.topo.comm_device())
 
     def all_reduce(self, value: torch.Tensor, op: str = "mean") -> torch.Tensor:
-        """``value`` summed ("sum") or averaged ("mean") over every rank, in place and returned."""
+        """``value`` summed ("sum") or averaged ("mean") over the data-parallel ranks, in place
+        and returned: a metric of this rank's data becomes the global batch's, on any layout.
+        (Tensor- and pipeline-parallel peers hold the same batch, so each data shard counts
+        once: the world's sum is divided by tp x pp.)"""
         if op not in ("mean", "sum"):
             raise UsageError(f"gp.all_reduce op {op!r}: accepted are 'mean' and 'sum'")
         if self.topo.distributed:
             dist.all_reduce(value)
-            if op == "mean":
-                value.div_(self.topo.world_size)
+            value.div_(self.topo.world_size if op == "mean" else self.topo.world_size // self.topo.dp)
         return value
 
     def print(self, *args, **kwargs) -> None:
@@ -144,7 +160,7 @@ class Setup:
         args, kwargs, target = split_batch(batch)
         loss = loss_of(loss_fn, call_model(model, args, kwargs), batch, target)
         self.backward(loss)
-        return loss
+        return loss.detach()
 
     def save(self, path, state: dict) -> None:
         """``state`` (modules, optimizers, plain values) to a DCP checkpoint, resharded on load."""
@@ -164,19 +180,34 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def _rebuild(optimizer: torch.optim.Optimizer, names: dict[int, str], model: nn.Module) -> torch.optim.Optimizer:
-    """The same optimizer on the parallelised model's parameters (identical where they are)."""
-    now = dict(model.named_parameters())
+    """The same optimizer on the parallelised model's parameters (identical where they are).
+    A pipeline rank holds its stages' parameters only: each group keeps those."""
+    pipeline = is_pipeline(model)
+    now = {whole_name(n) if pipeline else n: p for n, p in model.named_parameters()}
     groups = []
     for group in optimizer.param_groups:
-        missing = [names.get(id(p), "?") for p in group["params"] if names.get(id(p)) not in now]
-        if missing:
-            raise UsageError(f"the optimizer holds parameters that are not the model's ({missing[:3]}); "
-                             "pass the optimizer of this model")
+        foreign = [p for p in group["params"] if id(p) not in names]
+        lost = [names[id(p)] for p in group["params"] if id(p) in names and names[id(p)] not in now]
+        if foreign or (lost and not pipeline):
+            raise UsageError(f"the optimizer holds {len(foreign) + len(lost)} parameter(s) that are not the model's "
+                             f"{lost[:3] if lost else ''}; pass the optimizer of this model")
         groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [now[names[id(p)]] for p in group["params"]]})
-    if all(a is b for g, h in zip(optimizer.param_groups, groups) for a, b in zip(g["params"], h["params"])):
+                       "params": [now[names[id(p)]] for p in group["params"] if names[id(p)] in now]})
+    if all(len(g["params"]) == len(h["params"]) and all(a is b for a, b in zip(g["params"], h["params"]))
+           for g, h in zip(optimizer.param_groups, groups)):
         return optimizer
-    return type(optimizer)(groups, **optimizer.defaults)
+    cls = type(optimizer)
+    # The defaults hold what the constructor was given and some it derives (AdamW's
+    # decoupled_weight_decay): pass those its signature takes; the groups carry the rest.
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in accepted}
+    try:
+        return cls(groups, **defaults)
+    except TypeError as exc:
+        raise UsageError(f"gp.setup rebuilds {cls.__name__} on the sharded parameters as {cls.__name__}(param_groups, "
+                         f"**defaults), which failed ({exc}); build the optimizer after "
+                         "model = gp.setup(model), on model.parameters()") from None
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import copy
 import inspect
 import io
 import logging
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from torch import nn
 
 from gpupar.config import ParallelConfig
 from gpupar.errors import UsageError, first_line
+from gpupar.training.step import ValidTokens, pipeline_batch
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
@@ -205,20 +207,23 @@ def stage_names(model: nn.Module, units: list[list[str]], pp: int, options: Para
 
 
 def split_model(model: nn.Module, units: list[list[str]], pp: int, pp_rank: int,
-                options: ParallelConfig, example: torch.Tensor | None = None) -> list[tuple[int, nn.Module]]:
+                options: ParallelConfig, example: torch.Tensor | None = None,
+                make_stage: Callable[[nn.Module], nn.Module] | None = None) -> list[tuple[int, nn.Module]]:
     """This rank's stages as (stage index, module): one, or ``stages_per_rank`` round-robin ones.
 
     With ``example`` (one micro-batch of inputs), the stages come from tracing the model's
     forward and cutting the graph at the first module of each stage (``SplitPoint.BEGINNING``);
     the stage modules keep the whole model's parameter names. Without it, each stage is a copy
-    of the model without the other stages' modules."""
+    of the model without the other stages' modules, run as it is or as ``make_stage`` makes it
+    (a module with its own stage forward: ``ModelSpec.pipeline_stage``)."""
     every = stage_names(model, units, pp, options)
     if example is not None:
         pipe = trace_stages(model, every, example)
         return [(s, pipe.get_stage_module(s)) for s in range(len(every))
                 if stage_owner(s, pp, options.schedule) == pp_rank]
     names = [name for unit in units for name in unit]
-    return [(s, stage_module(model, keep, [n for n in names if n not in keep]))
+    make = make_stage or (lambda copy: copy)
+    return [(s, make(stage_module(model, keep, [n for n in names if n not in keep])))
             for s, keep in enumerate(every) if stage_owner(s, pp, options.schedule) == pp_rank]
 
 
@@ -270,10 +275,11 @@ class Pipeline(nn.Module):
         self.has_first, self.has_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # The last stage's rank (the last pp rank; rank 0 in a V) broadcasts its loss.
         self.last_rank = dist.get_global_rank(pp_group, self.stage_owner(num_stages - 1))
-        self._schedule, self._loss_fn, self._rounds = None, None, 1
+        self._schedule, self._loss_fn, self._rounds, self._tokens, self._scaler = None, None, 1, None, None
 
     def forward(self, *args):
-        raise RuntimeError("a pipeline-parallel model runs through Pipeline.forward_backward, not forward")
+        raise UsageError("a pipeline-parallel model runs its stages through a schedule, not model(inputs): "
+                         "in your own loop, call gp.forward_backward(model, batch, loss_fn)")
 
     def _schedule_for(self, loss_fn: nn.Module):
         # Imported here: torch.distributed.pipelining pulls in torch._dynamo (~0.5 s per process).
@@ -287,8 +293,14 @@ class Pipeline(nn.Module):
 
         def microbatch_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             # Each micro-batch is 1/(M x rounds) of the batch and gradients add up over all the
-            # backwards: scale so the sum equals the gradient of the batch's mean loss (as on one device).
-            return loss_fn(output, target) / (m * self._rounds)
+            # backwards: scale so the sum equals the gradient of the batch's mean loss (as on one
+            # device). A token loss that skips padding weighs each micro-batch by its valid tokens
+            # instead: the mean over every valid token of the global batch, not a mean of means.
+            tokens = self._tokens
+            loss = loss_fn(output, target) * (tokens.weight(target) if tokens is not None else 1 / (m * self._rounds))
+            # fp16: backward from loss x S (pipeline_scaler.PipelineGradScaler), so the gradients
+            # that flow back through the stages stay above fp16's underflow.
+            return self._scaler.scale(loss) if self._scaler is not None else loss
 
         stages = [PipelineStage(module, s, self.num_stages, self.device, group=self.pp_group)
                   for s, module in zip(self.stage_ids, self.stages)]
@@ -309,21 +321,22 @@ class Pipeline(nn.Module):
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
         every stage's forwards and backwards in its order, and leaves this rank's stage
         gradients in ``.grad``. The loss is computed on the last stage and broadcast, so every
-        rank returns the batch's mean loss. (fp32 or bf16; --grad-accum k runs k rounds.)"""
+        rank returns the batch's mean loss. (fp32, bf16 or fp16 with ``scaler``; --grad-accum k
+        runs k rounds.)"""
         schedule = self._schedule_for(loss_fn)
-        losses: list[list[torch.Tensor]] = []
         # --grad-accum k: k rounds of the schedule (k x M micro-batches) before the optimizer
         # step, gradients adding up in .grad; each round's micro-batches are M more.
-        self._rounds = len(micro_batches)
-        for x, y in micro_batches:
-            check_microbatches(len(x), self.microbatches)
-            round_losses: list[torch.Tensor] = []  # the schedule clears the list it is given
-            losses.append(round_losses)
+        self._rounds, self._scaler = len(micro_batches), scaler
+        rounds = [pipeline_batch(batch, self.microbatches) for batch in micro_batches]  # (inputs, targets)
+        self._tokens = ValidTokens.of(loss_fn, [y for _, y in rounds])  # over the world: a collective
+        losses: list[list[torch.Tensor]] = []
+        for x, y in rounds:
+            losses.append(round_losses := [])  # a list per round: the schedule clears the one it is given
             args = (x,) if self.has_first else ()
             kwargs = {"target": y, "losses": round_losses} if self.has_last else {}
-            # bf16: autocast around the schedule runs every stage's forward (and the loss) in bf16
-            # where autocast does, with the fp32 parameters as master weights; the stages send and
-            # receive the bf16 activations as they come (shapes and dtypes inferred inside autocast).
+            # bf16/fp16: autocast around the schedule runs every stage's forward (and the loss) in
+            # half precision where autocast does, with the fp32 parameters as master weights; the
+            # stages send and receive the half-precision activations as they come.
             with amp if amp is not None else contextlib.nullcontext():
                 schedule.step(*args, **kwargs)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
@@ -332,9 +345,10 @@ class Pipeline(nn.Module):
         loss = torch.zeros((), dtype=torch.float64, device=self.comm_device)
         if self.has_last:
             loss = torch.stack([l.detach().to(self.comm_device, torch.float64) for r in losses for l in r]).sum()
+            if scaler is not None:  # the schedule kept loss x S: report the loss (S is a power of 2: exact)
+                loss = loss / scaler.scale(torch.ones((), device=self.device)).to(self.comm_device, torch.float64)
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
-
 
     def stage_owner(self, stage: int) -> int:
         return stage_owner(stage, dist.get_world_size(self.pp_group), self.schedule_name)
@@ -354,32 +368,31 @@ class Pipeline(nn.Module):
         return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device)
 
 
-def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,
+def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None,
                           comm_device: torch.device) -> torch.Tensor:
     """The L2 norm of the gradients of ``params`` summed over the ranks of ``pp_group``, and the
     gradients scaled by ``max_norm / norm`` where that is below 1; returns the norm (a tensor: no
     host sync). DTensor gradients (FSDP, TP) reduce their own shards first: ``full_tensor()`` of
-    their norm counts a replicated shard once and a sharded one in full."""
+    their norm counts a replicated shard once and a sharded one in full; plain tensors (whole
+    replicas, or the layers tensor parallel leaves whole) count once. ``pp_group`` None: no
+    pipeline, nothing to add up."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in params if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None]
+    sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
+    plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
     squares = torch.zeros((), dtype=torch.float32, device=comm_device)
-    sharded = [g for g in grads if isinstance(g, DTensor)]
-    plain = [g for g in grads if not isinstance(g, DTensor)]
     if sharded:
-        norm = torch.nn.utils.get_total_norm(sharded, 2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded], 2.0)
         squares = squares + norm.full_tensor().to(comm_device, torch.float32) ** 2
     if plain:
-        squares = squares + torch.nn.utils.get_total_norm(plain, 2.0).to(comm_device, torch.float32) ** 2
-    dist.all_reduce(squares, group=pp_group)  # stages hold disjoint parameters: their squares add up
+        squares = squares + torch.nn.utils.get_total_norm([p.grad for p in plain], 2.0).to(comm_device,
+                                                                                           torch.float32) ** 2
+    if pp_group is not None:  # stages hold disjoint parameters: their squares add up
+        dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
-    if grads:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].device))
+    for kind in (sharded, plain):  # one foreach each: torch's cannot mix DTensors and tensors (TP's whole layers)
+        if kind:
+            torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total.to(kind[0].grad.device))
     return total
 
-
-def check_microbatches(rank_batch: int, microbatches: int) -> None:
-    """Equal micro-batches keep the pipeline's gradient equal to the whole batch's."""
-    if rank_batch % microbatches:
-        raise UsageError(f"--microbatches {microbatches} must divide each rank's batch of {rank_batch} "
-                         "samples (--batch-size / --dp)")

@@ -53,7 +53,8 @@ def evaluate_pipeline(pipe: nn.Module, samples, loss_fn: nn.Module, precision: s
     me = dist.get_rank(group)
     modules = dict(zip(pipe.stage_ids, pipe.stages))
     owner = pipe.stage_owner  # stage -> pp rank
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
     total = torch.zeros((), dtype=torch.float64, device=device)
     rows = 0
     pipe.eval()

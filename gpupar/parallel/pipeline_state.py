@@ -27,14 +27,15 @@ def is_pipeline(model: nn.Module) -> bool:
     return hasattr(model, "stage_ids") and isinstance(getattr(model, "stages", None), nn.ModuleList)
 
 
-def _whole(name: str) -> str:
+def whole_name(name: str) -> str:
+    """A pipeline's parameter name (``stages.0.blocks.3.up.weight``) in the whole model (``blocks.3.up.weight``)."""
     return _STAGE.sub("", name, count=1)
 
 
 def model_state(model: nn.Module) -> dict:
     """``get_model_state_dict`` under the whole model's names."""
     state = get_model_state_dict(model)
-    return {_whole(k): v for k, v in state.items()} if is_pipeline(model) else state
+    return {whole_name(k): v for k, v in state.items()} if is_pipeline(model) else state
 
 
 def state_dicts(model: nn.Module, optimizer) -> tuple[dict, dict]:
@@ -45,12 +46,12 @@ def state_dicts(model: nn.Module, optimizer) -> tuple[dict, dict]:
         return model_sd, optim_sd
     groups = []
     for group in optim_sd["param_groups"]:
-        mine = [_whole(p) for p in group["params"]]
+        mine = [whole_name(p) for p in group["params"]]
         everyone: list = [None] * dist.get_world_size(model.pp_group)
         dist.all_gather_object(everyone, mine, group=model.pp_group)
         groups.append({**group, "params": [p for names in everyone for p in names]})
-    return ({_whole(k): v for k, v in model_sd.items()},
-            {"state": {_whole(k): v for k, v in optim_sd["state"].items()}, "param_groups": groups})
+    return ({whole_name(k): v for k, v in model_sd.items()},
+            {"state": {whole_name(k): v for k, v in optim_sd["state"].items()}, "param_groups": groups})
 
 
 def load_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
@@ -59,8 +60,8 @@ def load_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         return
     own_model, own_optim = get_state_dict(model, optimizer)  # this rank's names, with the stage prefix
-    back = {_whole(k): k for k in own_model}
-    back.update({_whole(k): k for k in own_optim["state"]})
+    back = {whole_name(k): k for k in own_model}
+    back.update({whole_name(k): k for k in own_optim["state"]})
     mine = [[p for p in g["params"]] for g in own_optim["param_groups"]]
     optim = {"state": {back[k]: v for k, v in optim_sd["state"].items()},
              "param_groups": [{**saved, "params": params} for saved, params in zip(optim_sd["param_groups"], mine)]}

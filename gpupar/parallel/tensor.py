@@ -43,6 +43,46 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> nn.Module:
     return model
 
 
+def plain_linears(stage: nn.Module, plan: Plan) -> nn.Module:
+    """A traced pipeline stage with the layers that ``plan`` shards back as ``nn.Linear``.
+
+    A stage cut from the traced forward (``pipeline.trace_stages``) keeps the model's module
+    tree, but each module is an ``InterpreterModule`` running the graph that export captured,
+    which torch's Colwise/RowwiseParallel do not take. A planned layer whose graph is exactly
+    ``aten.linear(input, weight[, bias])`` on its own parameters computes what an ``nn.Linear``
+    holding those parameters computes, so it is swapped for one (the parents' graphs call
+    their children by name, so they call the new layer). Any other graph is one line. A
+    stage that is not traced is returned as it is."""
+    for name in plan:
+        traced = stage.get_submodule(name)
+        if isinstance(traced, nn.Linear) or not hasattr(traced, "graph"):
+            continue
+        weight, bias = _traced_linear(traced, name)
+        out_features, in_features = weight.shape
+        linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+        linear.weight = weight  # the stage's own parameters: no copy
+        if bias is not None:
+            linear.bias = bias
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(stage.get_submodule(parent_name) if parent_name else stage, leaf, linear)
+    return stage
+
+
+def _traced_linear(traced: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """The (weight, bias) of a traced layer whose graph is one ``aten.linear``, else one line."""
+    calls = [n for n in traced.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
+    params = dict(traced.named_parameters(recurse=False))
+    args = calls[0].args if len(calls) == 1 and calls[0].target is torch.ops.aten.linear.default else ()
+    attrs = [getattr(a, "target", None) if getattr(a, "op", None) == "get_attr" else None for a in args[1:]]
+    if len(attrs) not in (1, 2) or attrs[0] != "weight" or attrs[1:] not in ([], ["bias"]) or \
+            not set(params) <= {"weight", "bias"} or params["weight"].dim() != 2:
+        ops = ", ".join(str(getattr(n.target, "__name__", n.target)).split(".")[0] for n in calls[:3]) or "no op"
+        raise UsageError(f"--tp with --pp: the traced stage's {name!r} runs {ops}, not one linear on its own "
+                         "weight, so the tensor-parallel plan cannot shard it; use --pp with dp, or build the "
+                         "model as an nn.Sequential")
+    return params["weight"], params.get("bias")
+
+
 def auto_plan(model: nn.Module, example: torch.Tensor) -> Plan:
     """Shard Linear layers in groups that a trace of the forward proves Megatron-shaped.
 

@@ -97,5 +97,13 @@ def check_pp(stages: list[nn.Module], model: nn.Module) -> None:
             if kept and len(kept) < len(names):
                 lost = next(n for n in names if n not in held)
                 raise UsageError(f"--pp: {kept[0]!r} and {lost!r} are one tied parameter but fall in different "
-                                 "pipeline stages, which cannot share weights; keep them in one stage "
-                                 "(--split-points) or use fsdp/ddp/tp")
+                                 f"pipeline stages, which cannot share weights; {_untie_hint(model)}")
+
+
+def _untie_hint(model: nn.Module) -> str:
+    """A Hugging Face model ties its embedding to its head by config, and its stages keep the
+    embedding first and the head last, so no split point joins them: untying is the way."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return ("untie them with --hf-config tie_word_embeddings=false (the head is then its own weight, "
+                "another model) or use fsdp/ddp/tp")
+    return "keep them in one stage (--split-points) or use fsdp/ddp/tp"

@@ -7,7 +7,9 @@ Memory per rank (the README's "gpupar plan" section states the model in full):
   step per tensor (what ``memory.memory_report`` counts); nothing on the device with CPU offload;
 - activations are measured by ``plan.probe.probe_step`` on the rank's local model at its real
   micro-batch size (on the meta device), and scaled by the micro-batches a pipeline keeps
-  in flight: all M with GPipe, at most p - stage with 1F1B;
+  in flight: all M with GPipe, at most p - stage with 1F1B; a rank with several stages
+  (interleaved, ZBV, DualPipeV: ``--schedule``) holds its stages' parameters and the
+  micro-batches that plan/schedules.py gives per rank;
 - the optimizer's temporaries (plan/buffers.py): none for the fused kernel;
 - communication buffers: DDP's gradient buckets, FSDP2's all-gather outputs, unsharded
   parameters and gradients and reduce-scatter inputs replayed along the probe's ops
@@ -19,8 +21,9 @@ Memory per rank (the README's "gpupar plan" section states the model in full):
 Step time is a roofline: model FLOPs (``bench.flops.count_step_flops``) split over the ranks
 at the measured matmul rate, plus per-op overhead (and on a CPU DTensor's and FSDP2's Python
 per layer, measured once by plan/dispatch.py), plus collectives at the measured
-latency and bandwidth, plus recomputation, divided by (1 - bubble) with the pipeline bubble
-(p - 1) / (M + p - 1).
+latency and bandwidth, plus recomputation, divided by (1 - bubble) with the schedule's
+bubble (plan/schedules.py: (p - 1) / (M + p - 1) for GPipe and 1F1B, less for the
+interleaved and zero-bubble schedules).
 """
 
 from __future__ import annotations
@@ -162,7 +165,9 @@ def plan_rows(cfg: Config, worlds: list[int], device_memory: int | None, device_
         memory = device_memory or default_device_memory(device_type, world)
         ranks_per_node = cfg.parallel.nproc_per_node or world
         for dims, strategy in candidates(world):
-            schedules = ("gpipe", "1f1b") if dims.pp_enabled else (cfg.parallel.schedule,)
+            # gpipe and 1f1b always; the interleaved and zero-bubble schedules where --schedule asks.
+            schedules = tuple(dict.fromkeys(("gpipe", "1f1b", cfg.parallel.schedule))) if dims.pp_enabled \
+                else (cfg.parallel.schedule,)
             for schedule in schedules:
                 base = layout_config(cfg, dims, strategy, schedule, "none", False)
                 reason = ""

@@ -95,6 +95,8 @@ def local_model(ctx: Context, cfg: Config, dims: ParallelDims, stage: int,
         names = [n for u in units for n in u]
         keep = stage_names(model, units, dims.pp, cfg.parallel)[stage]
         model = stage_module(model, keep, [n for n in names if n not in keep])
+        if ctx.spec.pipeline_stage is not None:  # a stage that runs its own forward (a Hugging Face decoder's)
+            model = ctx.spec.pipeline_stage(model)
     else:
         import copy
 
@@ -158,7 +160,8 @@ def activation_probe(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, 
     degree and checkpointing share the probes."""
     from gpupar.plan.probe import StepProbe
 
-    key = (dims.pp, stage, dims.tp, cfg.parallel.activation_checkpointing, cfg.parallel.split_points)
+    key = (dims.pp, n_stages(cfg, dims), stage, dims.tp, cfg.parallel.activation_checkpointing,
+           cfg.parallel.split_points)
     if key not in ctx.probes:
         ctx.probes[key] = _local_probe_model(ctx, cfg, dims, stage)
     model, rowwise, device = ctx.probes[key]
@@ -202,7 +205,7 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
     x = _chain_input(ctx, cfg, dims, stage, mb, device)
     if x.is_floating_point():
         x = x.detach().requires_grad_(stage > 0)
-    last = stage == dims.pp - 1
+    last = stage == n_stages(cfg, dims) - 1
     loss_fn = make_loss(cfg, ctx.spec.loss) if last else (lambda out, _: out.sum())
     amp = autocast_for(torch.device("cpu"), cfg.train.precision)
     y = ctx.y.expand(mb, *ctx.y.shape[1:]).contiguous().to(device)
@@ -213,6 +216,37 @@ def _probe_at(ctx: Context, cfg: Config, dims: ParallelDims, stage: int, model: 
     with torch.no_grad():
         out = first_output(model(x))
     return probe, out.numel() * out.element_size()
+
+
+def n_stages(cfg: Config, dims: ParallelDims) -> int:
+    """The pipeline's stages: pp, or pp x --stages-per-rank for the interleaved and V schedules."""
+    from gpupar.parallel.pipeline import stages_per_rank
+
+    return dims.pp * stages_per_rank(cfg.parallel) if dims.pp_enabled else 1
+
+
+def _several_stages(ctx: Context, cfg: Config, dims: ParallelDims, pp_rank: int, m: int, mb: int,
+                    shard_index: int, grads_scale: float) -> tuple[dict, int, int]:
+    """(persistent bytes, activations, receive buffers) of a rank that
+    holds several stages (interleaved, V): its stages' parameters add up, and it holds
+    ``plan.schedules.peak_microbatches`` micro-batches of its share of the layers (each chunk one
+    stage's saved bytes) above one chunk's own backward; each stage receives its input and its
+    output's gradient per micro-batch."""
+    from gpupar.parallel.pipeline import stage_owner
+    from gpupar.plan.schedules import peak_microbatches
+
+    mine = [s for s in range(n_stages(cfg, dims)) if stage_owner(s, dims.pp, cfg.parallel.schedule) == pp_rank]
+    probes = [activation_probe(ctx, cfg, dims, s, mb) for s in mine]
+    pers: dict[str, int] = {}
+    for _, model, _, _ in probes:
+        for k, v in persistent(model, cfg, dims, shard_index).items():
+            pers[k] = pers.get(k, 0) + v
+    chunks = peak_microbatches(cfg.parallel.schedule, dims.pp, m, pp_rank, len(mine)) * len(mine)
+    saved = sum(pr[0].saved_bytes for pr in probes) / len(mine)
+    activations = int(max(chunks - 1, 0) * saved) + max(pr[0].peak_bytes(grads_scale, m > 1) for pr in probes)
+    ins = [activation_probe(ctx, cfg, dims, s - 1, mb)[3] if s > 0 else 0 for s in mine]
+    comm = m * sum(i + pr[3] for i, pr in zip(ins, probes))
+    return pers, activations, comm
 
 
 def tp_activation_bytes(ctx: Context, model: nn.Module, rowwise: list[str], mb: int) -> int:
@@ -263,6 +297,9 @@ def predict_memory(ctx: Context, cfg: Config, dims: ParallelDims, row, device_ty
         saved = probe.saved_bytes - own
         held = max((inflight - 1) * saved + (m - inflight) * in_bytes, (m - 1) * in_bytes) + sent
         activations = held + probe.peak_bytes(grads_scale, m > 1) - own
+        pp_comm = m * (in_bytes + out_bytes)
+        if dims.pp_enabled and n_stages(cfg, dims) > dims.pp:  # interleaved / V: the rank's stages together
+            pers, activations, pp_comm = _several_stages(ctx, cfg, dims, stage, m, mb, shard_index, grads_scale)
         comm = 0
         full_local = sum(t.numel() * t.element_size() for t in model.parameters())
         if dims.ddp_enabled:  # DDP's buckets: a flat copy of every gradient
@@ -271,7 +308,7 @@ def predict_memory(ctx: Context, cfg: Config, dims: ParallelDims, row, device_ty
             comm = fsdp_buffers(probe, model, p, dims.dp_shard, device_type) - probe.peak_bytes(grads_scale)
         if dims.pp_enabled:  # per micro-batch: the input's receive buffer, and the output's gradient's receive
             # buffer (the last stage instead keeps every micro-batch's output, which the schedule merges)
-            comm += m * (in_bytes + out_bytes)
+            comm += pp_comm
         if p.cpu_offload:
             pers = {k: 0 for k in pers}
         optim_temp = optimizer_temporaries(model, cfg, dims, tp_layers, device_type, 1.0 / dims.dp_shard)
@@ -336,10 +373,13 @@ def step_time(ctx: Context, cfg: Config, dims: ParallelDims, probes: dict, m: in
         for n in rowwise:
             comm += 2 * m * machine.collective_time("all_reduce", dims.tp, tp_activation_bytes(ctx, model, [n], mb))
     if dims.pp_enabled:  # each micro-batch's activation forward and its gradient backward, per boundary
-        comm += 2 * m * machine.collective_time("send_recv", 2, probes[0][3])
+        # (a rank with v stages sends across v boundaries)
+        comm += 2 * m * (n_stages(cfg, dims) // dims.pp) * machine.collective_time("send_recv", 2, probes[0][3])
     exposed = max(0.0, comm - hidden) if gpu else comm  # gloo on shared CPU cores: no overlap assumed
     work = compute + overhead
-    if dims.pp_enabled:
-        bubble = (dims.pp - 1) / (m + dims.pp - 1)
-        work = work / (1 - bubble)
+    if dims.pp_enabled:  # the schedule's bubble (plan.schedules); 1F1B's where theory has no closed form
+        from gpupar.plan.schedules import bubble_fraction
+
+        bubble = bubble_fraction(p.schedule, dims.pp, m, n_stages(cfg, dims) // dims.pp)
+        work = work / (1 - (bubble if bubble is not None else bubble_fraction("1f1b", dims.pp, m)))
     return work + exposed

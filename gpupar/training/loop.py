@@ -23,6 +23,7 @@ from gpupar.data import (Cut, Samples, Stream, StreamEnd, batch_rows, check_batc
                          eval_batches, next_batch, shard_batch, to_device)
 from gpupar.errors import UsageError
 from gpupar.memory import grad_bytes
+from gpupar.parallel.pipeline import clip_grad_norm_across
 from gpupar.parallelize import Parallelized, captures_whole_step
 from gpupar.topology import Topology
 from gpupar.training import graphs
@@ -87,7 +88,7 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
     whole_step = captures_whole_step(cfg, topo.dims) and not parallel.pipeline and len(parallel.devices) == 1
     scheduler = make_scheduler(optimizer, cfg, steps.total)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(topo.device.type) if t.precision == "fp16" and topo.device.type == "cuda" else None
+    scaler = _loss_scaler(parallel, topo) if t.precision == "fp16" and topo.device.type == "cuda" else None
     amp = autocast_for(topo.device, t.precision, cache=not whole_step)
     train_set = train_set.to(topo.device)  # tensors move once, not every step
     # Resuming puts back weights, optimizer, scheduler and RNG, and says where to continue.
@@ -128,6 +129,15 @@ def fit(parallel: Parallelized | nn.Module, train_set: Samples, cfg: Config, top
         if done:
             break
     return logger.close(step)
+
+
+def _loss_scaler(parallel: Parallelized, topo: Topology) -> torch.amp.GradScaler:
+    """fp16's loss scaler; a pipeline's checks every stage's gradients for Inf together."""
+    if parallel.pipeline:
+        from gpupar.parallel.pipeline_scaler import PipelineGradScaler
+
+        return PipelineGradScaler(topo.device, parallel.model.pp_group, topo.comm_device())
+    return torch.amp.GradScaler(topo.device.type)
 
 
 def _as_parallelized(model: Parallelized | nn.Module) -> Parallelized:
@@ -282,14 +292,21 @@ class _Logger:
         return self.history
 
 
+def _mixes_dtensors(params: list[nn.Parameter]) -> bool:
+    tensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    return tensor is not None and len({isinstance(p, tensor.DTensor) for p in params}) == 2
+
+
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip: float | None) -> None:
     if clip is not None:
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if hasattr(model, "clip_grad_norm_"):  # a pipeline: the norm spans every stage
             model.clip_grad_norm_(clip)
+        elif _mixes_dtensors(params := list(model.parameters())):  # TP's shards beside the layers it keeps
+            clip_grad_norm_across(params, clip, None, params[0].device)  # whole: torch's cannot mix them
         else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(params, clip)
     if scaler:
         scaler.step(optimizer)
         scaler.update()

@@ -46,6 +46,20 @@ def split_batch(batch: Batch) -> tuple[tuple, dict, Any]:
     return (batch,), {}, None
 
 
+def pipeline_batch(batch, microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule feeds one tensor to the first stage and one target to the loss, in equal
+    micro-batches (which keep the pipeline's gradient equal to the whole batch's)."""
+    args, kwargs, target = split_batch(batch)
+    if kwargs or len(args) != 1 or not all(isinstance(t, torch.Tensor) for t in (*args, target)):
+        kind = f"a dict of {', '.join(map(str, batch))}" if isinstance(batch, dict) else type(batch).__name__
+        raise UsageError(f"--pp feeds (inputs, targets) tensors through its stages; this batch is {kind} "
+                         "(pass (input_ids, labels) pairs, or use fsdp/ddp/tp for keyword batches)")
+    if len(args[0]) % microbatches:
+        raise UsageError(f"--microbatches {microbatches} must divide each rank's batch of {len(args[0])} "
+                         "samples (--batch-size / --dp)")
+    return args[0], target
+
+
 def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -156,15 +170,35 @@ def micro_batch_weights(loss_fn: Callable, targets: list) -> list | None:
     count, no host sync). Over the world each data shard is counted once per tensor-parallel
     peer, as the gradient average counts it, so the product is the global token mean.
     """
-    ignore = getattr(loss_fn, "ignore_index", None)
-    if not isinstance(ignore, int) or isinstance(loss_fn, BatchLoss):
-        return None
-    if not all(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in targets):
-        return None
-    counts = torch.stack([(t != ignore).sum() for t in targets]).to(torch.float32)
-    total = counts.sum()
-    world = 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        dist.all_reduce(total)
-    return list((counts * world / total.clamp(min=1)).unbind())
+    tokens = ValidTokens.of(loss_fn, targets)
+    return None if tokens is None else [tokens.weight(t) for t in targets]
+
+
+class ValidTokens:
+    """The valid tokens of a step: every target that is not the loss's ``ignore_index``, summed
+    over this rank's micro-batches and all-reduced over the world (one collective, no host
+    sync). ``weight(target)`` is what a micro-batch's mean loss over ``target`` is scaled by:
+    its valid tokens times the world size, over the world's total (see micro_batch_weights;
+    the pipeline's schedule, which cuts its own micro-batches, weighs each one the same way)."""
+
+    def __init__(self, ignore: int, total: torch.Tensor, world: int):
+        self.ignore, self.total, self.world = ignore, total, world
+
+    @classmethod
+    def of(cls, loss_fn: Callable, targets: list) -> ValidTokens | None:
+        """None where micro-batches weigh equally: no token loss with an ``ignore_index``, the
+        user's own loss, or targets that are not integer tensors."""
+        ignore = getattr(loss_fn, "ignore_index", None)
+        if not isinstance(ignore, int) or isinstance(loss_fn, BatchLoss):
+            return None
+        if not all(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in targets):
+            return None
+        total = torch.stack([(t != ignore).sum() for t in targets]).sum().to(torch.float32)
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(total)
+        return cls(ignore, total, world)
+
+    def weight(self, target: torch.Tensor) -> torch.Tensor:
+        return (target != self.ignore).sum().to(torch.float32) * self.world / self.total.clamp(min=1)
