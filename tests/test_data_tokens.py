@@ -118,3 +118,19 @@ def test_gpt_trains_on_a_token_file_larger_than_its_address_space_limit(tmp_path
     peak = int(re.search(r"VmHWM (\d+)", proc.stdout).group(1))
     assert peak - baseline < size // 4, (peak, baseline, size)
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_a_token_file_resumes_mid_epoch_at_the_same_window(gpupar_cli, tmp_path):
+    """Shuffled windows, interrupted at step 5 of 31 in the epoch: the resumed run reads the
+    windows the full run read after step 5 and ends with its weights, bit for bit."""
+    from safetensors.torch import load_file as load_weights
+
+    _write(tmp_path / "tokens.bin", 4000)
+    flags = ["train", "--data", tmp_path / "tokens.bin", "--model", "gpt", "--layers", 1, "--vocab", 128,
+             "--seq-len", 16, "--batch-size", 8, "--shuffle", "--max-steps", 9, "--progress", "false"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert gpupar_cli(*flags, "--checkpoint-every", 5, "--run-dir", full)[0] == 0
+    code, out, _ = gpupar_cli(*flags, "--resume", full / "checkpoints" / "step-5", "--run-dir", resumed)
+    assert code == 0 and "at step 5" in out, out
+    a, b = load_weights(full / "model.safetensors"), load_weights(resumed / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
