@@ -19,7 +19,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("topology", "models", "models.spec", "models.builtin", "models.gpt", "models.hf", "models.hf_pipeline", "models.outputs", "data",
         "data.files", "data.samples", "data.stream", "data.sources", "data.tokens", "memory", "tracking",
         "measure", "measure.flops", "launch.elastic", "launch.collectives"),
-    2: ("parallelize", "parallel", "parallel.activation_checkpoint", "parallel.ddp", "parallel.fsdp",
+    2: ("parallelize", "parallel", "parallel.activation_checkpoint", "parallel.clip", "parallel.ddp", "parallel.fsdp",
         "parallel.layer_split", "parallel.pipeline", "parallel.pipeline_state", "parallel.pipeline_eval",
         "parallel.pipeline_scaler", "parallel.sync_bn", "parallel.tensor", "parallel.tied", "training.step"),
     3: ("training", "training.state", "training.recipe", "training.finite", "training.graphs", "training.loop",

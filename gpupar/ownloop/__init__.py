@@ -27,7 +27,7 @@ from gpupar.models import ModelSpec
 from gpupar.ownloop import record
 from gpupar.ownloop.env import topology
 from gpupar.ownloop.shard import shard_loader
-from gpupar.parallel.pipeline import clip_grad_norm_across
+from gpupar.parallel.clip import clip_grad_norm_across
 from gpupar.parallel.pipeline_state import is_pipeline, whole_name
 from gpupar.parallelize import Parallelized, parallelize
 from gpupar.training.step import call_model, loss_of, split_batch

@@ -23,7 +23,7 @@ from gpupar.data import (Cut, Samples, Stream, StreamEnd, batch_rows, check_batc
                          eval_batches, next_batch, shard_batch, to_device)
 from gpupar.errors import UsageError
 from gpupar.memory import grad_bytes
-from gpupar.parallel.pipeline import clip_grad_norm_across
+from gpupar.parallel.clip import clip_grad_norm_across
 from gpupar.parallelize import Parallelized, captures_whole_step
 from gpupar.topology import Topology
 from gpupar.training import graphs
