@@ -111,19 +111,26 @@ def main() -> None:
     pp_token_mean(topo.rank)
     ok("pp-token-mean")
 
-    # A loss that reads the parameters (a weight penalty) meets TP's DTensor shards: one line.
+    # A loss that reads the parameters (a weight penalty) meets TP's and FSDP's DTensor shards: one line.
+    from torch.distributed.fsdp import fully_shard
+
     from gpupar.training.step import BatchLoss, forward_backward
 
-    model = apply_tp(mlp(10, 32, 2, 1), topo.mesh["tp"], auto_plan(mlp(10, 32, 2, 1), torch.zeros(1, 10)))
-    penalty = BatchLoss(lambda out, batch: nn.functional.mse_loss(out, batch[1])
-                        + sum((p ** 2).sum() for p in model.parameters()))
-    try:
-        forward_backward(model, [(torch.ones(4, 10), torch.ones(4, 1))], penalty, torch.autocast("cpu", enabled=False),
-                         None)
-    except UsageError as exc:
-        assert "p.full_tensor()" in str(exc), exc
-    else:
-        raise AssertionError("a penalty over DTensor parameters raised nothing")
+    tp_model = apply_tp(mlp(10, 32, 2, 1), topo.mesh["tp"], auto_plan(mlp(10, 32, 2, 1), torch.zeros(1, 10)))
+    fsdp_model = mlp(10, 32, 2, 1)
+    for layer in fsdp_model:  # each layer its own unit, as gpupar's FSDP wraps blocks: resharded after forward
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=topo.mesh["tp"])
+    for model in (tp_model, fully_shard(fsdp_model, mesh=topo.mesh["tp"])):
+        penalty = BatchLoss(lambda out, batch, m=model: nn.functional.mse_loss(out, batch[1])
+                            + sum((p ** 2).sum() for p in m.parameters()))
+        try:
+            forward_backward(model, [(torch.ones(4, 10), torch.ones(4, 1))], penalty,
+                             torch.autocast("cpu", enabled=False), None)
+        except UsageError as exc:
+            assert "p.full_tensor()" in str(exc), exc
+        else:
+            raise AssertionError(f"a penalty over {type(model).__name__}'s DTensor parameters raised nothing")
     ok("loss-reads-parameters")
 
     pipeline_loss_scaler(topo.rank)
