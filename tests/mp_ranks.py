@@ -132,6 +132,15 @@ def main() -> None:
         else:
             raise AssertionError(f"a penalty over {type(model).__name__}'s DTensor parameters raised nothing")
     ok("loss-reads-parameters")
+    # Under TP the user's loss sees what one device gives it: the whole output, a plain tensor
+    # (a 3-layer MLP of width 16: the last layer, whose output leaves the model, stays whole).
+    wide = mlp(10, 32, 3, 16)
+    wide = apply_tp(wide, topo.mesh["tp"], auto_plan(wide, torch.zeros(1, 10)))
+    seen = []
+    look = BatchLoss(lambda out, batch: seen.append((type(out), tuple(out.shape))) or out.square().mean())
+    forward_backward(wide, [(torch.ones(4, 10), torch.ones(4, 16))], look, torch.autocast("cpu", enabled=False), None)
+    assert seen == [(torch.Tensor, (4, 16))], seen
+    ok("tp-loss-sees-the-whole-output")
 
     pipeline_loss_scaler(topo.rank)
     ok("pipeline-loss-scaler")
