@@ -80,10 +80,15 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     if missing or unexpected:
         raise UsageError(f"{source}: parameters do not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    params = {name for name, _ in model.named_parameters()}
     for k, v in own.items():
         if v.shape != state[k].shape:
             raise UsageError(f"{source}: parameter {k!r} has shape {list(state[k].shape)}, "
                              f"the model expects {list(v.shape)}")
+        if v.is_floating_point() != state[k].is_floating_point():  # a cast would make other weights silently
+            raise UsageError(f"{source}: parameter {k!r} has dtype {state[k].dtype}, the model expects {v.dtype}")
+        if k in params and v.is_floating_point() and not torch.isfinite(state[k]).all():
+            raise UsageError(f"{source}: parameter {k!r} holds NaN or Inf; these weights would predict NaN")
     model.load_state_dict(state)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from adversarial_kit import TRAIN, case, judge
 
 SHORT = ("--samples", 32, "--epochs", 1)
+VERIFY = ("verify", *SHORT, "--strategy", "ddp", "--nproc-per-node", 2)  # verify compares a layout
 
 # (command and its fixed arguments, the flag, its bad value, the case's name)
 BAD_VALUES = [
@@ -34,9 +35,9 @@ BAD_VALUES = [
     (TRAIN + ("--model", "gpt"), "--heads", "0", "train_gpt_heads_zero"),
     (TRAIN, "--nproc-per-node", "0", "train_nproc_per_node_zero"),
     (TRAIN, "--timeout", "-5", "train_timeout_negative"),
-    (("verify", *SHORT), "--rtol", "nan", "verify_rtol_nan"),
-    (("verify", *SHORT), "--rtol", "-1", "verify_rtol_negative"),
-    (("verify", *SHORT), "--band", "nan", "verify_band_nan"),
+    (VERIFY, "--rtol", "nan", "verify_rtol_nan"),
+    (VERIFY, "--rtol", "-1", "verify_rtol_negative"),
+    (VERIFY, "--band", "nan", "verify_band_nan"),
     (("sweep", *SHORT), "--lr", "0.01,nan", "sweep_lr_nan"),
     (("sweep", *SHORT), "--hidden", "0,8", "sweep_hidden_zero"),
     (("sweep", *SHORT), "--max-fused", "0", "sweep_max_fused_zero"),

@@ -33,14 +33,40 @@ def predict_out_is_a_symlink_to_the_weights(ctx):
     return _predict_out(ctx, ctx.dir / "p.csv")
 
 
-@case("traceback")
-def predict_out_is_dev_full(ctx):
-    return _predict_out(ctx, "/dev/full")
+def _device_out(ctx, minor: int):
+    """--out onto a character device made in the case's directory (1,7 is /dev/full, 1,3 is
+    /dev/null): an atomic rename over it would replace the device node with a file, so the
+    real /dev is never used."""
+    import stat
+
+    if os.geteuid() != 0:
+        return "skipped", "needs root to make a device node"
+    node = ctx.dir / "dev"
+    os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    run = ctx.base()
+    before = snapshot(run)
+    r = ctx.run("predict", "--weights", run / "model.safetensors", "--data", ctx.root / "x.csv", "--out", node)
+    replaced = None if stat.S_ISCHR(os.lstat(node).st_mode) else "the device node was replaced by a file"
+    return judge(r, lost=replaced or changed(before, run, "the run's files"))
+
+
+@case("lost")
+def predict_out_is_a_full_device(ctx):
+    return _device_out(ctx, 7)
+
+
+@case("lost")
+def predict_out_is_a_null_device(ctx):
+    return _device_out(ctx, 3)
 
 
 @case("traceback")
 def predict_out_in_a_missing_deep_folder(ctx):
-    return _predict_out(ctx, ctx.dir / "a/b/c/d/p.csv", expect=(0, 2))
+    run = ctx.base()
+    before = snapshot(run)
+    r = ctx.run("predict", "--weights", run / "model.safetensors", "--data", ctx.root / "x.csv",
+                "--out", ctx.dir / "a/b/c/d/p.csv")
+    return judge(r, expect=(0, 2), lost=changed(before, run, "the run's files"))
 
 
 @case("lost")
@@ -103,7 +129,7 @@ def checkpoint_step_is_a_symlink_out_of_the_run(ctx):
 # --- hostile contents of a run's files, beyond adversarial_files.py ------------------------------
 
 
-def _resume_with(ctx, name: str, content: str | None):
+def _resume_with(ctx, name: str, content: str | None, expect=(2,)):
     run = ctx.base()
     ckpt = run / "checkpoints/step-10"
     if content is None:
@@ -112,7 +138,8 @@ def _resume_with(ctx, name: str, content: str | None):
         (ckpt / name).write_text(content)
     reseal(ckpt)
     r = ctx.run(*TRAIN, "--epochs", 12, "--resume", ckpt, "--run-dir", ctx.dir / "c")
-    return judge(r, needles=[name.split("/")[-1]] if r.code == 2 else [], left=ctx.dir / "c")
+    needles = [name.split("/")[-1].lstrip(".")] if r.code == 2 else []
+    return judge(r, expect=expect, needles=needles, left=ctx.dir / "c")
 
 
 def _trainer(ctx, **fields):
@@ -142,7 +169,8 @@ def trainer_json_is_a_list(ctx):
 
 @case("trust")
 def trainer_json_very_long_string(ctx):
-    return _resume_with(ctx, "trainer.json", _trainer(ctx, model="m" * 5_000_000, run_id="\u202e" * 1000))
+    return _resume_with(ctx, "trainer.json", _trainer(ctx, model="m" * 5_000_000, run_id="\u202e" * 1000),
+                        expect=(0, 2))
 
 
 @case("trust")

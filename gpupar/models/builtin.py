@@ -75,7 +75,13 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int
     single-device reference start from the same parameters.
     """
     torch.manual_seed(seed)
-    return model_spec(cfg).build(in_features, out_features)
+    try:
+        return model_spec(cfg).build(in_features, out_features)
+    except (MemoryError, RuntimeError) as exc:  # a width whose parameters do not fit: one line, not the allocator's trace
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise UsageError(f"--model {cfg.name} (--hidden {hidden_width(cfg)}, --layers {cfg.layers}): its parameters "
+                         f"cannot be allocated on this machine ({first_line(exc)[:160]}); pick a smaller width") from None
 
 
 def import_callable(path: str, flag: str = "--model", what: str = "factory"):
