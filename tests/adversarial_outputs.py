@@ -307,3 +307,23 @@ def config_toml_unknown_section(ctx):
     path = ctx.dir / "c.toml"
     path.write_text('[trian]\nepochs = 3\n')
     return judge(ctx.run("train", "--config", path, "--print-config"), needles=["trian"])
+
+
+@case("lost")
+def sweep_export_best_beside_a_users_config(ctx):
+    """--export-best writes its model's config.toml beside the weights: a user's own config.toml
+    there must not be replaced."""
+    mine = b"# my launch settings\n[train]\nepochs = 3\n"
+    (ctx.dir / "config.toml").write_bytes(mine)
+    r = ctx.run("sweep", "--samples", 32, "--epochs", 1, "--lr", "0.01,0.1", "--run-dir", ctx.dir / "S",
+                "--export-best", ctx.dir / "best.safetensors")
+    return judge(r, lost=changed({"": mine}, ctx.dir / "config.toml", "the user's config.toml"))
+
+
+@case("hang")
+def predict_out_is_a_fifo(ctx):
+    run = ctx.base()
+    os.mkfifo(ctx.dir / "p.csv")
+    r = ctx.run("predict", "--weights", run / "model.safetensors", "--data", ctx.root / "x.csv",
+                "--out", ctx.dir / "p.csv", timeout=30)
+    return judge(r, needles=["p.csv"])
