@@ -114,7 +114,7 @@ def load_factory(path: str):
     def build() -> nn.Module:
         try:
             model = factory()
-        except Exception as exc:  # the user's code failed: say where, in one line
+        except (Exception, SystemExit) as exc:  # the user's code failed (or exited: sys:exit trained nothing, exit 0)
             first = first_line(exc, "")
             raise UsageError(f"--model {path!r}: the factory {attr}() raised {type(exc).__name__}"
                              + (f": {first}" if first else "")) from None

@@ -90,6 +90,9 @@ def parse_list(text: str, kind: type, name: str) -> list:
                          f"{'32,50,64' if kind is int else '0.001,0.01'}") from None
     if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
         raise UsageError(f"{name} {text!r}: every value must be a positive finite number")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:  # the same point trained twice (0.01 and 1e-2 are one value), as duplicate seeds are refused
+        raise UsageError(f"{name} {text!r}: {', '.join(f'{v:g}' for v in twice)} given twice; each value once")
     return values
 
 
