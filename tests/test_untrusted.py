@@ -223,3 +223,28 @@ def test_what_the_adversarial_run_of_2026_12_04_found_is_one_line(gpupar, tmp_pa
     assert not (tmp_path / "W").exists() or not any((tmp_path / "W").iterdir())
     one_line(gpupar("verify", "--samples", 32, "--epochs", 1, "--strategy", "ddp", "--nproc-per-node", 2,
                     "--rtol", "nan", "--run-dir", tmp_path / "V"), "--rtol")
+
+
+def test_values_and_files_that_were_a_traceback_or_accepted_are_one_line(gpupar, tmp_path):
+    """The existing adversarial cases that still failed on 2026-12-04, in one process, before any
+    rank: --timeout/--ddp-bucket-mb nan, a factory that exits, duplicate CSV columns and sweep
+    values, a TOML string with a newline (written, read back), TOML nested past the parser."""
+    from gpupar.config import Config
+    from gpupar.config_file import load_toml, to_toml
+
+    ranks = (*TRAIN, "--strategy", "ddp", "--nproc-per-node", 2, "--run-dir", tmp_path / "R")
+    one_line(gpupar(*ranks, "--timeout", "nan"), "--timeout nan")
+    one_line(gpupar(*ranks, "--ddp-bucket-mb", "inf"), "--ddp-bucket-mb inf")
+    one_line(gpupar(*TRAIN, "--model", "sys:exit", "--run-dir", tmp_path / "R"), "sys:exit")
+    (tmp_path / "d.csv").write_text("a,y,y\n" + "1,2,3\n" * 20)
+    one_line(gpupar(*TRAIN, "--data", tmp_path / "d.csv", "--target", "y", "--run-dir", tmp_path / "R"), "'y'")
+    sweep = ("sweep", "--samples", 32, "--epochs", 1, "--run-dir", tmp_path / "S")
+    one_line(gpupar(*sweep, "--lr", "0.01,1e-2"), "--lr", "given twice")
+    one_line(gpupar(*sweep, "--hidden", "8,8"), "--hidden", "given twice")
+    assert not (tmp_path / "R").exists() and not (tmp_path / "S").exists()
+    cfg = Config()
+    cfg.train.run_dir = 'R\n"x\\\x7f'
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_toml(tmp_path / "c.toml").train.run_dir == cfg.train.run_dir
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    one_line(gpupar("train", "--config", tmp_path / "deep.toml", "--print-config"), "deep.toml")
