@@ -276,6 +276,10 @@ def check_trainer(trainer, file: Path) -> dict:
     for key, value in position.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UsageError(f"corrupt checkpoint file {file}: position.{key} is {_short(repr(value))}; {expected}")
+    named = file.parent.name.removeprefix("step-")
+    if named.isdigit() and int(named) != position["step"]:  # gpupar names a checkpoint by its step
+        raise UsageError(f"corrupt checkpoint file {file}: position.step is {_short(repr(position['step']))} in "
+                         f"a checkpoint named {file.parent.name}; {expected}")
     if not isinstance(trainer.get("scheduler"), (dict, type(None))):
         raise UsageError(f"corrupt checkpoint file {file}: scheduler is {_short(repr(trainer['scheduler']))}; "
                          "expected the LR scheduler's state (an object) or null")

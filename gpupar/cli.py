@@ -139,6 +139,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     options = VerifyOptions(args.band, args.no_dropout, args.nudge_init, args.first_grads, args.save_step_losses)
+    if args.rtol is not None and not (0 < args.rtol < float("inf")):  # nan fails this too: both runs, then FAIL
+        raise UsageError(f"--rtol {args.rtol} must be a positive finite number (a relative tolerance)")
     if args.script:  # `gpupar verify -- python script.py`: the user's own loop
         from gpupar.ownloop.parity import verify_script
 

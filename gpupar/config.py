@@ -211,8 +211,8 @@ class Config:
             raise UsageError(f"--clip-grad-norm {self.optim.clip_grad_norm} must be > 0")
         if self.parallel.max_restarts < 0:
             raise UsageError(f"--max-restarts {self.parallel.max_restarts} must be >= 0")
-        if self.parallel.ddp_bucket_mb <= 0:
-            raise UsageError(f"--ddp-bucket-mb {self.parallel.ddp_bucket_mb} must be > 0")
+        if not 0 < self.parallel.ddp_bucket_mb < float("inf"):  # nan fails this too (it started ranks, then exit 1)
+            raise UsageError(f"--ddp-bucket-mb {self.parallel.ddp_bucket_mb} must be a finite number > 0")
         p = self.parallel
         for name in ("tp", "pp", "stages_per_rank") + (("dp",) if p.dp is not None else ()) + \
                 (("microbatches",) if p.microbatches is not None else ()):
@@ -225,8 +225,8 @@ class Config:
         if self.checkpoint.keep_last < 2:
             raise UsageError(f"--keep-last {self.checkpoint.keep_last} must be >= 2 (the newest complete "
                              "checkpoint is never deleted, and one more guards against a bad newest one)")
-        if self.parallel.timeout <= 0:
-            raise UsageError(f"--timeout {self.parallel.timeout} must be > 0 seconds")
+        if not 0 < self.parallel.timeout < float("inf"):  # nan and inf reached the rendezvous as a traceback
+            raise UsageError(f"--timeout {self.parallel.timeout} must be a finite number > 0 seconds")
         layout(self.parallel)  # a combination the layout cannot honour fails here, once
         return self
 

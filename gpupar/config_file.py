@@ -8,6 +8,7 @@ hold; every file gpupar writes or reads as TOML goes through here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -67,7 +68,7 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     except UnicodeDecodeError as exc:
         raise UsageError(f"--config {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                          f"{exc.start}); TOML files must be UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:  # nesting deep enough to overflow the parser
         raise UsageError(f"--config {path}: invalid TOML ({exc})") from None
     return merge(cfg or Config(), raw, str(path))
 
@@ -96,5 +97,5 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    # JSON's escapes (\\n, \\", \\uXXXX) are TOML's: a newline in --run-dir or a column name reads back
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -61,6 +61,9 @@ def preflight(cfg: Config, world: int, ranks_per_node: int) -> ParallelDims:
     """
     dims = ParallelDims.of(cfg, world, ranks_per_node)
     problem = load_problem(cfg, meta=True)
+    if not any(p.requires_grad for p in problem.model.parameters()):  # the optimizer's own error was a traceback
+        raise UsageError(f"--model {cfg.model.name}: the model has no trainable parameters (none requires grad); "
+                         "nothing to train")
     if problem.source is not None:  # what a Dataset, stream or DataLoader needs (a batch size, ...)
         cfg = copy.deepcopy(cfg)  # a DataLoader's batch size becomes the checks' (the ranks set their own)
         as_samples(problem.source, cfg)

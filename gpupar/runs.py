@@ -115,6 +115,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
             bad.append(number)
         elif "event" not in record:  # per-rank memory rows are not loss records
             records.append(record)
+    if not records and bad:  # nothing left to read: one line, the error, says it all
+        raise UsageError(f"{path} holds no readable loss records ({len(bad)} unreadable line(s), first: line "
+                         f"{bad[0]}): nothing to plot")
     if bad:
         print(f"gpupar: note: skipped {len(bad)} unreadable line(s) of {path} (first: line {bad[0]})",
               file=sys.stderr)

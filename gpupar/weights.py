@@ -48,13 +48,23 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise UsageError(f"--weights {path}: not a valid safetensors file ({exc})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_plain(path)
     except Exception as exc:  # the unpickler refuses anything but tensors and plain containers
         raise UsageError(f"--weights {path}: refused to load; only plain tensors are accepted "
                          f"(weights_only=True): {refusal(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"--weights {path}: expected a dict of tensors (a state_dict)")
     return state
+
+
+def load_plain(path: Path):
+    """``torch.load(weights_only=True)`` with its warnings held back: a hostile pickle's refusal
+    is gpupar's one line, not the unpickler's "unsupported operand" warning above it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def refusal(exc: BaseException) -> str:
@@ -80,10 +90,15 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     if missing or unexpected:
         raise UsageError(f"{source}: parameters do not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    params = {name for name, _ in model.named_parameters()}
     for k, v in own.items():
         if v.shape != state[k].shape:
             raise UsageError(f"{source}: parameter {k!r} has shape {list(state[k].shape)}, "
                              f"the model expects {list(v.shape)}")
+        if v.is_floating_point() != state[k].is_floating_point():  # a cast would make other weights silently
+            raise UsageError(f"{source}: parameter {k!r} has dtype {state[k].dtype}, the model expects {v.dtype}")
+        if k in params and v.is_floating_point() and not torch.isfinite(state[k]).all():
+            raise UsageError(f"{source}: parameter {k!r} holds NaN or Inf; these weights would predict NaN")
     model.load_state_dict(state)
 
 

@@ -101,7 +101,7 @@ def test_sweep_grid_is_capped_and_empty_lists_are_refused(gpupar, tmp_path):
                    "--seeds '0-999999999999'", "at most 100000 models")
     one_line_error(gpupar("sweep", "--seeds", "5000000000", "--run-dir", tmp_path / "s"),
                    "seed 5000000000 is out of range; accepted: 0 to 4294967295")
-    one_line_error(gpupar("sweep", "--seeds", "0-999", "--lr", ",".join(["0.1"] * 101), "--run-dir", tmp_path),
+    one_line_error(gpupar("sweep", "--seeds", "0-999", "--lr", ",".join(f"{0.001 * (i + 1):g}" for i in range(101)), "--run-dir", tmp_path),
                    "1000 seeds x 101 learning rates", "at most 100000")
     one_line_error(gpupar("sweep", "--lr", "", "--run-dir", tmp_path / "s"), "--lr ''", "comma-separated list")
     one_line_error(gpupar("sweep", "--hidden", "", "--run-dir", tmp_path / "s"), "--hidden ''")

@@ -174,3 +174,77 @@ def test_the_adversarial_smoke_cases_all_hold():
     assert len(results) >= 5
     failed = [(c.name, outcome, detail) for c, outcome, detail in results if outcome != HELD]
     assert not failed, failed
+
+
+def test_what_the_adversarial_run_of_2026_12_04_found_is_one_line(gpupar, tmp_path):
+    """Cases of tests/adversarial_inputs.py / adversarial_outputs.py / adversarial_flags.py that
+    did not hold, in one process: an output onto a FIFO or a device node (the atomic rename
+    replaced the node with a file), sweep --export-best into another run or over a config.toml
+    beside it, NaN or integer weights, a trainer.json whose step is not its folder's, a width
+    that cannot be allocated, verify --rtol nan."""
+    import json
+    import stat
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "R"
+    assert gpupar(*TRAIN, "--checkpoint-every", 5, "--run-dir", run)[0] == 0
+    weights, data = run / "model.safetensors", csv_file(tmp_path / "d.csv")
+    predict = ("predict", "--weights", weights, "--data", data, "--out")
+    os.mkfifo(tmp_path / "fifo.csv")
+    one_line(gpupar(*predict, tmp_path / "fifo.csv"), "not a regular file")
+    if os.geteuid() == 0:
+        os.mknod(tmp_path / "full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+        one_line(gpupar(*predict, tmp_path / "full"), "not a regular file")
+        assert stat.S_ISCHR(os.lstat(tmp_path / "full").st_mode)
+    kept = files_of(run)
+    sweep = ("sweep", "--samples", 32, "--epochs", 1, "--lr", "0.01,0.1", "--run-dir", tmp_path / "S")
+    one_line(gpupar(*sweep, "--export-best", weights), "is a file of the run")
+    (tmp_path / "config.toml").write_text("# mine\n")
+    one_line(gpupar(*sweep, "--export-best", tmp_path / "best.safetensors"), "config.toml", "--overwrite")
+    assert (tmp_path / "config.toml").read_text() == "# mine\n" and files_of(run) == kept
+    state = load_file(str(weights))
+    for name, edit, needle in (("nan", lambda v: torch.full_like(v, float("nan")), "NaN"),
+                               ("int", lambda v: (v > 0).long(), "dtype")):
+        (tmp_path / name).mkdir()
+        save_file({k: edit(v) for k, v in state.items()}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.toml").write_bytes((run / "config.toml").read_bytes())
+        one_line(gpupar("predict", "--weights", tmp_path / name / "model.safetensors", "--data", data,
+                        "--out", tmp_path / "p.csv"), needle)
+    trainer = run / "checkpoints/step-10/trainer.json"
+    trainer.write_text(json.dumps({**json.loads(trainer.read_text()), "position": {"step": 10**40, "epoch": 0,
+                                                                                 "batch": 0}}))
+    from adversarial_kit import reseal
+
+    reseal(trainer.parent)
+    one_line(gpupar(*TRAIN, "--epochs", 12, "--resume", trainer.parent, "--run-dir", tmp_path / "c"), "step-10")
+    one_line(gpupar(*TRAIN, "--hidden", 10**11, "--run-dir", tmp_path / "W"), "cannot be allocated")
+    assert not (tmp_path / "W").exists() or not any((tmp_path / "W").iterdir())
+    one_line(gpupar("verify", "--samples", 32, "--epochs", 1, "--strategy", "ddp", "--nproc-per-node", 2,
+                    "--rtol", "nan", "--run-dir", tmp_path / "V"), "--rtol")
+
+
+def test_values_and_files_that_were_a_traceback_or_accepted_are_one_line(gpupar, tmp_path):
+    """The existing adversarial cases that still failed on 2026-12-04, in one process, before any
+    rank: --timeout/--ddp-bucket-mb nan, a factory that exits, duplicate CSV columns and sweep
+    values, a TOML string with a newline (written, read back), TOML nested past the parser."""
+    from gpupar.config import Config
+    from gpupar.config_file import load_toml, to_toml
+
+    ranks = (*TRAIN, "--strategy", "ddp", "--nproc-per-node", 2, "--run-dir", tmp_path / "R")
+    one_line(gpupar(*ranks, "--timeout", "nan"), "--timeout nan")
+    one_line(gpupar(*ranks, "--ddp-bucket-mb", "inf"), "--ddp-bucket-mb inf")
+    one_line(gpupar(*TRAIN, "--model", "sys:exit", "--run-dir", tmp_path / "R"), "sys:exit")
+    (tmp_path / "d.csv").write_text("a,y,y\n" + "1,2,3\n" * 20)
+    one_line(gpupar(*TRAIN, "--data", tmp_path / "d.csv", "--target", "y", "--run-dir", tmp_path / "R"), "'y'")
+    sweep = ("sweep", "--samples", 32, "--epochs", 1, "--run-dir", tmp_path / "S")
+    one_line(gpupar(*sweep, "--lr", "0.01,1e-2"), "--lr", "given twice")
+    one_line(gpupar(*sweep, "--hidden", "8,8"), "--hidden", "given twice")
+    assert not (tmp_path / "R").exists() and not (tmp_path / "S").exists()
+    cfg = Config()
+    cfg.train.run_dir = 'R\n"x\\\x7f'
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_toml(tmp_path / "c.toml").train.run_dir == cfg.train.run_dir
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    one_line(gpupar("train", "--config", tmp_path / "deep.toml", "--print-config"), "deep.toml")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gpupar.errors import UsageError, first_line
-from gpupar.weights import refusal
+from gpupar.weights import load_plain, refusal
 
 DATA_FORMS = ".csv (with --target), .npz (arrays X and y) or .pt (dict with tensors X and y)"
 
@@ -44,7 +44,7 @@ def load_file(path: str, target: str | None = None, need_target: bool = True
         X, y = _load_npz(p, need_target)
     elif suffix == ".pt":
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            obj = load_plain(p)
         except Exception as exc:  # weights_only refuses anything but plain tensors and containers
             raise UsageError(f"--data {path}: not a safe tensor file ({refusal(exc)})") from None
         if not isinstance(obj, dict) or "X" not in obj or (need_target and "y" not in obj):
@@ -119,6 +119,10 @@ def _load_csv(p: Path, target: str | None, need_target: bool) -> tuple[torch.Ten
     if len(rows) < 2:
         raise UsageError(f"--data {p}: a CSV needs a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:  # `a,y,y --target y` trained with the second y as a feature
+        raise UsageError(f"--data {p}: column name(s) {', '.join(map(repr, twice))} appear more than once in the "
+                         "header; give every column its own name")
     if target is None and need_target:
         raise UsageError(f"--data {p}: a CSV needs --target COLUMN; columns are: {', '.join(header)}")
     if target is not None and target not in header:

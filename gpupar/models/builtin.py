@@ -75,7 +75,13 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int, seed: int
     single-device reference start from the same parameters.
     """
     torch.manual_seed(seed)
-    return model_spec(cfg).build(in_features, out_features)
+    try:
+        return model_spec(cfg).build(in_features, out_features)
+    except (MemoryError, RuntimeError) as exc:  # a width whose parameters do not fit: one line, not the allocator's trace
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise UsageError(f"--model {cfg.name} (--hidden {hidden_width(cfg)}, --layers {cfg.layers}): its parameters "
+                         f"cannot be allocated on this machine ({first_line(exc)[:160]}); pick a smaller width") from None
 
 
 def import_callable(path: str, flag: str = "--model", what: str = "factory"):
@@ -108,7 +114,7 @@ def load_factory(path: str):
     def build() -> nn.Module:
         try:
             model = factory()
-        except Exception as exc:  # the user's code failed: say where, in one line
+        except (Exception, SystemExit) as exc:  # the user's code failed (or exited: sys:exit trained nothing, exit 0)
             first = first_line(exc, "")
             raise UsageError(f"--model {path!r}: the factory {attr}() raised {type(exc).__name__}"
                              + (f": {first}" if first else "")) from None

@@ -29,6 +29,8 @@ def check_out_path(path: str | Path, flag: str, suffix: str | None = None) -> Pa
     if p.is_dir() or str(path).endswith(os.sep):
         raise UsageError(f"{flag} {str(path)!r} is a directory; expected a file path"
                          + (f" ending in {suffix}" if suffix else ""))
+    if p.exists() and not p.is_file() and not p.is_dir():  # renamed over, a device node would become a file
+        raise UsageError(f"{flag} {path} is not a regular file (a device, a FIFO or a socket); expected a file path")
     if suffix and p.suffix != suffix:
         raise UsageError(f"{flag} {path}: expected a file name ending in {suffix} (got "
                          f"{p.suffix or 'no suffix'!r}); gpupar reads it back by that suffix")

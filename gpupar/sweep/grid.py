@@ -90,6 +90,9 @@ def parse_list(text: str, kind: type, name: str) -> list:
                          f"{'32,50,64' if kind is int else '0.001,0.01'}") from None
     if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
         raise UsageError(f"{name} {text!r}: every value must be a positive finite number")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:  # the same point trained twice (0.01 and 1e-2 are one value), as duplicate seeds are refused
+        raise UsageError(f"{name} {text!r}: {', '.join(f'{v:g}' for v in twice)} given twice; each value once")
     return values
 
 
@@ -343,24 +346,38 @@ def export_model(best: Result, cfg: Config, path: Path, flag_name: str = "--expo
     return path
 
 
+def check_export_best(out: Path, run_dir: Path, overwrite: bool) -> None:
+    """--export-best writes the weights and a config.toml beside them: neither may replace a
+    file of another run, nor a config.toml already there (unless --overwrite)."""
+    from gpupar.run import rundir
+    from gpupar.weights import check_weights_out
+
+    check_weights_out(out, "--export-best")
+    rundir.check_not_run_file(out, "--export-best")
+    rundir.check_not_in_another_run(out, "--export-best", run_dir)
+    beside = out.absolute().parent / "config.toml"
+    if beside.exists() and not overwrite and run_dir.absolute() not in beside.parents:
+        raise UsageError(f"--export-best {out}: {beside} is there already and the export writes its model's "
+                         "config.toml beside the weights; export into a folder of its own, or pass --overwrite")
+
+
 def main(cfg: Config, args) -> None:
     """`gpupar sweep`: the grid from the flags, trained here or sliced across started ranks
     (each rank trains its own models: no layout, only its share of the grid)."""
     from gpupar import launch
     from gpupar.run import rundir
     from gpupar.models import hidden_width
-    from gpupar.weights import check_weights_out
 
     if "data.val_fraction" not in vars(args) and cfg.data.val_fraction == 0.0:
         cfg.data.val_fraction = 0.2  # a sweep ranks its models by validation loss
     members = grid(parse_seeds(args.seeds), parse_list(args.sweep_lr, float, "--lr") if args.sweep_lr is not None
                    else [cfg.optim.lr], parse_list(args.sweep_hidden, int, "--hidden")
                    if args.sweep_hidden is not None else [hidden_width(cfg.model)])
-    if args.export_best is not None:  # a bad path fails now, not after the training
-        check_weights_out(args.export_best, "--export-best")
     if args.max_fused is not None and args.max_fused < 1:
         raise UsageError(f"--max-fused {args.max_fused} must be a positive integer")
     cfg.train.run_dir = str(rundir.default_path(cfg.train.run_dir, "sweep-"))
+    if args.export_best is not None:  # a bad path fails now, not after the training
+        check_export_best(Path(args.export_best), Path(cfg.train.run_dir), cfg.train.overwrite)
     extra = ["--seeds", args.seeds]
     for flag_name, value in (("--lr", args.sweep_lr), ("--hidden", args.sweep_hidden),
                              ("--max-fused", args.max_fused), ("--export-best", args.export_best)):
