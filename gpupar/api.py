@@ -48,7 +48,7 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     """
     from gpupar.devices import pick_device
     from gpupar.launch.elastic import launched_by_torchrun
-    from gpupar.parallelize import parallelize
+    from gpupar.parallelize import parallelize, rank0_initial_state
     from gpupar.topology import ParallelDims, Topology
 
     cfg = (config or Config()).validate()
@@ -70,7 +70,7 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     # automatic TP plan on one.
     rows = (cfg.train.batch_size or len(train_set)) if topo.pp_enabled else 1
     inputs = split_batch(train_set.take(slice(0, rows)))[0][0] if topo.pp_enabled or topo.tp_enabled else None
-    parallel = parallelize(model, topo, cfg, spec, inputs)
+    parallel = parallelize(rank0_initial_state(model.to(topo.device), topo), topo, cfg, spec, inputs)
     optimizer = optimizer or make_optimizer(parallel.model, cfg)
     # A torch criterion (nn.Module) gets (prediction, target); a plain function gets (output, batch).
     loss_fn = loss if loss is None or isinstance(loss, nn.Module) else BatchLoss(loss)

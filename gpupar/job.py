@@ -24,7 +24,8 @@ from gpupar.data import as_samples, check_batch_divisible, split_validation
 from gpupar.devices import describe
 from gpupar.errors import TrainingError, UsageError
 from gpupar.memory import format_memory_report, gather_memory_report
-from gpupar.parallelize import captures_whole_step, check_layout, full_state_dict, micro_batch_size, parallelize
+from gpupar.parallelize import (captures_whole_step, check_layout, full_state_dict, micro_batch_size, parallelize,
+                                rank0_initial_state)
 from gpupar.problem import Problem, device_of, load_problem
 from gpupar.run import rundir
 from gpupar.run.files import atomic_write_many, atomic_write_text
@@ -143,7 +144,8 @@ def _train(cfg: Config, topo: Topology, problem: Problem, run: rundir.RunDir, lo
         probes.prepare(problem.model)
     # A pipeline may trace the forward on a micro-batch; an automatic TP plan on one row.
     inputs = train_set.take(slice(None if topo.pp_enabled else 1))[0] if topo.pp_enabled or topo.tp_enabled else None
-    parallel = parallelize(problem.model, topo, cfg, problem.spec, inputs)
+    model = rank0_initial_state(problem.model.to(topo.device), topo)  # as DDP: FSDP, TP and PP too
+    parallel = parallelize(model, topo, cfg, problem.spec, inputs)
     if probes.wrap_step is not None:
         parallel.step = probes.wrap_step(parallel.step, parallel.model, topo, run.path)
     optimizer = make_optimizer(parallel.model, cfg)

@@ -248,6 +248,19 @@ def full_tensors(model: nn.Module, topo: Topology, named) -> dict[str, torch.Ten
     return topo.merge_on_main(out)
 
 
+def rank0_initial_state(model: nn.Module, topo: Topology) -> nn.Module:
+    """Every rank starts from rank 0's parameter and buffer values, as DDP does, before any
+    strategy cuts the model: a factory that initialises per rank (its own seed, a random
+    source) would otherwise train, under FSDP, TP or PP, a mix of the ranks' inits without a
+    word. gpupar train and gpupar.train call it; ``gp.setup`` does not (the user's loop is
+    the user's, and gpupar verify names a per-rank seed there)."""
+    if topo.distributed:
+        with torch.no_grad():
+            for tensor in (*model.parameters(), *model.buffers()):
+                dist.broadcast(tensor, src=0)
+    return model
+
+
 def check_same_model(model: nn.Module, topo: Topology) -> None:
     """Pre-flight: all ranks must hold the same parameter names, shapes and dtypes.
 
