@@ -82,7 +82,8 @@ def test_a_refused_or_failed_run_leaves_the_earlier_run_intact(gpupar, tmp_path,
     aside = next(rd.glob(".replaced-*"))
     assert run_files(aside) == kept and not (rd / "model.safetensors").exists()
     (aside / "model.safetensors").rename(rd / "model.safetensors")  # what a user can do to get it back
-    (tmp_path / "x.csv").write_text("\n".join(",".join(["0.5"] * 10) for _ in range(3)) + "\n")
+    header = ",".join(f"f{i}" for i in range(10))  # its own name per column: duplicates are refused
+    (tmp_path / "x.csv").write_text("\n".join([header] + [",".join(["0.5"] * 10)] * 3) + "\n")
     code, _, err = gpupar("predict", "--weights", rd / "model.safetensors", "--data", tmp_path / "x.csv",
                           "--out", tmp_path / "p.csv", "--model", "user_models:goes_nan")
     assert code == 0, err
