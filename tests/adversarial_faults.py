@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from adversarial_kit import (HANG, HELD, LOST, RANKS, SKIPPED, TRAIN, UNCLEAR, Result, case, csv, judge, lines,
+from adversarial_kit import (HANG, HELD, LOST, RANKS, SKIPPED, TRAIN, UNCLEAR, Result, case, csv, judge, lines, reads_back,
                              snapshot)
 
 # --- signals and full disks mid-save ---------------------------------------------------------
@@ -403,19 +403,10 @@ def npz_integer_features(ctx):
     return judge(r, expect=(0, 2), needles=[] if r.code == 0 else ["int"], left=ctx.dir / "R")
 
 
-def _reads_back(ctx, r, run: Path):
-    if r.code != 0:
-        return judge(r, left=run)
-    back = ctx.run("train", "--config", run / "config.toml", "--print-config")
-    if back.code != 0:
-        return UNCLEAR, f"gpupar cannot read back its own config.toml: {lines(back.err)[-1:]}"
-    return HELD, "written and read back"
-
-
 @case("late")
 def run_dir_with_a_newline(ctx):
     run = ctx.dir / "R\nx"
-    return _reads_back(ctx, ctx.run(*TRAIN, "--run-dir", run), run)
+    return reads_back(ctx, ctx.run(*TRAIN, "--run-dir", run), run)
 
 
 @case("late")
@@ -426,7 +417,7 @@ def csv_column_with_a_newline(ctx):
     text[0] = '"f\n0",' + text[0].split(",", 1)[1]
     data.write_text("\n".join(text) + "\n")
     run = ctx.dir / "R"
-    return _reads_back(ctx, ctx.run(*TRAIN, "--data", data, "--target", "y", "--run-dir", run), run)
+    return reads_back(ctx, ctx.run(*TRAIN, "--data", data, "--target", "y", "--run-dir", run), run)
 
 
 @case("late")

@@ -9,7 +9,7 @@ import os
 import struct
 from pathlib import Path
 
-from adversarial_kit import TRAIN, case, csv, judge
+from adversarial_kit import TRAIN, case, csv, judge, reads_back
 
 # --- weights that predict reads --------------------------------------------------------------
 
@@ -198,7 +198,7 @@ def csv_very_long_column_name(ctx):
     csv(data, header="a" * 100000 + ",b,y")
     run = ctx.dir / "R"
     r = ctx.run(*TRAIN, "--data", data, "--target", "y", "--run-dir", run)
-    return _read_back(ctx, r, run)
+    return reads_back(ctx, r, run)
 
 
 @case("late")
@@ -206,18 +206,7 @@ def csv_column_names_with_quotes_and_unicode(ctx):
     data = ctx.dir / "d.csv"
     data.write_text('"a\\"b",\'c\',"ü ∂ \\u0000 \t",y\n' + "1,2,3,4\n" * 20)
     run = ctx.dir / "R"
-    return _read_back(ctx, ctx.run(*TRAIN, "--data", data, "--target", "y", "--run-dir", run), run)
-
-
-def _read_back(ctx, r, run: Path):
-    from adversarial_kit import HELD, UNCLEAR, lines
-
-    if r.code != 0:
-        return judge(r, left=run)
-    back = ctx.run("train", "--config", run / "config.toml", "--print-config")
-    if back.code != 0:
-        return UNCLEAR, f"gpupar cannot read back its own config.toml: {lines(back.err)[-1:]}"
-    return HELD, "written and read back"
+    return reads_back(ctx, ctx.run(*TRAIN, "--data", data, "--target", "y", "--run-dir", run), run)
 
 
 def _npz(ctx, **arrays):

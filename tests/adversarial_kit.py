@@ -289,3 +289,13 @@ def point_shards(checkpoint: Path, target: str) -> None:
         meta.storage_data[key] = dataclasses.replace(info, relative_path=target)
     (checkpoint / ".metadata").write_bytes(pickle.dumps(meta))
     reseal(checkpoint)
+
+
+def reads_back(ctx: Ctx, r: Result, run: Path) -> tuple[str, str]:
+    """A run that should train and write a config.toml that gpupar itself reads back."""
+    if r.code != 0:
+        return judge(r, left=run)
+    back = ctx.run("train", "--config", run / "config.toml", "--print-config")
+    if back.code != 0:
+        return UNCLEAR, f"gpupar cannot read back its own config.toml: {lines(back.err)[-1:]}"
+    return HELD, "written and read back"
