@@ -70,7 +70,9 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     stages = [(0, model)]
     # The tensor-parallel plan is made (and proven) on the whole model; each stage applies its part.
     plan = tp_plan(model, dims.tp, spec, _one_row(inputs, topo.device)) if dims.tp_enabled else {}
-    # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module).
+    # 1. Pipeline split: this rank keeps its stage(s) only, as (stage index, module); a tie across
+    #    stages becomes one copy per stage, their gradients summed after each backward (tied.py).
+    ties = tied.tied_parameters(model)
     if dims.pp_enabled:
         example = None
         if traceable(model, spec.pipeline_units is not None):
@@ -112,7 +114,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     if dims.pp_enabled:
         num_stages = dims.pp * stages_per_rank(cfg.parallel)
         pipeline = Pipeline(stages, num_stages, topo.device, topo.mesh["pp"].get_group(), cfg.parallel,
-                            topo.comm_device(), dims.microbatches)
+                            topo.comm_device(), dims.microbatches, ties)
         return Parallelized(pipeline, pipeline.forward_backward, True, devices)
     model = stages[0][1]
     return Parallelized(model, functools.partial(forward_backward, model), False, devices)
@@ -129,7 +131,7 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
                              "and positions its forward makes, which gpupar remakes in pipeline stages only; use --pp")
         devices = parse_devices(cfg.parallel.devices)
         stage_starts(model, pipeline_units(model, spec), len(devices), cfg.parallel.split_points, flag="--devices")
-    # 1. Pipeline split: the stages against the model's layers, the trace, ties kept in a stage.
+    # 1. Pipeline split: the stages against the model's layers, the trace.
     stages, traced = [model], None  # traced: the stages cut from the traced forward, where they are
     if dims.pp_enabled:
         units = pipeline_units(model, spec)
@@ -138,12 +140,14 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
         stages = [stage_module(model, keep, [n for n in names if n not in keep]) for keep in every]
         if traceable(model, spec.pipeline_units is not None):  # its stages will be cut from its traced forward
             traced = trace_stages(model, every, example)
-        tied.check_pp(stages, model)
-    # 2. Tensor parallel: divisibility and ties of every sharded layer of every stage.
+    # 2. Tensor parallel: divisibility and ties of every sharded layer of every stage (and, with
+    #    a pipeline, of a tie's copies in different stages).
     if dims.tp_enabled:
         from gpupar.parallel.tensor import check_tp_divisible, plain_linears
 
         plan = tp_plan(model, dims.tp, spec, None if example is None else example[:1])
+        if dims.pp_enabled:
+            tied.check_pp(model, plan)
         for s, stage in enumerate(stages):
             check_tp_divisible(stage, stage_plan(plan, stage), dims.tp)
             tied.check_tp(stage, stage_plan(plan, stage))

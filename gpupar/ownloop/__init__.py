@@ -181,9 +181,14 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 def _rebuild(optimizer: torch.optim.Optimizer, names: dict[int, str], model: nn.Module) -> torch.optim.Optimizer:
     """The same optimizer on the parallelised model's parameters (identical where they are).
-    A pipeline rank holds its stages' parameters only: each group keeps those."""
+    A pipeline rank holds its stages' parameters only: each group keeps those, and a tied
+    parameter's copies in this rank's stages (named by the tie's first name, as ``names`` is)."""
     pipeline = is_pipeline(model)
-    now = {whole_name(n) if pipeline else n: p for n, p in model.named_parameters()}
+    alias = model.ties.alias if pipeline and model.ties is not None else {}
+    now: dict[str, list[nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        whole = whole_name(n) if pipeline else n
+        now.setdefault(alias.get(whole, whole), []).append(p)
     groups = []
     for group in optimizer.param_groups:
         foreign = [p for p in group["params"] if id(p) not in names]
@@ -192,7 +197,7 @@ def _rebuild(optimizer: torch.optim.Optimizer, names: dict[int, str], model: nn.
             raise UsageError(f"the optimizer holds {len(foreign) + len(lost)} parameter(s) that are not the model's "
                              f"{lost[:3] if lost else ''}; pass the optimizer of this model")
         groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [now[names[id(p)]] for p in group["params"] if names[id(p)] in now]})
+                       "params": [c for p in group["params"] if names[id(p)] in now for c in now[names[id(p)]]]})
     if all(len(g["params"]) == len(h["params"]) and all(a is b for a, b in zip(g["params"], h["params"]))
            for g, h in zip(optimizer.param_groups, groups)):
         return optimizer

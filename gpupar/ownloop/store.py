@@ -75,7 +75,6 @@ def load(path, state: dict, topo: Topology) -> dict:
 
 def _set_model(model: nn.Module, whole: dict) -> None:
     """``set_model_state_dict`` from the whole model's names (a pipeline's own, prefixed)."""
-    if is_pipeline(model):
-        back = {whole_name(k): k for k in model.state_dict()}
-        whole = {back[k]: v for k, v in whole.items()}
+    if is_pipeline(model):  # each own name (a tie's copies, two stages on one rank: several) takes its value
+        whole = {k: whole[whole_name(k)] for k in model.state_dict()}
     set_model_state_dict(model, whole)

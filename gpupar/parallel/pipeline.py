@@ -31,6 +31,7 @@ from torch import nn
 
 from gpupar.config import ParallelConfig
 from gpupar.parallel.clip import clip_grad_norm_across
+from gpupar.parallel.tied import StageTies
 from gpupar.errors import UsageError, first_line
 from gpupar.training.step import ValidTokens, pipeline_batch
 
@@ -261,12 +262,14 @@ class Pipeline(nn.Module):
     """This rank's stage modules and the schedule that runs them.
 
     ``parameters()`` are this rank's (the optimizer steps those); ``forward_backward`` runs one
-    batch through the whole pipeline and returns the batch's mean loss on every rank.
+    batch through the whole pipeline and returns the batch's mean loss on every rank. ``ties``
+    are the whole model's tied names (``tied.tied_parameters`` before the split): each stage
+    keeps its own copy and ``forward_backward`` sums their gradients (``tied.StageTies``).
     """
 
     def __init__(self, stages: list[tuple[int, nn.Module]], num_stages: int, device: torch.device,
                  pp_group: dist.ProcessGroup, options: ParallelConfig, comm_device: torch.device,
-                 microbatches: int):
+                 microbatches: int, ties: list[list[str]] | None = None):
         super().__init__()
         self.stages = nn.ModuleList(module for _, module in stages)
         self.stage_ids = [s for s, _ in stages]
@@ -277,6 +280,7 @@ class Pipeline(nn.Module):
         # The last stage's rank (the last pp rank; rank 0 in a V) broadcasts its loss.
         self.last_rank = dist.get_global_rank(pp_group, self.stage_owner(num_stages - 1))
         self._schedule, self._loss_fn, self._rounds, self._tokens, self._scaler = None, None, 1, None, None
+        self.ties = StageTies(ties, list(self.stages), pp_group) if ties else None
 
     def forward(self, *args):
         raise UsageError("a pipeline-parallel model runs its stages through a schedule, not model(inputs): "
@@ -340,6 +344,8 @@ class Pipeline(nn.Module):
             # stages send and receive the half-precision activations as they come.
             with amp if amp is not None else contextlib.nullcontext():
                 schedule.step(*args, **kwargs)
+        if self.ties is not None:  # each stage's copy of a tie holds its own uses' gradient: add them up
+            self.ties.sum_grads()
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
         # stays a tensor (a device collective under NCCL): the loop reads it at log points only.
@@ -365,5 +371,7 @@ class Pipeline(nn.Module):
         """Clip this rank's gradients by the norm of the whole model's gradient (every stage's,
         and within a stage every TP / FSDP shard's), as ``torch.nn.utils.clip_grad_norm_`` does
         on one device: each rank's stages hold a disjoint part of the parameters, so the squared
-        norms add up over the pipeline (torchtitan's ``clip_grad_norm_`` with a pp mesh)."""
-        return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device)
+        norms add up over the pipeline (torchtitan's ``clip_grad_norm_`` with a pp mesh). A tied
+        Parameter's copies (one per stage that holds it) count once."""
+        uncounted = self.ties.uncounted if self.ties is not None else set()
+        return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device, uncounted)

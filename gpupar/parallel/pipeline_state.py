@@ -10,6 +10,11 @@ merges its model parts' state dicts the same way).
 The optimizer's ``param_groups`` are one value per group in DCP, written once for all ranks:
 they list every stage's parameters (gathered over the pipeline), as one device would; on load
 each rank keeps its own parameters' names and the group's saved hyper-parameters.
+
+A tied Parameter (``tied.StageTies``) has one copy per stage that holds it, bit-equal: the
+model state keeps each of its names once (as one device's state dict has them all), and the
+optimizer state and groups name it by the tie's first name only, as one device's optimizer
+does; on load every copy takes that one value.
 """
 
 from __future__ import annotations
@@ -38,20 +43,27 @@ def model_state(model: nn.Module) -> dict:
     return {whole_name(k): v for k, v in state.items()} if is_pipeline(model) else state
 
 
+def _optim_name(model: nn.Module, name: str) -> str:
+    """A pipeline's optimizer-state name in the whole model: a tied copy's is the tie's first name."""
+    ties = getattr(model, "ties", None)
+    whole = whole_name(name)
+    return ties.alias.get(whole, whole) if ties is not None else whole
+
+
 def state_dicts(model: nn.Module, optimizer) -> tuple[dict, dict]:
     """``get_state_dict(model, optimizer)``; for a pipeline, under the whole model's names, with
-    each param group listing every stage's parameters (a collective over the pipeline)."""
+    each param group listing every stage's parameters (a collective over the pipeline), a tie once."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     if not is_pipeline(model):
         return model_sd, optim_sd
     groups = []
     for group in optim_sd["param_groups"]:
-        mine = [whole_name(p) for p in group["params"]]
+        mine = [_optim_name(model, p) for p in group["params"]]
         everyone: list = [None] * dist.get_world_size(model.pp_group)
         dist.all_gather_object(everyone, mine, group=model.pp_group)
-        groups.append({**group, "params": [p for names in everyone for p in names]})
+        groups.append({**group, "params": list(dict.fromkeys(p for names in everyone for p in names))})
     return ({whole_name(k): v for k, v in model_sd.items()},
-            {"state": {whole_name(k): v for k, v in optim_sd["state"].items()}, "param_groups": groups})
+            {"state": {_optim_name(model, k): v for k, v in optim_sd["state"].items()}, "param_groups": groups})
 
 
 def load_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
@@ -60,10 +72,9 @@ def load_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         return
     own_model, own_optim = get_state_dict(model, optimizer)  # this rank's names, with the stage prefix
-    back = {whole_name(k): k for k in own_model}
-    back.update({whole_name(k): k for k in own_optim["state"]})
+    # Several own names may take one whole name's value: a tie's copies, two stages on one rank.
     mine = [[p for p in g["params"]] for g in own_optim["param_groups"]]
-    optim = {"state": {back[k]: v for k, v in optim_sd["state"].items()},
+    optim = {"state": {k: optim_sd["state"][_optim_name(model, k)] for k in own_optim["state"]},
              "param_groups": [{**saved, "params": params} for saved, params in zip(optim_sd["param_groups"], mine)]}
-    set_state_dict(model, optimizer, model_state_dict={back[k]: v for k, v in model_sd.items()},
+    set_state_dict(model, optimizer, model_state_dict={k: model_sd[whole_name(k)] for k in own_model},
                    optim_state_dict=optim)

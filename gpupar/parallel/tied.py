@@ -13,12 +13,22 @@ break it silently, so each one keeps it or refuses it:
   time, which would make two sharded copies; ``retie`` points the other names back at the
   first copy, and ``check_tp`` refuses (before any rank starts) a tie whose modules are
   sharded differently;
-- pipeline: stages live on different ranks, so a tie across stages cannot hold; ``check_pp``
-  refuses it, naming the two parameters, before any rank starts.
+- pipeline: stages live on different ranks, so a tie across stages cannot be one tensor. As
+  Megatron-LM does for its tied embedding and output head, each stage that holds a name of
+  the tie keeps its own copy, all starting from the same values; after every backward
+  ``StageTies.sum_grads`` adds the copies' gradients (over a process group of the pp ranks
+  that hold them, one per data/tensor-parallel replica, and locally where one rank holds two
+  stages, as the V-shaped schedules put the first and the last stage on rank 0), so every
+  copy takes the one-device gradient and the same optimizer step, and stays bit-equal. The
+  clip norm counts the tie once, and checkpoints keep one value under its names
+  (``pipeline_state``). What still cannot hold is refused before launch by ``check_pp``: a
+  tie across stages whose modules tensor parallel shards differently.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from gpupar.errors import UsageError
@@ -87,23 +97,92 @@ def check_tp(model: nn.Module, plan: dict) -> None:
                              "give both modules the same style")
 
 
-def check_pp(stages: list[nn.Module], model: nn.Module) -> None:
-    """A tie must stay inside one pipeline stage (each stage is a copy of ``model`` without
-    the other stages' modules, with the whole model's parameter names)."""
-    holds = [{n for n, _ in stage.named_parameters(remove_duplicate=False)} for stage in stages]
-    for names in tied_parameters(model):
-        for held in holds:
-            kept = [n for n in names if n in held]
-            if kept and len(kept) < len(names):
-                lost = next(n for n in names if n not in held)
-                raise UsageError(f"--pp: {kept[0]!r} and {lost!r} are one tied parameter but fall in different "
-                                 f"pipeline stages, which cannot share weights; {_untie_hint(model)}")
+def check_pp(model: nn.Module, plan: dict | None) -> None:
+    """A tie across pipeline stages keeps one copy per stage whose gradients are summed
+    (``StageTies``); under tensor parallel the copies must be sharded alike for their local
+    shards to add up, so the whole model's plan must shard every module of a tie alike."""
+    if plan:
+        try:
+            check_tp(model, plan)
+        except UsageError as exc:
+            raise UsageError(f"{exc} (with --pp, each stage's copy of a tie must be sharded alike)") from None
 
 
-def _untie_hint(model: nn.Module) -> str:
-    """A Hugging Face model ties its embedding to its head by config, and its stages keep the
-    embedding first and the head last, so no split point joins them: untying is the way."""
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return ("untie them with --hf-config tie_word_embeddings=false (the head is then its own weight, "
-                "another model) or use fsdp/ddp/tp")
-    return "keep them in one stage (--split-points) or use fsdp/ddp/tp"
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP, TP), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class StageTies:
+    """The copies of each tied Parameter that this rank's pipeline stages hold, and the
+    process groups that add up their gradients (see the module docstring).
+
+    ``groups`` are the whole model's tie groups (``tied_parameters``, before the split), and
+    ``stages`` this rank's stage modules, each under the whole model's parameter names. Every
+    rank must build it at the same point (one all-gather and the same ``new_group`` calls)."""
+
+    def __init__(self, groups: list[list[str]], stages: list[nn.Module], pp_group: dist.ProcessGroup):
+        self.alias = {name: names[0] for names in groups for name in names}
+        """Each tied name -> the tie's first name (the one a single device's optimizer uses)."""
+        self.copies: list[list[nn.Parameter]] = []  # per tie group: this rank's distinct copies
+        for names in groups:
+            found: dict[int, nn.Parameter] = {}
+            for stage in stages:
+                for name, p in stage.named_parameters(remove_duplicate=False):
+                    if name in names:
+                        found.setdefault(id(p), p)
+            self.copies.append(list(found.values()))
+        pp, pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+        # Which pp ranks hold each tie, and every pipeline replica's ranks (the same on each rank).
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (tuple(dist.get_process_group_ranks(pp_group)), pp_rank,
+                                          [bool(c) for c in self.copies]))
+        replicas = sorted({ranks for ranks, _, _ in everyone})
+        mine = tuple(dist.get_process_group_ranks(pp_group))
+        self.process_groups: list[tuple[dist.ProcessGroup | None, int]] = []  # (group, global src) per tie
+        self.uncounted: set[int] = set()  # ids of copies the clip norm leaves out (counted once elsewhere)
+        for g, copies in enumerate(self.copies):
+            holders = sorted({r for ranks, r, held in everyone if ranks == mine and held[g]})
+            group = None
+            if len(holders) > 1:
+                if len(holders) == pp:
+                    group = pp_group
+                else:  # every rank creates every replica's group, in the same order
+                    made = [dist.new_group([ranks[r] for r in holders]) for ranks in replicas]
+                    group = made[replicas.index(mine)]
+            counted_here = holders[:1] == [pp_rank]
+            self.uncounted |= {id(p) for p in (copies[1:] if counted_here else copies)}
+            self.process_groups.append((group, mine[holders[0]] if holders else 0))
+        self._same_start()
+
+    @torch.no_grad()
+    def _same_start(self) -> None:
+        """Every copy starts from the first holder's values (a no-op after ``rank0_initial_state``;
+        the keep-your-loop API leaves the user's init to the user, and a tie is one value)."""
+        for copies, (group, src) in zip(self.copies, self.process_groups):
+            if not copies:
+                continue
+            first = _local(copies[0].data)
+            if group is not None:
+                dist.broadcast(first, src=src, group=group)
+            for p in copies[1:]:
+                _local(p.data).copy_(first)
+
+    @torch.no_grad()
+    def sum_grads(self) -> None:
+        """Give every copy the sum of all copies' gradients: the one-device gradient of the tie.
+        After the backward, before the inf check, the clip and the optimizer step, so that each
+        of them sees the summed gradient (the scaled one under fp16: the sum is linear)."""
+        for copies, (group, _) in zip(self.copies, self.process_groups):
+            if not copies or (group is None and len(copies) == 1):
+                continue
+            for p in copies:
+                if p.grad is None:  # this copy took no part in the step: it adds nothing
+                    p.grad = torch.zeros_like(p)
+            total = _local(copies[0].grad).clone()
+            for p in copies[1:]:
+                total += _local(p.grad)
+            if group is not None:
+                dist.all_reduce(total, group=group)
+            for p in copies:
+                _local(p.grad).copy_(total)

@@ -70,6 +70,9 @@ def record_first_grads(step: StepFn, model: nn.Module, topo: Topology, path: Pat
 
 
 def full_grads(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
-    """The gradients under the unparallelised parameter names, in fp32, on rank 0 (None elsewhere)."""
-    grads = full_tensors(model, topo, lambda module: ((n, p.grad) for n, p in module.named_parameters()))
+    """The gradients under the unparallelised parameter names, in fp32, on rank 0 (None elsewhere).
+    A tied parameter is named under each of its names: one device's one tensor, a pipeline's
+    copies in the stages that hold them (each must carry the summed gradient)."""
+    grads = full_tensors(model, topo, lambda module: ((n, p.grad)
+                                                      for n, p in module.named_parameters(remove_duplicate=False)))
     return None if grads is None else {name: g.float().clone() for name, g in grads.items()}
