@@ -20,6 +20,7 @@ from gpupar.parallel.pipeline import split_model
 from gpupar.parallel.tensor import apply_tp, auto_plan
 from gpupar.parallelize import full_state_dict, parallelize
 from gpupar.topology import Topology
+from pp_tied import pp_tied
 
 
 def ok(name: str) -> None:
@@ -144,6 +145,8 @@ def main() -> None:
 
     pipeline_loss_scaler(topo.rank)
     ok("pipeline-loss-scaler")
+    pp_tied(topo.rank)  # tests/pp_tied.py: a tie across stages trains as on one device
+    ok("pp-tied")
     topo.close()
 
 

@@ -148,7 +148,8 @@ def test_rank_level_tensor_and_pipeline_checks(tmp_path):
     assert re.findall(r"^OK (\S+)", proc.stdout, re.M) == ["mesh", "auto-pairing", "gpt-plan", "user-plan",
                                                            "divisibility", "pipeline-split", "gloo-reduce-scatter",
                                                            "ddp-token-mean", "pp-token-mean", "loss-reads-parameters",
-                                                           "tp-loss-sees-the-whole-output", "pipeline-loss-scaler"]
+                                                           "tp-loss-sees-the-whole-output", "pipeline-loss-scaler",
+                                                           "pp-tied"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
