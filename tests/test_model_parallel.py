@@ -257,9 +257,12 @@ def test_pipeline_usage_errors_before_launch(gpupar_cli, tmp_path):
      "try --batch-size 960"),
     (["--strategy", "ddp", "--tp", 2, "--dp", 2, "--nproc-per-node", 4, "--model", "mlp", "--hidden", 64],
      "--strategy ddp with --tp 2: DDP cannot hold tensor-parallel (DTensor) parameters"),
-    (["--model", "user_models:tied_blocks", "--pp", 2, "--nproc-per-node", 2],
-     "--pp: 'blocks.0.up.weight' and 'blocks.2.up.weight' are one tied parameter but fall in different pipeline "
-     "stages"),
+    # A tie across pipeline stages trains (one copy a stage, gradients summed), but under --tp its
+    # copies must be sharded alike for their local shards to add up.
+    (["--model", "user_models:tied_pair", "--pp", 2, "--tp", 2, "--nproc-per-node", 4],
+     "--tp: '2.weight' and '4.weight' are one tied parameter but the tensor-parallel plan shards their modules "
+     "differently (ColwiseParallel, RowwiseParallel); give both modules the same style (with --pp, each stage's "
+     "copy of a tie must be sharded alike)"),
     (["--model", "user_models:halved_blocks", "--pp", 2, "--tp", 2, "--nproc-per-node", 4],
      "--tp with --pp: the traced stage's 'blocks.0.up' runs mul, linear, not one linear on its own weight"),
     (["--model", "user_models:tied_pair", "--tp", 2, "--nproc-per-node", 2],
