@@ -2,7 +2,8 @@
 
     gpupar run --nproc-per-node 2 --strategy fsdp tests/own_verbs.py OUT [--accum 2] [--epochs 1] [--resume CKPT]
 
-A ModuleList model, AdamW with two parameter groups (the head on its own lr, no weight decay),
+A ModuleList model whose two blocks share one weight (under pp the stages each hold a copy),
+AdamW with two parameter groups (the head on its own lr, no weight decay),
 gradient accumulation under ``gp.no_sync``, ``gp.forward_backward`` (a pipeline's schedule
 under ``--strategy pp``), global clipping, a metric summed with ``gp.all_reduce``, and
 ``gp.save`` / ``gp.load`` of the model, the optimizer and the step. Rank 0 writes what the
@@ -34,6 +35,7 @@ X = torch.randn(64, 10)
 y = X[:, :1].sin() + 0.1 * torch.randn(64, 1)
 loader = gp.setup_dataloader(DataLoader(TensorDataset(X, y), batch_size=16))  # the global batch
 model = ResidualMLP(width=16, blocks=2)
+model.blocks[1].up.weight = model.blocks[0].up.weight  # tied across blocks: a pipeline's two stages each hold a copy
 body = [p for name, p in model.named_parameters() if not name.startswith("head.")]
 optimizer = torch.optim.AdamW([{"params": body, "weight_decay": 0.1},
                                {"params": list(model.head.parameters()), "lr": 3e-3, "weight_decay": 0.0}],

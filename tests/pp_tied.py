@@ -91,7 +91,8 @@ def check_copies_equal(pipe: Pipeline, rank: int, schedule: str) -> None:
 
 def scaled_grads_are_summed(pipe: Pipeline) -> None:
     """fp16's loss scaler: the copies hold S x the summed gradient when the scaler unscales and
-    checks them (against the same batch's unscaled summed gradient; S a power of 2)."""
+    checks them (against the same batch's unscaled summed gradient; S a power of 2). And
+    accumulation over calls sums each call once."""
     x, y = batches()[0]
     pipe.forward_backward([(x, y)], TokenCrossEntropy())
     plain = pipe.ties.copies[0][0].grad.clone()
@@ -99,6 +100,12 @@ def scaled_grads_are_summed(pipe: Pipeline) -> None:
     scaler = PipelineGradScaler(CPU, dist.group.WORLD, CPU, init_scale=2.0 ** 8)
     pipe.forward_backward([(x, y)], TokenCrossEntropy(), None, scaler)
     torch.testing.assert_close(pipe.ties.copies[0][0].grad / 2.0 ** 8, plain, rtol=1e-6, atol=1e-9)
+    pipe.zero_grad()
+    # A loop that accumulates over two calls (gp.forward_backward twice before the step): each
+    # call's uses are summed once, so the same batch twice is exactly twice the gradient.
+    for _ in range(2):
+        pipe.forward_backward([(x, y)], TokenCrossEntropy())
+    assert torch.equal(pipe.ties.copies[0][0].grad, 2 * plain)
     pipe.zero_grad()
 
 

@@ -334,6 +334,7 @@ class Pipeline(nn.Module):
         self._rounds, self._scaler = len(micro_batches), scaler
         rounds = [pipeline_batch(batch, self.microbatches) for batch in micro_batches]  # (inputs, targets)
         self._tokens = ValidTokens.of(loss_fn, [y for _, y in rounds])  # over the world: a collective
+        earlier = self.ties.set_aside() if self.ties is not None else None
         losses: list[list[torch.Tensor]] = []
         for x, y in rounds:
             losses.append(round_losses := [])  # a list per round: the schedule clears the one it is given
@@ -345,7 +346,7 @@ class Pipeline(nn.Module):
             with amp if amp is not None else contextlib.nullcontext():
                 schedule.step(*args, **kwargs)
         if self.ties is not None:  # each stage's copy of a tie holds its own uses' gradient: add them up
-            self.ties.sum_grads()
+            self.ties.sum_grads(earlier)
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
         # stays a tensor (a device collective under NCCL): the loop reads it at log points only.

@@ -168,21 +168,35 @@ class StageTies:
             for p in copies[1:]:
                 _local(p.data).copy_(first)
 
+    def set_aside(self) -> list[list[torch.Tensor | None]]:
+        """Take the copies' gradients out before a backward (``sum_grads`` puts them back): a
+        loop that accumulates over several ``forward_backward`` calls already summed them once."""
+        earlier = [[p.grad for p in copies] for copies in self.copies]
+        for copies in self.copies:
+            for p in copies:
+                p.grad = None
+        return earlier
+
     @torch.no_grad()
-    def sum_grads(self) -> None:
-        """Give every copy the sum of all copies' gradients: the one-device gradient of the tie.
-        After the backward, before the inf check, the clip and the optimizer step, so that each
-        of them sees the summed gradient (the scaled one under fp16: the sum is linear)."""
-        for copies, (group, _) in zip(self.copies, self.process_groups):
-            if not copies or (group is None and len(copies) == 1):
+    def sum_grads(self, earlier: list[list[torch.Tensor | None]]) -> None:
+        """Give every copy the sum of all copies' gradients of this backward (the one-device
+        gradient of the tie) on top of what ``set_aside`` took out: after the backward, before
+        the inf check, the clip and the optimizer step, so that each of them sees the summed
+        gradient (the scaled one under fp16: the sum is linear)."""
+        for copies, (group, _), before in zip(self.copies, self.process_groups, earlier):
+            if not copies:
                 continue
             for p in copies:
-                if p.grad is None:  # this copy took no part in the step: it adds nothing
+                if p.grad is None:  # this copy took no part in this backward: it adds nothing
                     p.grad = torch.zeros_like(p)
             total = _local(copies[0].grad).clone()
             for p in copies[1:]:
                 total += _local(p.grad)
             if group is not None:
                 dist.all_reduce(total, group=group)
-            for p in copies:
-                _local(p.grad).copy_(total)
+            for p, grad in zip(copies, before):  # the earlier sums are equal on every copy
+                if grad is None:
+                    _local(p.grad).copy_(total)
+                else:
+                    _local(grad).add_(total)
+                    p.grad = grad
