@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
@@ -74,7 +75,22 @@ def load_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict
     own_model, own_optim = get_state_dict(model, optimizer)  # this rank's names, with the stage prefix
     # Several own names may take one whole name's value: a tie's copies, two stages on one rank.
     mine = [[p for p in g["params"]] for g in own_optim["param_groups"]]
-    optim = {"state": {k: optim_sd["state"][_optim_name(model, k)] for k in own_optim["state"]},
+    optim = {"state": _own_states(model, own_optim["state"], optim_sd["state"]),
              "param_groups": [{**saved, "params": params} for saved, params in zip(optim_sd["param_groups"], mine)]}
     set_state_dict(model, optimizer, model_state_dict={k: model_sd[whole_name(k)] for k in own_model},
                    optim_state_dict=optim)
+
+
+def _own_states(model: nn.Module, own: dict, saved: dict) -> dict:
+    """Each own parameter's optimizer state from its whole name's; the second and later copies
+    of a tie on this rank get their own clones (the optimizer would otherwise keep one state
+    for two parameters and step it twice)."""
+    out, used = {}, set()
+    for k in own:
+        name = _optim_name(model, k)
+        state = saved[name]
+        if name in used:
+            state = {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in state.items()}
+        used.add(name)
+        out[k] = state
+    return out
