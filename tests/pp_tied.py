@@ -49,7 +49,8 @@ def reference():
 
 
 def pp_tied(rank: int) -> None:
-    steps, ref_model, ref_optim = reference()
+    steps, ref_model, _ = reference()
+    copies_laid_out_differently_is_one_line(rank)
     for schedule in ("1f1b", "zbv"):
         options = ParallelConfig(pp=2, schedule=schedule)
         model = tied_gpt()
@@ -137,3 +138,20 @@ def checkpoint_resumes_on_one_device(pipe: Pipeline, optimizer, rank: int) -> No
             assert torch.equal(one_optim.state[p]["momentum_buffer"], moments[name]), name
         assert torch.equal(moments["head.weight"], moments["tok_emb.weight"])  # the copies' moments agree
     dist.barrier()
+
+
+def copies_laid_out_differently_is_one_line(rank: int) -> None:
+    """Copies whose local shards differ (a tie sharded unlike across stages) could not be added
+    up: every rank raises the same line at setup, none waits in a collective."""
+    from gpupar.errors import UsageError
+
+    options = ParallelConfig(pp=2, schedule="1f1b")
+    model = tied_gpt()
+    stages = split_model(model, GPT.layer_units(model), 2, rank, options)
+    try:  # a "tie" of the [16, 16] token embedding (rank 0) and the [16] final norm's weight (rank 1)
+        Pipeline(stages, 2, CPU, dist.group.WORLD, options, CPU, microbatches=2,
+                 ties=[["tok_emb.weight", "norm.weight"]])
+    except UsageError as exc:
+        assert "copies of the tied 'tok_emb.weight' are laid out differently ([16, 16] whole; [16] whole)" in str(exc), exc
+    else:
+        raise AssertionError("copies of different shapes were summed")

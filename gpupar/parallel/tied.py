@@ -113,6 +113,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _layout(p: nn.Parameter) -> str:
+    """A copy's local shape and sharding: every copy of a tie must have the same one."""
+    return f"{list(_local(p).shape)} {getattr(p, 'placements', 'whole')}"
+
+
 class StageTies:
     """The copies of each tied Parameter that this rank's pipeline stages hold, and the
     process groups that add up their gradients (see the module docstring).
@@ -136,13 +141,17 @@ class StageTies:
         # Which pp ranks hold each tie, and every pipeline replica's ranks (the same on each rank).
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (tuple(dist.get_process_group_ranks(pp_group)), pp_rank,
-                                          [bool(c) for c in self.copies]))
+                                          [[_layout(p) for p in c] for c in self.copies]))
         replicas = sorted({ranks for ranks, _, _ in everyone})
         mine = tuple(dist.get_process_group_ranks(pp_group))
         self.process_groups: list[tuple[dist.ProcessGroup | None, int]] = []  # (group, global src) per tie
         self.uncounted: set[int] = set()  # ids of copies the clip norm leaves out (counted once elsewhere)
         for g, copies in enumerate(self.copies):
             holders = sorted({r for ranks, r, held in everyone if ranks == mine and held[g]})
+            layouts = {layout for ranks, _, held in everyone if ranks == mine for layout in held[g]}
+            if len(layouts) > 1:  # the local shards would not add up (nor fit one all-reduce)
+                raise UsageError(f"--pp: the stages' copies of the tied {groups[g][0]!r} are laid out differently "
+                                 f"({'; '.join(sorted(layouts))}); shard every module of a tie alike")
             group = None
             if len(holders) > 1:
                 if len(holders) == pp:
