@@ -110,6 +110,8 @@ def main() -> None:
     ok("ddp-token-mean")
     pp_token_mean(topo.rank)
     ok("pp-token-mean")
+    pp_token_mean(topo.rank, padding_only_first=True)
+    ok("pp-token-mean-with-a-micro-batch-of-padding-only")
 
     # A loss that reads the parameters (a weight penalty) meets TP's and FSDP's DTensor shards: one line.
     from torch.distributed.fsdp import fully_shard
@@ -202,10 +204,12 @@ def ddp_token_mean(rank: int) -> None:
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
 
 
-def pp_token_mean(rank: int) -> None:
+def pp_token_mean(rank: int, padding_only_first: bool = False) -> None:
     """A pipeline of 2 stages (the embedding | the head), 2 rounds (--grad-accum 2) of 2 micro-batches
     that the schedule cuts itself, over the padded batch (valid tokens 3, 7 | 11, 12): each stage's
-    gradient is the whole batch's token mean, and so is the loss every rank returns."""
+    gradient is the whole batch's token mean, and so is the loss every rank returns.
+    ``padding_only_first``: the first micro-batch holds no valid token (its own mean is 0/0): it
+    must add nothing, not a NaN."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from gpupar.config import ParallelConfig
@@ -214,6 +218,8 @@ def pp_token_mean(rank: int) -> None:
     from padded_tokens import padded_batch, reference_grads, token_model
 
     x, y = padded_batch()
+    if padding_only_first:
+        y[:2] = -100
     reference = token_model()
     want = dict(zip([n for n, _ in reference.named_parameters()], reference_grads(reference, x, y)))
     model, options = token_model(), ParallelConfig()

@@ -298,7 +298,10 @@ class Pipeline(nn.Module):
             # device). A token loss that skips padding weighs each micro-batch by its valid tokens
             # instead: the mean over every valid token of the global batch, not a mean of means.
             tokens = self._tokens
-            loss = loss_fn(output, target) * (tokens.weight(target) if tokens is not None else 1 / (m * self._rounds))
+            if tokens is None:
+                loss = loss_fn(output, target) * (1 / (m * self._rounds))
+            else:
+                loss = loss_fn(output, tokens.usable(target)) * tokens.weight(target)
             # fp16: backward from loss x S (pipeline_scaler.PipelineGradScaler), so the gradients
             # that flow back through the stages stay above fp16's underflow.
             return self._scaler.scale(loss) if self._scaler is not None else loss
