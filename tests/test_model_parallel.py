@@ -150,7 +150,8 @@ def test_rank_level_tensor_and_pipeline_checks(tmp_path):
                                                            "ddp-token-mean", "pp-token-mean",
                                                            "pp-token-mean-with-a-micro-batch-of-padding-only",
                                                            "loss-reads-parameters",
-                                                           "tp-loss-sees-the-whole-output", "pipeline-loss-scaler"]
+                                                           "tp-loss-sees-the-whole-output", "pipeline-loss-scaler",
+                                                           "pp-loss-sees-the-batch"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])

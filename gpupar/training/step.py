@@ -60,6 +60,16 @@ def pipeline_batch(batch, microbatches: int) -> tuple[torch.Tensor, torch.Tensor
     return args[0], target
 
 
+def pipeline_loss(loss_fn: Callable, output: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss on a pipeline's last stage: a user's ``loss(output, batch)`` gets the
+    micro-batch ``(inputs, target)`` as it would on one device, not the target alone (under
+    which ``x, y = batch`` splits the target's rows, silently wrong); a criterion gets
+    ``(prediction, target)``."""
+    if isinstance(loss_fn, BatchLoss):
+        return loss_fn(output, (inputs, target))
+    return loss_fn(output, target)
+
+
 def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
