@@ -301,7 +301,7 @@ class Pipeline(nn.Module):
             tokens = self._tokens
             if isinstance(loss_fn, BatchLoss):  # the schedule cut row numbers: the user's loss gets those rows
                 x, y = self._round
-                loss = pipeline_loss(loss_fn, output, x[target], y[target]) * (1 / (m * self._rounds))
+                loss = pipeline_loss(loss_fn, self._as_output(output), x[target], y[target]) * (1 / (m * self._rounds))
             elif tokens is None:
                 loss = loss_fn(output, target) * (1 / (m * self._rounds))
             else:
@@ -323,6 +323,12 @@ class Pipeline(nn.Module):
         first = stages if self.schedule_name in MULTI_STAGE else stages[0]
         self._schedule, self._loss_fn = cls(first, m, loss_fn=microbatch_loss, **extra), loss_fn
         return self._schedule
+
+    def _as_output(self, output: torch.Tensor):
+        """The last stage's output as the model's own forward gives it (a Hugging Face decoder's
+        stage returns its logits, the model a ``ModelOutput``), for a user's loss(output, batch)."""
+        last = self.stages[self.stage_ids.index(self.num_stages - 1)]
+        return last.as_output(output) if hasattr(last, "as_output") else output
 
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
                          amp=None, scaler=None) -> torch.Tensor:
