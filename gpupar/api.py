@@ -52,6 +52,7 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     from gpupar.topology import ParallelDims, Topology
 
     cfg = (config or Config()).validate()
+    _refuse_what_the_api_does_not_write(cfg)
     if layout(cfg.parallel).ranks:
         if not launched_by_torchrun():
             raise UsageError(f"config.parallel.strategy {cfg.parallel.strategy!r} runs one process per rank: start "
@@ -77,6 +78,19 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     history = fit(parallel, train_set, cfg, topo, loss_fn or make_loss(cfg), optimizer, val_set,
                   hooks=Hooks(log=print if topo.is_main else (lambda _: None)))
     return TrainResult(getattr(parallel.model, "module", parallel.model), history)
+
+
+def _refuse_what_the_api_does_not_write(cfg: Config) -> None:
+    """``train`` returns the model and its history and writes nothing: a run directory,
+    checkpoints, a resume or a tracker set in the config would be ignored, silently."""
+    asked = [("config.train.run_dir", cfg.train.run_dir), ("config.checkpoint.checkpoint_every",
+             cfg.checkpoint.checkpoint_every), ("config.checkpoint.resume", cfg.checkpoint.resume),
+             ("config.track.track", None if cfg.track.track == "none" else cfg.track.track)]
+    for name, value in asked:
+        if value is not None:
+            raise UsageError(f"{name} is {value!r}, but gpupar.train writes no run directory, checkpoints or "
+                             "tracking: it returns the model and its history. Use `gpupar train` (the CLI) for "
+                             "those, or gp = gpupar.setup() and gp.save / gp.load in your own loop")
 
 
 def verify(config: Config, rtol: float | None = None, log: Callable[[str], None] = print):
