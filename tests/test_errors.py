@@ -117,6 +117,47 @@ def test_model_factory_that_raises_or_needs_arguments(gpupar):
                    "needs_args() needs arguments (in_features)")
 
 
+class _Output(torch.nn.Module):
+    """Linear(10, 1) whose forward ends in ``how``: what no loss can take a gradient through."""
+
+    def __init__(self, how=lambda y: y):
+        super().__init__()
+        self.fc, self.how = torch.nn.Linear(10, 1), how
+
+    def forward(self, x):
+        return self.how(self.fc(x))
+
+
+def test_an_output_no_loss_can_take_a_gradient_through_is_one_line_before_launch(gpupar, tmp_path, monkeypatch):
+    from gpupar.errors import UsageError
+    from gpupar.models import check_shapes
+
+    (tmp_path / "outs.py").write_text("import torch\n\n\n"
+                                      "class IntOut(torch.nn.Linear):\n"
+                                      "    def forward(self, x):\n"
+                                      "        return (super().forward(x) > 0).long()\n\n\n"
+                                      "def int_output():\n"
+                                      "    return IntOut(10, 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, y = torch.zeros(4, 10), torch.zeros(4, 1)
+    for how, needles in ((lambda y: (y > 0).long(), ("dtype torch.int64", "float32", "an argmax")),
+                         (lambda y: y > 0, ("dtype torch.bool",)),
+                         (lambda y: torch.complex(y, y), ("dtype torch.complex64", "real-valued")),
+                         (lambda y: y.detach(), ("does not require grad", ".detach()")),
+                         (lambda y: {"logits": y.argmax(-1, keepdim=True)}, ("dtype torch.int64",)),
+                         (lambda y: {"loss": y.sum().detach(), "logits": y}, ("the model's own loss", "require grad"))):
+        with pytest.raises(UsageError) as info:
+            check_shapes(_Output(how), x, y, "regression")
+        assert all(n in str(info.value) for n in needles), (needles, str(info.value))
+    with torch.no_grad():  # a caller's no_grad does not hide a good model's gradient
+        check_shapes(_Output(), x, y, "regression")
+    check_shapes(_Output(lambda y: y.half()), x, y, "regression")  # a half-precision output carries one
+    # The adversarial example, through the CLI: one line, exit 2, no run directory.
+    code, out, err = gpupar(*TRAIN, "--model", "outs:int_output", "--run-dir", tmp_path / "r")
+    one_line_error((code, out, err), "model output has dtype torch.int64")
+    assert not (tmp_path / "r").exists()
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 @pytest.mark.parametrize("name, content, needles", [

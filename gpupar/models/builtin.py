@@ -13,7 +13,7 @@ from gpupar.config import ModelConfig
 from gpupar.errors import UsageError, first_line
 from gpupar.models.gpt import gpt_spec
 from gpupar.models.hf import hf_spec, is_hf
-from gpupar.models.outputs import first_output, own_loss
+from gpupar.models.outputs import check_differentiable, first_output, own_loss
 from gpupar.models.spec import ModelSpec
 
 BUILTIN = ("simple-nn", "mlp", "gpt")
@@ -130,7 +130,8 @@ def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) 
     """Run two samples through the model so a shape mismatch is a clear error, not a deep traceback.
 
     The probe has no side effects: eval mode (BatchNorm uses, and does not update, its running
-    statistics; dropout draws nothing), no autograd, and the RNG state and every buffer are put
+    statistics; dropout draws nothing), no backward (autograd is on only to see that the output
+    carries a gradient: ``check_differentiable``), and the RNG state and every buffer are put
     back, so the training that follows is the one it would have been without the probe.
     """
     was_training = model.training
@@ -138,7 +139,7 @@ def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) 
     rng = torch.get_rng_state()
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.enable_grad():  # under a caller's no_grad too: the output's grad_fn is the check
             out = model(x[:2])
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         if x.device.type == "meta":  # an op without a meta kernel, or one that reads values
@@ -152,6 +153,7 @@ def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) 
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
+    check_differentiable(out, model)
     if own_loss(out) is not None:
         return  # the model computes its loss (a Hugging Face model given labels): no target to match
     out = first_output(out)
