@@ -59,6 +59,42 @@ def test_npz_with_strings_objects_or_no_rows(gpupar, tmp_path):
                    "expected at least one sample")
 
 
+def test_integer_features_are_cast_with_a_note_unless_the_model_takes_ids(gpupar, tmp_path, monkeypatch, capsys):
+    import gpupar as gp
+    from gpupar.models import check_shapes
+    from gpupar.problem import integer_features
+
+    (tmp_path / "ids.py").write_text("import torch\n\n\n"
+                                     "def embedding():\n"
+                                     "    return torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(),"
+                                     " torch.nn.Linear(40, 1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ints = np.arange(640).reshape(64, 10) % 50
+    np.savez(tmp_path / "i.npz", X=ints, y=np.arange(64, dtype=np.float32))
+    torch.save({"X": torch.from_numpy(ints).int(), "y": torch.ones(64)}, tmp_path / "i.pt")
+    for data in ("i.npz", "i.pt"):  # int32 is read as int64
+        code, _, err = gpupar(*TRAIN, "--data", tmp_path / data, "--run-dir", tmp_path / data.replace(".", "-"))
+        assert code == 0, err
+        assert err == f"gpupar: note: --data {tmp_path / data}: integer features (int64) cast to float32, " \
+                      "the dtype of the model's weights\n"  # once, though the problem is loaded twice
+    code, _, err = gpupar(*TRAIN, "--data", tmp_path / "i.npz", "--model", "ids:embedding", "--run-dir", tmp_path / "e")
+    assert (code, err) == (0, "")  # token ids stay integer: an embedding takes them as they are
+    # On the meta device a Linear takes int64 without a word: the hooks tell there.
+    X, y = torch.from_numpy(ints[:4]), torch.zeros(4, 1)
+    for build, kept in ((lambda: torch.nn.Linear(10, 1), False),
+                        (lambda: torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(),
+                                                     torch.nn.Linear(40, 1)), True)):
+        with torch.device("meta"):
+            model = build()
+        features, _, note = integer_features(X, model, lambda x: check_shapes(model, x.to("meta"), y, "regression"))
+        assert (features.dtype == torch.int64) == kept and (note is None) == kept
+    capsys.readouterr()
+    cfg = gp.Config()
+    cfg.train.epochs = 2
+    gp.train(torch.nn.Linear(10, 1), (torch.from_numpy(ints), torch.ones(64)), config=cfg)  # the Python API
+    assert "gpupar: note: data: integer features (int64) cast to float32" in capsys.readouterr().err
+
+
 def test_csv_without_feature_columns_is_refused(gpupar, tmp_path):
     (tmp_path / "t.csv").write_text("t\n1\n2\n3\n4\n")
     code, out, err = gpupar(*TRAIN, "--data", tmp_path / "t.csv", "--target", "t", "--run-dir", tmp_path / "r")
