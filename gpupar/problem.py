@@ -19,7 +19,7 @@ from gpupar.data import first_samples, load_data, prepare_targets, synthetic_reg
 from gpupar.data.tokens import TokenWindows, check_vocab
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
-from gpupar.models.builtin import float_dtype, needs_float_features
+from gpupar.models.builtin import float_dtype, needs_float_features, probe_forward
 from gpupar.models.hf import hf_config, is_hf
 from gpupar.training.step import split_batch
 
@@ -143,6 +143,8 @@ def _source_problem(cfg: Config, spec: ModelSpec, source, meta: bool) -> Problem
     if isinstance(y, torch.Tensor) and spec.loss is None:  # the model's own loss knows its target
         n_out = int(y.max()) + 1 if cfg.data.task == "classification" else (y.shape[1] if y.dim() > 1 else 1)
     model = _build(cfg, spec, n_in, n_out, meta)
+    if X is not None and not (X.is_floating_point() or X.is_complex()) and not isinstance(source, TokenWindows):
+        _refuse_integer_features(cfg, X, model)
     if X is not None and isinstance(y, torch.Tensor) and spec.loss is None and X.is_floating_point():
         # The target as collated (a scalar per sample stays [batch]: against a [batch, 1]
         # output, MSE would broadcast to [batch, batch] without a word).
@@ -153,6 +155,23 @@ def _source_problem(cfg: Config, spec: ModelSpec, source, meta: bool) -> Problem
             model = _build(cfg, spec, n_in, n_out, meta=False)
             check_shapes(model, X, target, cfg.data.task)
     return Problem(X, y, model, spec, source)
+
+
+def _refuse_integer_features(cfg: Config, X: torch.Tensor, model: nn.Module) -> None:
+    """A table or Dataset is read a batch at a time, so integer features a model cannot take
+    (a Linear) are refused before launch, not cast: they were a traceback at the first step.
+    Ids for an embedding pass (a token file is ids by design and is not asked)."""
+    def forward(x: torch.Tensor):
+        try:
+            return probe_forward(model, x.to(device_of(model)))
+        except NotImplementedError:  # no meta kernel: the ranks' first step will tell
+            return None
+
+    if integer_features(X, model, forward)[2] is not None:
+        raise UsageError(f"--data {cfg.data.data}: the features are {str(X.dtype).removeprefix('torch.')} and the "
+                         f"model takes {str(float_dtype(model)).removeprefix('torch.')} (an integer reaches a layer "
+                         "of float weights); cast them to float in the data (a datasets table: cast_column), or give "
+                         "a model that embeds ids")
 
 
 def _source_samples(source) -> int | None:

@@ -88,6 +88,15 @@ def test_integer_features_are_cast_with_a_note_unless_the_model_takes_ids(gpupar
             model = build()
         features, _, note = integer_features(X, model, lambda x: check_shapes(model, x.to("meta"), y, "regression"))
         assert (features.dtype == torch.int64) == kept and (note is None) == kept
+    # A Dataset is read a batch at a time: integer features a Linear cannot take are refused before launch.
+    (tmp_path / "sets.py").write_text("import torch\n\n\n"
+                                      "def ints():\n"
+                                      "    return torch.utils.data.TensorDataset(torch.arange(640).reshape(64, 10) % 50,"
+                                      " torch.ones(64, 1))\n")
+    one_line_error(gpupar(*TRAIN, "--data", "sets:ints", "--run-dir", tmp_path / "s"),
+                   "--data sets:ints: the features are int64 and the model takes float32")
+    assert not (tmp_path / "s").exists()
+    assert gpupar(*TRAIN, "--data", "sets:ints", "--model", "ids:embedding", "--run-dir", tmp_path / "s")[0] == 0
     capsys.readouterr()
     cfg = gp.Config()
     cfg.train.epochs = 2
