@@ -32,7 +32,7 @@ from torch import nn
 from gpupar.config import ParallelConfig
 from gpupar.parallel.clip import clip_grad_norm_across
 from gpupar.errors import UsageError, first_line
-from gpupar.training.step import ValidTokens, pipeline_batch
+from gpupar.training.step import BatchLoss, ValidTokens, pipeline_batch, pipeline_loss
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
@@ -277,6 +277,7 @@ class Pipeline(nn.Module):
         # The last stage's rank (the last pp rank; rank 0 in a V) broadcasts its loss.
         self.last_rank = dist.get_global_rank(pp_group, self.stage_owner(num_stages - 1))
         self._schedule, self._loss_fn, self._rounds, self._tokens, self._scaler = None, None, 1, None, None
+        self._round: tuple[torch.Tensor, torch.Tensor] | None = None  # the round's batch, for a loss(output, batch)
 
     def forward(self, *args):
         raise UsageError("a pipeline-parallel model runs its stages through a schedule, not model(inputs): "
@@ -298,7 +299,13 @@ class Pipeline(nn.Module):
             # device). A token loss that skips padding weighs each micro-batch by its valid tokens
             # instead: the mean over every valid token of the global batch, not a mean of means.
             tokens = self._tokens
-            loss = loss_fn(output, target) * (tokens.weight(target) if tokens is not None else 1 / (m * self._rounds))
+            if isinstance(loss_fn, BatchLoss):  # the schedule cut row numbers: the user's loss gets those rows
+                x, y = self._round
+                loss = pipeline_loss(loss_fn, output, x[target], y[target]) * (1 / (m * self._rounds))
+            elif tokens is None:
+                loss = loss_fn(output, target) * (1 / (m * self._rounds))
+            else:
+                loss = loss_fn(output, tokens.usable(target)) * tokens.weight(target)
             # fp16: backward from loss x S (pipeline_scaler.PipelineGradScaler), so the gradients
             # that flow back through the stages stay above fp16's underflow.
             return self._scaler.scale(loss) if self._scaler is not None else loss
@@ -334,7 +341,11 @@ class Pipeline(nn.Module):
         for x, y in rounds:
             losses.append(round_losses := [])  # a list per round: the schedule clears the one it is given
             args = (x,) if self.has_first else ()
-            kwargs = {"target": y, "losses": round_losses} if self.has_last else {}
+            # A user's loss(output, batch) needs each micro-batch's inputs too, and the schedule
+            # cuts one target tensor only: it cuts the rows' numbers, and the loss takes those rows.
+            self._round = (x, y)
+            target = torch.arange(len(y), device=y.device) if isinstance(loss_fn, BatchLoss) else y
+            kwargs = {"target": target, "losses": round_losses} if self.has_last else {}
             # bf16/fp16: autocast around the schedule runs every stage's forward (and the loss) in
             # half precision where autocast does, with the fp32 parameters as master weights; the
             # stages send and receive the half-precision activations as they come.
