@@ -77,6 +77,9 @@ def test_integer_features_are_cast_with_a_note_unless_the_model_takes_ids(gpupar
         assert code == 0, err
         assert err == f"gpupar: note: --data {tmp_path / data}: integer features (int64) cast to float32, " \
                       "the dtype of the model's weights\n"  # once, though the problem is loaded twice
+    code, _, err = gpupar("predict", "--weights", tmp_path / "i-npz" / "model.safetensors", "--data",
+                          tmp_path / "i.npz", "--out", tmp_path / "p.csv")  # predict takes them as training did
+    assert code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 65, err
     code, _, err = gpupar(*TRAIN, "--data", tmp_path / "i.npz", "--model", "ids:embedding", "--run-dir", tmp_path / "e")
     assert (code, err) == (0, "")  # token ids stay integer: an embedding takes them as they are
     # On the meta device a Linear takes int64 without a word: the hooks tell there.
