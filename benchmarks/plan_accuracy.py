@@ -341,32 +341,36 @@ def main() -> None:
         "| highest step above pred | step ms pred | step ms meas (under load) |",
         "|---|---|---|---|---|---|---|---|---|---|", *lines])
     print(report)
-    plot = Path(args.update_markdown).parent / "benchmarks" / "plan_accuracy.png" if args.update_markdown else None
-    if plot:
-        import matplotlib
+    if args.update_markdown:
+        update_markdown(Path(args.update_markdown), report, pred_t, meas_t, rho)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.loglog([t * 1e3 for t in pred_t], [t * 1e3 for t in meas_t], "o")
-        lo, hi = min(pred_t + meas_t) * 1e3, max(pred_t + meas_t) * 1e3
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xlabel("predicted step time (ms)")
-        ax.set_ylabel("measured step time (ms, under load)")
-        ax.set_title(f"gpupar plan, CPU/gloo: Spearman {rho:.2f}")
-        fig.tight_layout()
-        fig.savefig(plot, dpi=100)
-        md = Path(args.update_markdown)
-        text = md.read_text()
-        begin, end = "<!-- gpupar plan-accuracy -->", "<!-- end gpupar plan-accuracy -->"
-        block = f"{begin}\n{report}\n\n![plan accuracy](benchmarks/plan_accuracy.png)\n{end}"
-        if begin in text:
-            text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-        else:
-            text += "\n" + block + "\n"
-        md.write_text(text)
+def update_markdown(md: Path, report: str, pred_t: list[float], meas_t: list[float], rho: float) -> None:
+    """The report and a predicted-against-measured plot (benchmarks/plan_accuracy.png) into
+    ``md`` between its plan-accuracy markers (appended the first time)."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot = md.parent / "benchmarks" / "plan_accuracy.png"
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.loglog([t * 1e3 for t in pred_t], [t * 1e3 for t in meas_t], "o")
+    lo, hi = min(pred_t + meas_t) * 1e3, max(pred_t + meas_t) * 1e3
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("predicted step time (ms)")
+    ax.set_ylabel("measured step time (ms, under load)")
+    ax.set_title(f"gpupar plan, CPU/gloo: Spearman {rho:.2f}")
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+    text = md.read_text()
+    begin, end = "<!-- gpupar plan-accuracy -->", "<!-- end gpupar plan-accuracy -->"
+    block = f"{begin}\n{report}\n\n![plan accuracy](benchmarks/plan_accuracy.png)\n{end}"
+    if begin in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text += "\n" + block + "\n"
+    md.write_text(text)
 
 if __name__ == "__main__":
     main()

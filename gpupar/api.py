@@ -13,6 +13,7 @@ gives the same weights as ``gpupar train`` with the same flags, model and data.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -52,6 +53,7 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     from gpupar.topology import ParallelDims, Topology
 
     cfg = (config or Config()).validate()
+    _refuse_what_the_api_does_not_write(cfg)
     if layout(cfg.parallel).ranks:
         if not launched_by_torchrun():
             raise UsageError(f"config.parallel.strategy {cfg.parallel.strategy!r} runs one process per rank: start "
@@ -62,6 +64,7 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     if optimizer is not None and (topo.dims.fsdp_enabled or topo.tp_enabled or topo.pp_enabled):
         raise UsageError("pass no optimizer with fsdp, tp or pp: their parameters are replaced by shards, so "
                          "gpupar builds the optimizer after sharding (config.optim)")
+    data, val_data = (_integer_features(model, d, topo.is_main) for d in (data, val_data))
     train_set, val_set = as_samples(data, cfg)
     if val_data is not None:
         val_set = as_samples(val_data, Config())[0]
@@ -77,6 +80,35 @@ def train(model: nn.Module, data, loss: nn.Module | Callable | None = None,
     history = fit(parallel, train_set, cfg, topo, loss_fn or make_loss(cfg), optimizer, val_set,
                   hooks=Hooks(log=print if topo.is_main else (lambda _: None)))
     return TrainResult(getattr(parallel.model, "module", parallel.model), history)
+
+
+def _refuse_what_the_api_does_not_write(cfg: Config) -> None:
+    """``train`` returns the model and its history and writes nothing: a run directory,
+    checkpoints, a resume or a tracker set in the config would be ignored, silently."""
+    asked = [("config.train.run_dir", cfg.train.run_dir), ("config.checkpoint.checkpoint_every",
+             cfg.checkpoint.checkpoint_every), ("config.checkpoint.resume", cfg.checkpoint.resume),
+             ("config.track.track", None if cfg.track.track == "none" else cfg.track.track)]
+    for name, value in asked:
+        if value is not None:
+            raise UsageError(f"{name} is {value!r}, but gpupar.train writes no run directory, checkpoints or "
+                             "tracking: it returns the model and its history. Use `gpupar train` (the CLI) for "
+                             "those, or gp = gpupar.setup() and gp.save / gp.load in your own loop")
+
+
+def _integer_features(model: nn.Module, data, main: bool):
+    """Tensors ``(X, y)`` whose X is integer: as they are where the model takes them (an
+    embedding of ids), else cast to its float dtype with a note (``problem.integer_features``)."""
+    from gpupar.models.builtin import probe_forward
+    from gpupar.problem import integer_features
+
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)) \
+            or data[0].dim() == 0 or data[0].is_floating_point() or data[0].is_complex():
+        return data
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    X, _, note = integer_features(data[0], model, lambda x: probe_forward(model, x.to(device)))
+    if note is not None and main:
+        print(f"gpupar: note: data: {note}", file=sys.stderr, flush=True)
+    return X, data[1]
 
 
 def verify(config: Config, rtol: float | None = None, log: Callable[[str], None] = print):

@@ -107,7 +107,8 @@ class Checkpointer:
                     "model": self.cfg.model.name, "strategy": self.topo.dims.describe(),
                     "world_size": topo.world_size, "torch": torch.__version__, "run_id": self.run_id})
         except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            failure = save_failed(exc, position.step, self.root)  # before the cleanup frees the disk
+            kept = any(run_id_of(p) == self.run_id for p in complete_checkpoints(self.root))
+            failure = save_failed(exc, position.step, self.root, kept)  # before the cleanup frees the disk
             if topo.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)  # the half-written save; the earlier ones stay
             raise failure from None

@@ -122,13 +122,13 @@ def _add_run(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from gpupar import launch
     from gpupar.job import train_from_config
-    from gpupar.tracking import check_available
+    from gpupar.tracking import check_tracking
 
     cfg = config_from_args(args)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
-    check_available(cfg.track.track)  # a missing extra fails here, before any rank starts
+    check_tracking(cfg)  # a missing extra or an unusable URI fails here, before any rank starts
     launch.run(cfg, "train", lambda topo, run: train_from_config(cfg, topo, run))
     return 0
 

@@ -150,6 +150,8 @@ class TrackConfig:
                      ("none", "tensorboard", "mlflow"))
     mlflow_uri: str | None = opt(None, "MLflow tracking URI; none = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here")
     experiment: str = opt("gpupar", "MLflow experiment name")
+    track_timeout: float = opt(30.0, "seconds the tracker may take to answer (refused or silent: one warning, "
+                               "training goes on); training never waits on it but at the end, for at most this")
 
 
 @dataclass
@@ -227,6 +229,8 @@ class Config:
                              "checkpoint is never deleted, and one more guards against a bad newest one)")
         if not 0 < self.parallel.timeout < float("inf"):  # nan and inf reached the rendezvous as a traceback
             raise UsageError(f"--timeout {self.parallel.timeout} must be a finite number > 0 seconds")
+        if not 0 < self.track.track_timeout < float("inf"):
+            raise UsageError(f"--track-timeout {self.track.track_timeout} must be a finite number > 0 seconds")
         layout(self.parallel)  # a combination the layout cannot honour fails here, once
         return self
 

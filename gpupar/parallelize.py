@@ -30,6 +30,7 @@ from torch import nn
 from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec
+from gpupar.models.hf import adopt
 from gpupar.parallel import tied
 from gpupar.parallel.activation_checkpoint import apply_activation_checkpointing
 from gpupar.parallel.ddp import apply_data_parallel, apply_ddp
@@ -58,7 +59,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
     """Place the model on this rank's device and apply the layout's strategies in order.
 
     ``inputs`` (a few rows of the data) let the pipeline trace a model that is not a Sequential."""
-    dims = topo.dims
+    dims, spec = topo.dims, adopt(spec, model)
     model = model.to(topo.device)
     if dims.process == "layer-split":
         model = apply_layer_split(model, parse_devices(cfg.parallel.devices), pipeline_units(model, spec),
@@ -125,6 +126,7 @@ def check_layout(model: nn.Module, dims: ParallelDims, cfg: Config, spec: ModelS
     """The checks of ``parallelize``'s steps, in its order, on the model as built for the checks
     before launch (on the meta device where it can be). ``example`` is one micro-batch of
     inputs (zeros of the data's shape): a pipeline that traces the forward traces it on them."""
+    spec = adopt(spec, model)
     if dims.process == "layer-split":
         if spec.pipeline_stage is not None:  # its stages run their own forward, not the model's
             raise UsageError(f"--strategy layer-split on {type(model).__name__}: its decoder layers need the mask "

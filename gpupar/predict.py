@@ -94,6 +94,13 @@ def prepare(weights: str, data: str, cfg: Config) -> tuple[torch.nn.Module, torc
     _check_width(X, state, cfg, data, weights)
     model = build_model(cfg.model, X.shape[1], out_features, cfg.train.seed)
     load_into(model, state, f"--weights {weights}")
+    if not X.is_floating_point():  # as training took them: cast for a Linear, ids for an embedding
+        from gpupar.models.builtin import probe_forward
+        from gpupar.problem import integer_features, note_once
+
+        X, _, note = integer_features(X, model, lambda x: probe_forward(model, x))
+        if note is not None:
+            note_once(f"--data {data}: {note}")
     return model, X, out_features
 
 

@@ -6,8 +6,10 @@ and every rank builds it for real; train, verify, bench, plan and sweep all load
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from gpupar.data import first_samples, load_data, prepare_targets, synthetic_reg
 from gpupar.data.tokens import TokenWindows, check_vocab
 from gpupar.errors import UsageError
 from gpupar.models import ModelSpec, build_model, check_shapes, model_spec
+from gpupar.models.builtin import float_dtype, needs_float_features, probe_forward
 from gpupar.models.hf import hf_config, is_hf
 from gpupar.training.step import split_batch
 
@@ -72,12 +75,58 @@ def load_problem(cfg: Config, meta: bool = False) -> Problem:
     y = prepare_targets(y, d.task)
     out_features = int(y.max()) + 1 if d.task == "classification" else y.shape[1]
     model = _build(cfg, spec, X.shape[1], out_features, meta)
-    try:
-        check_shapes(model, X.to(device_of(model)), y, d.task)
-    except NotImplementedError:  # an op without a meta kernel: probe a real model instead
-        model = _build(cfg, spec, X.shape[1], out_features, meta=False)
-        check_shapes(model, X, y, d.task)
+
+    def check(features: torch.Tensor) -> nn.Module:
+        try:
+            check_shapes(model, features.to(device_of(model)), y, d.task)
+            return model
+        except NotImplementedError:  # an op without a meta kernel: probe a real model instead
+            real = _build(cfg, spec, X.shape[1], out_features, meta=False)
+            check_shapes(real, features, y, d.task)
+            return real
+
+    if X.is_floating_point():
+        return Problem(X, y, check(X), spec)
+    X, model, note = integer_features(X, model, check)
+    if note is not None:
+        note_once(f"--data {d.data}: {note}" if d.data else note)
     return Problem(X, y, model, spec)
+
+
+def integer_features(X: torch.Tensor, model: nn.Module, check: Callable[[torch.Tensor], Any]):
+    """Integer features (an .npz of counts, a .pt of int64, the API's tensors) go to the model
+    as they are where it takes them (an embedding of ids); else they are cast to its float
+    dtype, with a note. They were refused after the model was built, naming a dtype clash.
+
+    ``check(features)`` probes the model on them (a UsageError when it cannot take them).
+    Returns (the features, what ``check`` returned, the note or None).
+    """
+    first: list = []
+    verdict = needs_float_features(model, lambda: first.append(check(X)))
+    if verdict is False:
+        return X, first[0], None
+    dtype = float_dtype(model)
+    cast = X.to(dtype)
+    try:
+        checked = check(cast)
+    except UsageError:
+        if verdict is None:  # ids passed and floats did not: a layer of its own that indexes by them
+            return X, first[0], None
+        raise
+    names = [str(t).removeprefix("torch.") for t in (X.dtype, dtype)]
+    return cast, checked, f"integer features ({names[0]}) cast to {names[1]}, the dtype of the model's weights"
+
+
+_NOTED: set[str] = set()
+"""Notes already printed by this process: the launcher's checks and the run it then runs here
+load the same problem twice; a rank of a launched job leaves notes to its launcher."""
+
+
+def note_once(line: str) -> None:
+    if line in _NOTED or ("RANK" in os.environ and "LOCAL_RANK" in os.environ):
+        return
+    _NOTED.add(line)
+    print(f"gpupar: note: {line}", file=sys.stderr, flush=True)
 
 
 def _source_problem(cfg: Config, spec: ModelSpec, source, meta: bool) -> Problem:
@@ -94,6 +143,8 @@ def _source_problem(cfg: Config, spec: ModelSpec, source, meta: bool) -> Problem
     if isinstance(y, torch.Tensor) and spec.loss is None:  # the model's own loss knows its target
         n_out = int(y.max()) + 1 if cfg.data.task == "classification" else (y.shape[1] if y.dim() > 1 else 1)
     model = _build(cfg, spec, n_in, n_out, meta)
+    if X is not None and not (X.is_floating_point() or X.is_complex()) and not isinstance(source, TokenWindows):
+        _refuse_integer_features(cfg, X, model)
     if X is not None and isinstance(y, torch.Tensor) and spec.loss is None and X.is_floating_point():
         # The target as collated (a scalar per sample stays [batch]: against a [batch, 1]
         # output, MSE would broadcast to [batch, batch] without a word).
@@ -104,6 +155,23 @@ def _source_problem(cfg: Config, spec: ModelSpec, source, meta: bool) -> Problem
             model = _build(cfg, spec, n_in, n_out, meta=False)
             check_shapes(model, X, target, cfg.data.task)
     return Problem(X, y, model, spec, source)
+
+
+def _refuse_integer_features(cfg: Config, X: torch.Tensor, model: nn.Module) -> None:
+    """A table or Dataset is read a batch at a time, so integer features a model cannot take
+    (a Linear) are refused before launch, not cast: they were a traceback at the first step.
+    Ids for an embedding pass (a token file is ids by design and is not asked)."""
+    def forward(x: torch.Tensor):
+        try:
+            return probe_forward(model, x.to(device_of(model)))
+        except NotImplementedError:  # no meta kernel: the ranks' first step will tell
+            return None
+
+    if integer_features(X, model, forward)[2] is not None:
+        raise UsageError(f"--data {cfg.data.data}: the features are {str(X.dtype).removeprefix('torch.')} and the "
+                         f"model takes {str(float_dtype(model)).removeprefix('torch.')} (an integer reaches a layer "
+                         "of float weights); cast them to float in the data (a datasets table: cast_column), or give "
+                         "a model that embeds ids")
 
 
 def _source_samples(source) -> int | None:

@@ -41,7 +41,10 @@ import adversarial_faults  # noqa: E402,F401 (registers its cases)
 import adversarial_files  # noqa: E402,F401
 import adversarial_flags  # noqa: E402,F401
 import adversarial_inputs  # noqa: E402,F401
+import adversarial_models  # noqa: E402,F401
 import adversarial_outputs  # noqa: E402,F401
+import adversarial_saves  # noqa: E402,F401
+import adversarial_trust  # noqa: E402,F401
 from adversarial_kit import CASES, HELD, OUTCOMES, Case, Ctx  # noqa: E402
 
 

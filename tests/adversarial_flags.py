@@ -5,7 +5,9 @@ checks run before any rank would start."""
 
 from __future__ import annotations
 
-from adversarial_kit import TRAIN, case, judge
+import socket
+
+from adversarial_kit import HELD, TRAIN, UNCLEAR, case, judge, lines
 
 SHORT = ("--samples", 32, "--epochs", 1)
 VERIFY = ("verify", *SHORT, "--strategy", "ddp", "--nproc-per-node", 2)  # verify compares a layout
@@ -62,3 +64,53 @@ def predict_batch_size_zero(ctx):
     r = ctx.run("predict", "--weights", run / "model.safetensors", "--data", ctx.root / "x.csv",
                 "--out", ctx.dir / "p.csv", "--batch-size", 0)
     return judge(r, needles=["--batch-size"])
+
+
+# --- tracking stores: one line before launch, or a bounded wait and one warning -------------
+
+@case("traceback")
+def mlflow_uri_scheme_s3(ctx):  # an artifact store, not a tracking store
+    return judge(ctx.run(*TRAIN, "--track", "mlflow", "--mlflow-uri", "s3://bucket/x", "--run-dir", ctx.dir / "R"),
+                 needles=["s3://"], left=ctx.dir / "R")
+
+
+@case("traceback")
+def mlflow_tracking_uri_env_bogus(ctx):
+    r = ctx.run(*TRAIN, "--track", "mlflow", "--run-dir", ctx.dir / "R", env={"MLFLOW_TRACKING_URI": "ftp://x"})
+    return judge(r, needles=["MLFLOW_TRACKING_URI", "ftp://"], left=ctx.dir / "R")
+
+
+def _tracked(ctx, uri: str, timeout: int = 5):
+    """Training goes on: exit 0, the model saved, one warning line, within the bound."""
+    run = ctx.dir / "R"
+    r = ctx.run(*TRAIN, "--track", "mlflow", "--mlflow-uri", uri, "--track-timeout", timeout, "--run-dir", run,
+                timeout=90)
+    outcome = judge(r, expect=(0,))
+    if outcome[0] != HELD:
+        return outcome
+    if not (run / "model.safetensors").is_file():
+        return UNCLEAR, "exit 0 but no model.safetensors"
+    err = lines(r.err)
+    if len(err) != 1 or not err[0].startswith("gpupar: warning:"):
+        return UNCLEAR, f"{len(err)} lines on stderr, expected one warning"
+    return outcome
+
+
+@case("hang")
+def mlflow_server_accepts_and_never_answers(ctx):
+    silent = socket.socket()  # the kernel completes the TCP handshake; nothing ever replies
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        return _tracked(ctx, f"http://127.0.0.1:{silent.getsockname()[1]}")
+    finally:
+        silent.close()
+
+
+@case("hang")
+def mlflow_server_refuses_and_the_run_saves(ctx):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    return _tracked(ctx, f"http://127.0.0.1:{port}")

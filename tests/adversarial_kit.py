@@ -1,8 +1,8 @@
 """The kit of tests/adversarial.py: the case registry, the runner of gpupar, the judge.
 
-Each case (adversarial_files.py, adversarial_faults.py) is a function of a ``Ctx`` (its own directory, a runner of ``python -m gpupar``)
-that returns (outcome, detail). ``judge`` turns a finished command into an outcome from what
-the case expects; the case adds what only it can see (a file changed, a result wrong).
+Each case (in the adversarial_*.py files) is a function of a ``Ctx`` (its own directory, a runner
+of ``python -m gpupar``) that returns (outcome, detail). ``judge`` turns a finished command into
+an outcome from what the case expects; the case adds what only it can see (a file changed, a result wrong).
 """
 
 from __future__ import annotations

@@ -111,6 +111,8 @@ def main() -> None:
     ok("ddp-token-mean")
     pp_token_mean(topo.rank)
     ok("pp-token-mean")
+    pp_token_mean(topo.rank, padding_only_first=True)
+    ok("pp-token-mean-with-a-micro-batch-of-padding-only")
 
     # A loss that reads the parameters (a weight penalty) meets TP's and FSDP's DTensor shards: one line.
     from torch.distributed.fsdp import fully_shard
@@ -145,9 +147,48 @@ def main() -> None:
 
     pipeline_loss_scaler(topo.rank)
     ok("pipeline-loss-scaler")
+    pp_batch_loss(topo.rank)
+    ok("pp-loss-sees-the-batch")
     pp_tied(topo.rank)  # tests/pp_tied.py: a tie across stages trains as on one device
     ok("pp-tied")
     topo.close()
+
+
+def pp_batch_loss(rank: int) -> None:
+    """A user's loss(output, batch) under a 2-stage pipeline gets each micro-batch's (inputs,
+    targets), as on one device: a loss weighted by an input column trains the one-device
+    gradient and validates to the one-device loss. (It got the target alone, so ``x, y =
+    batch`` split the target's rows: wrong, silently, wherever a micro-batch held 2 rows.)"""
+    from gpupar.config import ParallelConfig
+    from gpupar.parallel.pipeline import Pipeline, layer_units
+    from gpupar.training.step import BatchLoss
+
+    def weighted(out, batch):
+        x, y = batch
+        return (x[:, :1].abs() * (out - y) ** 2).mean()
+
+    torch.manual_seed(0)
+    whole, cpu = mlp(10, 16, 2, 1), torch.device("cpu")
+    x, y = torch.randn(8, 10), torch.randn(8, 1)
+    reference_loss = weighted(whole(x), (x, y))
+    reference_loss.backward()
+    options = ParallelConfig(pp=2, schedule="1f1b")
+    pipe = Pipeline(split_model(whole, layer_units(whole), 2, rank, options), 2, cpu, dist.group.WORLD, options,
+                    cpu, microbatches=4)  # micro-batches of 2 rows: the shape the old bug passed silently
+    loss = pipe.forward_backward([(x, y)], BatchLoss(weighted))
+    torch.testing.assert_close(loss.float(), reference_loss.detach(), rtol=1e-6, atol=0)
+    for name, p in pipe.named_parameters():  # float32 sums in another order: a few ulps
+        torch.testing.assert_close(p.grad, whole.get_parameter(name.split(".", 2)[2]).grad, rtol=1e-5, atol=1e-7)
+
+    class Rows:  # the samples interface evaluate_loss reads: take_to(rows, device) -> (x, y)
+        def __len__(self):
+            return len(x)
+
+        def take_to(self, rows, device):
+            return x[rows], y[rows]
+
+    val = pipe.evaluate_loss(Rows(), BatchLoss(weighted), batch_size=4)
+    assert abs(val - float(reference_loss)) < 1e-6, (val, float(reference_loss))
 
 
 def pipeline_loss_scaler(rank: int) -> None:
@@ -205,10 +246,12 @@ def ddp_token_mean(rank: int) -> None:
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
 
 
-def pp_token_mean(rank: int) -> None:
+def pp_token_mean(rank: int, padding_only_first: bool = False) -> None:
     """A pipeline of 2 stages (the embedding | the head), 2 rounds (--grad-accum 2) of 2 micro-batches
     that the schedule cuts itself, over the padded batch (valid tokens 3, 7 | 11, 12): each stage's
-    gradient is the whole batch's token mean, and so is the loss every rank returns."""
+    gradient is the whole batch's token mean, and so is the loss every rank returns.
+    ``padding_only_first``: the first micro-batch holds no valid token (its own mean is 0/0): it
+    must add nothing, not a NaN."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from gpupar.config import ParallelConfig
@@ -217,6 +260,8 @@ def pp_token_mean(rank: int) -> None:
     from padded_tokens import padded_batch, reference_grads, token_model
 
     x, y = padded_batch()
+    if padding_only_first:
+        y[:2] = -100
     reference = token_model()
     want = dict(zip([n for n, _ in reference.named_parameters()], reference_grads(reference, x, y)))
     model, options = token_model(), ParallelConfig()

@@ -70,50 +70,59 @@ def single(factory, nudge=False, grad_accum=1) -> Trajectory:
     return train(model, Topology.single(torch.device("cpu")), lambda m: m, grad_accum=grad_accum)
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    ddp_cfg = ranks_config("ddp")
-    topo = Topology.from_env(ddp_cfg)
-    rank, world = topo.rank, topo.world_size
-    spec = ModelSpec("user", lambda *_: None)
-    mine = lambda m: shard_batch(m, world, rank)  # noqa: E731  (this rank's correct slice)
-    ref, noise = single(residual_mlp), single(residual_mlp, nudge=True)
-    if rank == 0:  # the model is chaotic: its loss jumps 10x from one step to the next
-        assert max(max(a / b, b / a) for a, b in zip(ref.losses, ref.losses[1:])) >= 10, ref.losses
-        assert max(b / a for a, b in zip(ref.losses, ref.losses[1:])) >= 3, ref.losses  # it goes up, too
+class Cases:
+    """What every case needs: this rank's topology, its correct data slice, the references
+    and ``check`` (judge a trajectory and print "OK name" when the verdict is as it must be)."""
 
-    def check(name, got, must_pass, reference=ref, noise_ref=noise):
+    def __init__(self):
+        self.ddp_cfg = ranks_config("ddp")
+        self.topo = Topology.from_env(self.ddp_cfg)
+        self.rank, self.world = self.topo.rank, self.topo.world_size
+        self.spec = ModelSpec("user", lambda *_: None)
+        self.ref, self.noise = single(residual_mlp), single(residual_mlp, nudge=True)
+
+    def mine(self, m):
+        return shard_batch(m, self.world, self.rank)  # this rank's correct slice
+
+    def ddp_model(self):
+        return parallelize(residual_mlp(), self.topo, self.ddp_cfg, self.spec)
+
+    def check(self, name, got, must_pass, reference=None, noise_ref=None):
         dist.barrier()
-        if rank != 0:
+        if self.rank != 0:
             return
-        verdict = judge(reference, noise_ref, got, FLOOR, BAND)
+        reference = self.ref if reference is None else reference
+        verdict = judge(reference, self.noise if noise_ref is None else noise_ref, got, FLOOR, BAND)
         verdict.label = name
         text = report(verdict)
         assert verdict.passed == must_pass, text
         print(text.splitlines()[-1], flush=True)
         print(f"\nOK {name}", flush=True)  # a line of its own, even after a peer's partial line
 
-    def ddp_model(cfg=ddp_cfg):
-        return parallelize(residual_mlp(), topo, cfg, spec)
 
-    # Chaotic but correct: DDP and FSDP through gpupar's own parallelize.
-    p = ddp_model()
-    check("ddp-chaotic", train(p.model, topo, mine), True)
+def chaotic_but_correct(c: Cases) -> None:
+    """DDP and FSDP through gpupar's own parallelize, on a model whose loss jumps 10x a step."""
+    if c.rank == 0:
+        assert max(max(a / b, b / a) for a, b in zip(c.ref.losses, c.ref.losses[1:])) >= 10, c.ref.losses
+        assert max(b / a for a, b in zip(c.ref.losses, c.ref.losses[1:])) >= 3, c.ref.losses  # it goes up, too
+    c.check("ddp-chaotic", train(c.ddp_model().model, c.topo, c.mine), True)
     fsdp_cfg = ranks_config("fsdp")
-    p = parallelize(residual_mlp(), Topology.from_env(fsdp_cfg), fsdp_cfg, spec)
-    check("fsdp-chaotic", train(p.model, topo, mine), True)
+    p = parallelize(residual_mlp(), Topology.from_env(fsdp_cfg), fsdp_cfg, c.spec)
+    c.check("fsdp-chaotic", train(p.model, c.topo, c.mine), True)
 
-    # Bug: gradients summed over ranks, not averaged (scaled by W). Adam hides it after step 1.
-    p = ddp_model()
+
+def sync_bugs(c: Cases) -> None:
+    """Gradients summed, not averaged (scaled by W; Adam hides it after step 1); rank 1 keeping
+    its own gradients; overlapping and shifted shards; one parameter left out of the sync."""
+    rank, world = c.rank, c.world
+    p = c.ddp_model()
 
     def sum_hook(state, bucket):
         return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
     p.model.register_comm_hook(None, sum_hook)
-    check("bug-grads-summed", train(p.model, topo, mine), False)
-
-    # Bug: rank 1 keeps its own gradients (not averaged); rank 0's are right.
-    p = ddp_model()
+    c.check("bug-grads-summed", train(p.model, c.topo, c.mine), False)
+    p = c.ddp_model()
 
     def rank1_local(state, bucket):
         fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
@@ -121,17 +130,13 @@ def main() -> None:
         return fut.then(lambda f: local * world if rank == 1 else f.value()[0])
 
     p.model.register_comm_hook(None, rank1_local)
-    check("bug-rank1-not-averaged", train(p.model, topo, mine), False)
-
-    # Bug: overlapping shards (every rank takes rank 0's slice), and shards shifted by one sample.
-    check("bug-overlapping-shards", train(ddp_model().model, topo, lambda m: shard_batch(m, world, 0)), False)
+    c.check("bug-rank1-not-averaged", train(p.model, c.topo, c.mine), False)
+    c.check("bug-overlapping-shards", train(c.ddp_model().model, c.topo, lambda m: shard_batch(m, world, 0)), False)
     # Shifted: rank r's slice starts r samples late, so rank 1 repeats sample 0 and nobody sees sample 64.
-    check("bug-shifted-shards", train(ddp_model().model, topo, lambda m: mine(m.roll(-rank))), False)
-
-    # Bug: one parameter left out of the gradient sync (a hand-written all-reduce that skips it).
+    c.check("bug-shifted-shards", train(c.ddp_model().model, c.topo, lambda m: c.mine(m.roll(-rank))), False)
     model = residual_mlp()
 
-    def skip_one(mbs):
+    def skip_one(mbs):  # a hand-written all-reduce that skips one parameter
         loss = forward_backward(model, mbs, LOSS, contextlib.nullcontext(), None)
         for name, q in model.named_parameters():
             if name != "blocks.2.up.bias":
@@ -139,11 +144,14 @@ def main() -> None:
                 q.grad /= world
         return loss
 
-    check("bug-param-not-synced", train(model, topo, mine, step=skip_one), False)
+    c.check("bug-param-not-synced", train(model, c.topo, c.mine, step=skip_one), False)
 
-    # Bug: under --grad-accum 2 the loss is not divided by the micro-batch count.
+
+def accumulation_and_forward_bugs(c: Cases) -> None:
+    """--grad-accum 2 right, and with the loss not divided by the micro-batch count; rank 1's
+    forward 1e-4 off (output x (1 + 1e-4))."""
     ref_acc, noise_acc = single(residual_mlp, grad_accum=2), single(residual_mlp, nudge=True, grad_accum=2)
-    p = ddp_model()
+    p = c.ddp_model()
 
     def undivided(mbs):
         total = 0.0
@@ -154,41 +162,48 @@ def main() -> None:
             total += loss.item()
         return total / len(mbs)
 
-    check("ddp-grad-accum", train(ddp_model().model, topo, mine, grad_accum=2), True, ref_acc, noise_acc)
-    check("bug-grad-accum-undivided", train(p.model, topo, mine, step=undivided, grad_accum=2), False,
-          ref_acc, noise_acc)
-
-    # Bug: rank 1's forward is 1e-4 off (output x (1 + 1e-4)).
-    p = ddp_model()
-    if rank == 1:
+    c.check("ddp-grad-accum", train(c.ddp_model().model, c.topo, c.mine, grad_accum=2), True, ref_acc, noise_acc)
+    c.check("bug-grad-accum-undivided", train(p.model, c.topo, c.mine, step=undivided, grad_accum=2), False,
+            ref_acc, noise_acc)
+    p = c.ddp_model()
+    if c.rank == 1:
         p.model.module.head.register_forward_hook(lambda mod, inp, out: out * (1 + 1e-4))
-    check("bug-rank1-forward-1e-4", train(p.model, topo, mine), False)
+    c.check("bug-rank1-forward-1e-4", train(p.model, c.topo, c.mine), False)
 
-    # Tensor parallel: layers 0/2 (ReLU between) shard correctly; sharding layer 2 by columns
-    # sends half the features through the softmax, which mixes features: wrong, silently.
+
+def tensor_parallel_and_ties(c: Cases) -> None:
+    """TP: layers 0/2 (ReLU between) shard correctly; sharding layer 2 by columns sends half the
+    features through the softmax, which mixes features: wrong, silently. Tied weights and
+    buffers (blocks 0 and 2 share one up-projection; a fixed and a counting buffer): DDP, FSDP
+    (the two blocks shard as one unit) and TP (the plan's copies re-tied)."""
     tp_cfg = ranks_config("tp")
     tp_topo = Topology.from_env(tp_cfg)
     ref_tp, noise_tp = single(softmax_mlp), single(softmax_mlp, nudge=True)
     everything = lambda m: m  # noqa: E731  (tensor-parallel peers see the same data)
     right = apply_tp(softmax_mlp(), tp_topo.mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    check("tp-correct-plan", train(right, tp_topo, everything), True, ref_tp, noise_tp)
+    c.check("tp-correct-plan", train(right, tp_topo, everything), True, ref_tp, noise_tp)
     wrong = apply_tp(softmax_mlp(), tp_topo.mesh["tp"], {"2": ColwiseParallel(), "4": RowwiseParallel()})
-    check("bug-tp-wrong-plan", train(wrong, tp_topo, everything), False, ref_tp, noise_tp)
-
-    # Tied weights and buffers (blocks 0 and 2 share one up-projection; a fixed and a counting
-    # buffer): DDP, FSDP (the two blocks shard as one unit) and TP (the plan's copies re-tied).
+    c.check("bug-tp-wrong-plan", train(wrong, tp_topo, everything), False, ref_tp, noise_tp)
     ref_tied, noise_tied = single(tied_blocks), single(tied_blocks, nudge=True)
     for strategy in ("ddp", "fsdp", "tp"):
         cfg = ranks_config(strategy)
         t = Topology.from_env(cfg)
-        p = parallelize(tied_blocks(), t, cfg, spec, X[:1])  # an automatic TP plan traces one row
-        check(f"tied-{strategy}", train(p.model, t, everything if strategy == "tp" else mine), True,
-              ref_tied, noise_tied)
+        p = parallelize(tied_blocks(), t, cfg, c.spec, X[:1])  # an automatic TP plan traces one row
+        c.check(f"tied-{strategy}", train(p.model, t, everything if strategy == "tp" else c.mine), True,
+                ref_tied, noise_tied)
         for name, buffer in p.model.named_buffers():  # every rank ends with the same buffers, not just rank 0
-            everyone = [torch.empty_like(buffer) for _ in range(world)]
+            everyone = [torch.empty_like(buffer) for _ in range(c.world)]
             dist.all_gather(everyone, buffer)
             assert all(torch.equal(b, buffer) for b in everyone), (strategy, name, everyone)
 
+
+def main() -> None:
+    torch.set_num_threads(1)
+    cases = Cases()
+    chaotic_but_correct(cases)
+    sync_bugs(cases)
+    accumulation_and_forward_bugs(cases)
+    tensor_parallel_and_ties(cases)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)

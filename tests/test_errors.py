@@ -59,6 +59,54 @@ def test_npz_with_strings_objects_or_no_rows(gpupar, tmp_path):
                    "expected at least one sample")
 
 
+def test_integer_features_are_cast_with_a_note_unless_the_model_takes_ids(gpupar, tmp_path, monkeypatch, capsys):
+    import gpupar as gp
+    from gpupar.models import check_shapes
+    from gpupar.problem import integer_features
+
+    (tmp_path / "ids.py").write_text("import torch\n\n\n"
+                                     "def embedding():\n"
+                                     "    return torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(),"
+                                     " torch.nn.Linear(40, 1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ints = np.arange(640).reshape(64, 10) % 50
+    np.savez(tmp_path / "i.npz", X=ints, y=np.arange(64, dtype=np.float32))
+    torch.save({"X": torch.from_numpy(ints).int(), "y": torch.ones(64)}, tmp_path / "i.pt")
+    for data in ("i.npz", "i.pt"):  # int32 is read as int64
+        code, _, err = gpupar(*TRAIN, "--data", tmp_path / data, "--run-dir", tmp_path / data.replace(".", "-"))
+        assert code == 0, err
+        assert err == f"gpupar: note: --data {tmp_path / data}: integer features (int64) cast to float32, " \
+                      "the dtype of the model's weights\n"  # once, though the problem is loaded twice
+    code, _, err = gpupar("predict", "--weights", tmp_path / "i-npz" / "model.safetensors", "--data",
+                          tmp_path / "i.npz", "--out", tmp_path / "p.csv")  # predict takes them as training did
+    assert code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 65, err
+    code, _, err = gpupar(*TRAIN, "--data", tmp_path / "i.npz", "--model", "ids:embedding", "--run-dir", tmp_path / "e")
+    assert (code, err) == (0, "")  # token ids stay integer: an embedding takes them as they are
+    # On the meta device a Linear takes int64 without a word: the hooks tell there.
+    X, y = torch.from_numpy(ints[:4]), torch.zeros(4, 1)
+    for build, kept in ((lambda: torch.nn.Linear(10, 1), False),
+                        (lambda: torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(),
+                                                     torch.nn.Linear(40, 1)), True)):
+        with torch.device("meta"):
+            model = build()
+        features, _, note = integer_features(X, model, lambda x: check_shapes(model, x.to("meta"), y, "regression"))
+        assert (features.dtype == torch.int64) == kept and (note is None) == kept
+    # A Dataset is read a batch at a time: integer features a Linear cannot take are refused before launch.
+    (tmp_path / "sets.py").write_text("import torch\n\n\n"
+                                      "def ints():\n"
+                                      "    return torch.utils.data.TensorDataset(torch.arange(640).reshape(64, 10) % 50,"
+                                      " torch.ones(64, 1))\n")
+    one_line_error(gpupar(*TRAIN, "--data", "sets:ints", "--run-dir", tmp_path / "s"),
+                   "--data sets:ints: the features are int64 and the model takes float32")
+    assert not (tmp_path / "s").exists()
+    assert gpupar(*TRAIN, "--data", "sets:ints", "--model", "ids:embedding", "--run-dir", tmp_path / "s")[0] == 0
+    capsys.readouterr()
+    cfg = gp.Config()
+    cfg.train.epochs = 2
+    gp.train(torch.nn.Linear(10, 1), (torch.from_numpy(ints), torch.ones(64)), config=cfg)  # the Python API
+    assert "gpupar: note: data: integer features (int64) cast to float32" in capsys.readouterr().err
+
+
 def test_csv_without_feature_columns_is_refused(gpupar, tmp_path):
     (tmp_path / "t.csv").write_text("t\n1\n2\n3\n4\n")
     code, out, err = gpupar(*TRAIN, "--data", tmp_path / "t.csv", "--target", "t", "--run-dir", tmp_path / "r")
@@ -115,6 +163,47 @@ def test_model_factory_that_raises_or_needs_arguments(gpupar):
                    "--model 'user_models:raises'", "raises() raised KeyError", "no_such_layer")
     one_line_error(gpupar(*TRAIN, "--model", "user_models:needs_args"),
                    "needs_args() needs arguments (in_features)")
+
+
+class _Output(torch.nn.Module):
+    """Linear(10, 1) whose forward ends in ``how``: what no loss can take a gradient through."""
+
+    def __init__(self, how=lambda y: y):
+        super().__init__()
+        self.fc, self.how = torch.nn.Linear(10, 1), how
+
+    def forward(self, x):
+        return self.how(self.fc(x))
+
+
+def test_an_output_no_loss_can_take_a_gradient_through_is_one_line_before_launch(gpupar, tmp_path, monkeypatch):
+    from gpupar.errors import UsageError
+    from gpupar.models import check_shapes
+
+    (tmp_path / "outs.py").write_text("import torch\n\n\n"
+                                      "class IntOut(torch.nn.Linear):\n"
+                                      "    def forward(self, x):\n"
+                                      "        return (super().forward(x) > 0).long()\n\n\n"
+                                      "def int_output():\n"
+                                      "    return IntOut(10, 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, y = torch.zeros(4, 10), torch.zeros(4, 1)
+    for how, needles in ((lambda y: (y > 0).long(), ("dtype torch.int64", "float32", "an argmax")),
+                         (lambda y: y > 0, ("dtype torch.bool",)),
+                         (lambda y: torch.complex(y, y), ("dtype torch.complex64", "real-valued")),
+                         (lambda y: y.detach(), ("does not require grad", ".detach()")),
+                         (lambda y: {"logits": y.argmax(-1, keepdim=True)}, ("dtype torch.int64",)),
+                         (lambda y: {"loss": y.sum().detach(), "logits": y}, ("the model's own loss", "require grad"))):
+        with pytest.raises(UsageError) as info:
+            check_shapes(_Output(how), x, y, "regression")
+        assert all(n in str(info.value) for n in needles), (needles, str(info.value))
+    with torch.no_grad():  # a caller's no_grad does not hide a good model's gradient
+        check_shapes(_Output(), x, y, "regression")
+    check_shapes(_Output(lambda y: y.half()), x, y, "regression")  # a half-precision output carries one
+    # The adversarial example, through the CLI: one line, exit 2, no run directory.
+    code, out, err = gpupar(*TRAIN, "--model", "outs:int_output", "--run-dir", tmp_path / "r")
+    one_line_error((code, out, err), "model output has dtype torch.int64")
+    assert not (tmp_path / "r").exists()
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -275,3 +275,16 @@ def test_nan_in_api_raises_training_error():
     X, y = synthetic_regression(samples=50)
     with pytest.raises(TrainingError, match=r"at step 7 \(epoch 7\)"):
         gpupar.train(GoesNaN(), (X, y), config=_api_config(epochs=20))
+
+
+@pytest.mark.parametrize("section,key,value", [("train", "run_dir", "runs/mine"), ("checkpoint", "checkpoint_every", 5),
+                                               ("checkpoint", "resume", "auto"), ("track", "track", "tensorboard")])
+def test_the_api_refuses_what_it_would_ignore(section, key, value, tmp_path, monkeypatch):
+    """gpupar.train writes nothing: a run directory, checkpoints, a resume or a tracker asked
+    for in the config were ignored without a word. One error naming the field, before training."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _api_config(epochs=2)
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(UsageError, match=rf"^config\.{section}\.{key} is {value!r}, but gpupar.train writes no run"):
+        gpupar.train(nn.Linear(10, 1), synthetic_regression(samples=50), config=cfg)
+    assert not list(tmp_path.iterdir())

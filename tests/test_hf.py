@@ -143,6 +143,19 @@ def test_verify_passes_on_hugging_face_models(tmp_path, model, layout, seed):
     assert "summation-order reference" in proc.stdout
 
 
+def test_a_hugging_face_model_handed_to_gpupar_train_gets_its_own_stages_and_plan(tmp_path):
+    """tests/api_hf.py under torchrun: a LlamaForCausalLM object (not ``hf:``) with the user's
+    ``loss(output, batch)`` trains under --pp 2 and --tp 2 to the one-device losses (rtol 1e-5,
+    stated there). Under --pp it was refused ("cannot trace ... wrap its layers in an
+    nn.Sequential"): gpupar knew its decoder stages only by the ``hf:`` name."""
+    from harness import TESTS
+
+    proc, _ = gpupar("--nproc-per-node", 2, str(TESTS / "api_hf.py"), cwd=tmp_path,
+                     prefix=("-m", "torch.distributed.run"), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.findall(r"^OK (\S+)", proc.stdout, re.M) == ["pp", "tp"]
+
+
 def test_layouts_of_hugging_face_models_use_their_own_layers_and_plans(gpupar_cli):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 

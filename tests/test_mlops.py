@@ -87,6 +87,62 @@ def test_mlflow_with_ddp_logs_once_from_rank_0_and_a_failed_run_is_marked_failed
     assert runs["nan"].info.status == "FAILED"
 
 
+def test_a_store_call_that_fails_or_never_returns_is_one_warning_and_costs_at_most_the_timeout():
+    """The bound lives in Background, whatever the store: a call that never returns costs the
+    caller nothing, and the end waits at most the timeout; a failing call drops the rest."""
+    import threading
+
+    from gpupar.tracking import Background
+
+    warned, never = [], threading.Event()
+    stuck = Background("store", 0.5, warned.append)
+    start = time.monotonic()
+    for _ in range(100):
+        stuck.submit(never.wait)  # a socket that never answers
+    assert time.monotonic() - start < 0.2  # the training loop did not wait
+    stuck.drain()
+    assert 0.5 <= time.monotonic() - start < 2.0
+    assert warned == ["gpupar: warning: store: no answer within --track-timeout 0.5 s; tracking stopped, "
+                      "training goes on (metrics.jsonl has every record)"]
+    never.set()
+
+    warned.clear()
+    done = []
+    failing = Background("store", 5.0, warned.append)
+    failing.submit(done.append, 1)
+    failing.submit(lambda: 1 / 0)  # a refused connection, an HTTP 500
+    failing.submit(done.append, 2)
+    failing.drain()
+    assert done == [1] and len(warned) == 1 and "ZeroDivisionError" in warned[0]
+
+
+def test_mlflow_server_that_never_answers_or_refuses_costs_one_warning_and_the_run_saves(gpupar_cli, tmp_path):
+    import socket
+
+    silent = socket.socket()  # accepts the TCP connection (the kernel's backlog) and never replies
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connections are refused
+    try:
+        for name, port in (("silent", silent.getsockname()[1]), ("refused", refused_port)):
+            start = time.monotonic()
+            code, _, err = gpupar_cli("train", "--track", "mlflow", "--mlflow-uri", f"http://127.0.0.1:{port}",
+                                      "--track-timeout", 1, "--epochs", 5, "--samples", 64,
+                                      "--run-dir", tmp_path / name)
+            assert code == 0, err
+            assert err.count("\n") == 1 and err.startswith(f"gpupar: warning: --track mlflow http://127.0.0.1:{port}")
+            assert (tmp_path / name / "model.safetensors").is_file()
+            assert time.monotonic() - start < 30  # mlflow's own retries alone took ~90 s
+    finally:
+        silent.close()
+    code, _, err = gpupar_cli("train", "--track", "mlflow", "--mlflow-uri", "bogus://x", "--run-dir", tmp_path / "b")
+    assert code == 2 and err.count("\n") == 1 and "'bogus://x'" in err and "http://" in err
+    assert not (tmp_path / "b").exists()  # refused before the run directory was claimed
+
+
 @pytest.mark.parametrize("track,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
 def test_missing_extra_is_one_line_with_the_pip_command(gpupar_cli, tmp_path, monkeypatch, track, module):
     monkeypatch.setitem(sys.modules, module, None)  # as if the package were not installed

@@ -147,9 +147,11 @@ def test_rank_level_tensor_and_pipeline_checks(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.findall(r"^OK (\S+)", proc.stdout, re.M) == ["mesh", "auto-pairing", "gpt-plan", "user-plan",
                                                            "divisibility", "pipeline-split", "gloo-reduce-scatter",
-                                                           "ddp-token-mean", "pp-token-mean", "loss-reads-parameters",
+                                                           "ddp-token-mean", "pp-token-mean",
+                                                           "pp-token-mean-with-a-micro-batch-of-padding-only",
+                                                           "loss-reads-parameters",
                                                            "tp-loss-sees-the-whole-output", "pipeline-loss-scaler",
-                                                           "pp-tied"]
+                                                           "pp-loss-sees-the-batch", "pp-tied"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])

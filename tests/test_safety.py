@@ -318,3 +318,24 @@ def test_a_disk_that_fills_mid_checkpoint_is_one_line_and_leaves_no_half_file(gp
         assert _whole_checkpoints(run)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_file_size_limit_on_the_first_checkpoint_is_one_line_that_says_none_is_kept(gpupar, tmp_path):
+    """``ulimit -f`` of 1 MiB (as a quota would): the first checkpoint's 1.1 MiB shard of weights
+    fails with EFBIG inside DCP's writer. One line naming the limit, exit 1, and it does not
+    claim earlier checkpoints that do not exist. Python ignores SIGXFSZ, so the write fails
+    instead of killing this process; the limit is this process's for the length of the run."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    run = tmp_path / "R"
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        code, _, err = gpupar(*FULL, "--model", "mlp", "--hidden", 512, "--layers", 3, "--epochs", 3,
+                              "--checkpoint-every", 1, "--run-dir", run)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 1, err
+    one_line(err, "gpupar: training failed: the checkpoint of step 1 could not be written: File too large",
+             "no checkpoint of this run was committed before it")
+    assert not list(run.rglob("*.tmp")) and not _whole_checkpoints(run), list(run.rglob("*"))

@@ -206,6 +206,8 @@ def load_table(path: str):
         import datasets
     except ImportError:
         raise UsageError(f"--data {path}: reading it needs the datasets package: pip install 'gpupar[data]'") from None
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # its bars were lines on stderr above gpupar's own (an error's one line)
     try:
         if p.is_dir():
             table = datasets.load_from_disk(str(p))
@@ -214,6 +216,9 @@ def load_table(path: str):
     except Exception as exc:  # not a dataset directory, a malformed file: one line
         raise UsageError(f"--data {path}: datasets could not read it ({type(exc).__name__}: {first_line(exc, '')})") \
             from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if isinstance(table, datasets.DatasetDict):
         if "train" not in table:
             raise UsageError(f"--data {path}: a DatasetDict without a 'train' split (splits: {', '.join(table)})")

@@ -13,7 +13,7 @@ from gpupar.config import ModelConfig
 from gpupar.errors import UsageError, first_line
 from gpupar.models.gpt import gpt_spec
 from gpupar.models.hf import hf_spec, is_hf
-from gpupar.models.outputs import first_output, own_loss
+from gpupar.models.outputs import check_differentiable, first_output, own_loss
 from gpupar.models.spec import ModelSpec
 
 BUILTIN = ("simple-nn", "mlp", "gpt")
@@ -130,15 +130,36 @@ def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) 
     """Run two samples through the model so a shape mismatch is a clear error, not a deep traceback.
 
     The probe has no side effects: eval mode (BatchNorm uses, and does not update, its running
-    statistics; dropout draws nothing), no autograd, and the RNG state and every buffer are put
+    statistics; dropout draws nothing), no backward (autograd is on only to see that the output
+    carries a gradient: ``check_differentiable``), and the RNG state and every buffer are put
     back, so the training that follows is the one it would have been without the probe.
     """
+    out = probe_forward(model, x)
+    check_differentiable(out, model)
+    if own_loss(out) is not None:
+        return  # the model computes its loss (a Hugging Face model given labels): no target to match
+    out = first_output(out)
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(f"model returned {type(out).__name__} without a tensor of predictions in it (a tensor, "
+                         "a tuple whose first element is one, a dict or ModelOutput with logits or a loss)")
+    if task == "regression" and out.shape[1:] != y.shape[1:]:
+        raise UsageError(f"model output shape {list(out.shape[1:])} does not match target shape "
+                         f"{list(y.shape[1:])} per sample")
+    if task == "classification" and (out.dim() != 2 or int(y.max()) >= out.shape[1]):
+        raise UsageError(f"classification needs model output [batch, classes] covering labels 0..{int(y.max())}, "
+                         f"got {list(out.shape)}")
+
+
+def probe_forward(model: nn.Module, x: torch.Tensor):
+    """The model's output on the first two rows of ``x``, leaving no trace (see check_shapes).
+    A forward that fails is a UsageError; on the meta device, a NotImplementedError (the caller
+    probes a real model)."""
     was_training = model.training
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     rng = torch.get_rng_state()
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.enable_grad():  # under a caller's no_grad too: the output's grad_fn is the check
             out = model(x[:2])
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         if x.device.type == "meta":  # an op without a meta kernel, or one that reads values
@@ -152,15 +173,37 @@ def check_shapes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) 
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-    if own_loss(out) is not None:
-        return  # the model computes its loss (a Hugging Face model given labels): no target to match
-    out = first_output(out)
-    if not isinstance(out, torch.Tensor):
-        raise UsageError(f"model returned {type(out).__name__} without a tensor of predictions in it (a tensor, "
-                         "a tuple whose first element is one, a dict or ModelOutput with logits or a loss)")
-    if task == "regression" and out.shape[1:] != y.shape[1:]:
-        raise UsageError(f"model output shape {list(out.shape[1:])} does not match target shape "
-                         f"{list(y.shape[1:])} per sample")
-    if task == "classification" and (out.dim() != 2 or int(y.max()) >= out.shape[1]):
-        raise UsageError(f"classification needs model output [batch, classes] covering labels 0..{int(y.max())}, "
-                         f"got {list(out.shape)}")
+    return out
+
+
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def needs_float_features(model: nn.Module, forward) -> bool | None:
+    """Whether the model needs integer features cast to floats, from ``forward()`` (a probe on
+    them): True when it fails; False when it succeeds and no integer tensor reaches a layer of
+    float weights other than an embedding (the model takes ids as they are); None when it
+    succeeds but one does (a Linear): on the meta device a Linear takes int64 without a word,
+    so the hooks tell there, and a probe of the cast features decides."""
+    fed: list[str] = []
+
+    def hook(module, args):
+        if not isinstance(module, EMBEDDINGS) and next(module.children(), None) is None \
+                and any(p.is_floating_point() for p in module.parameters(recurse=False)) \
+                and any(isinstance(a, torch.Tensor) and not (a.is_floating_point() or a.is_complex()) for a in args):
+            fed.append(type(module).__name__)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
+    try:
+        forward()
+    except UsageError:
+        return True
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None if fed else False
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype integer features are cast to: the model's first floating-point parameter's."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())

@@ -103,7 +103,7 @@ class GPT(nn.Module):
 class TokenCrossEntropy(nn.Module):
     """Next-token cross-entropy: logits [B, T, V] against targets [B, T], mean over the tokens
     whose target is not ``ignore_index`` (padding). The step weighs micro-batches by their
-    valid tokens (training/step.py micro_batch_weights)."""
+    valid tokens (training/step.py ValidTokens)."""
 
     ignore_index = -100
 

@@ -12,8 +12,10 @@ transformers loads back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,20 @@ def hf_spec(cfg: ModelConfig) -> ModelSpec:
         synthetic_data=lambda samples, seed: synthetic_tokens(samples, cfg.seq_len, vocab, seed),
         tokens_per_sample=cfg.seq_len, tp_plan=hf_tp_plan,
         pipeline_units=pipeline_units, pipeline_stage=DecoderStage)  # stages run their own forward
+
+
+def adopt(spec: ModelSpec, model: nn.Module) -> ModelSpec:
+    """``spec`` for a model the user built and handed over (``gpupar.train(model)``,
+    ``gpupar.setup``, ``--model module:factory``): a Hugging Face model gets what ``hf:`` gives
+    it, its own tensor-parallel plan and its decoder layers as pipeline stages, so the same
+    model trains the same way whichever way it came in. Any other model keeps ``spec``.
+    A model of transformers' classes means transformers is imported already: nothing is
+    imported here for the others."""
+    tf = sys.modules.get("transformers")
+    if spec.pipeline_stage is not None or tf is None or not isinstance(model, tf.PreTrainedModel):
+        return spec
+    return dataclasses.replace(spec, tp_plan=spec.tp_plan or hf_tp_plan, pipeline_units=pipeline_units,
+                               pipeline_stage=DecoderStage)
 
 
 # transformers' plan styles: the pairs gpupar shards, and those whose layer may stay whole

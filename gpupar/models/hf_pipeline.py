@@ -150,3 +150,10 @@ class DecoderStage(nn.Module):
             hidden = norm(hidden)
         return head(hidden) if head is not None else hidden
 
+    @staticmethod
+    def as_output(logits: torch.Tensor):
+        """The last stage's logits as the model's own forward returns them (a ``ModelOutput``),
+        for a user's ``loss(output, batch)`` that reads ``output.logits`` as on one device."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(logits=logits)

@@ -184,7 +184,7 @@ def _rebuild(optimizer: torch.optim.Optimizer, names: dict[int, str], model: nn.
     A pipeline rank holds its stages' parameters only: each group keeps those, and a tied
     parameter's copies in this rank's stages (named by the tie's first name, as ``names`` is)."""
     pipeline = is_pipeline(model)
-    alias = model.ties.alias if pipeline and model.ties is not None else {}
+    alias = model.ties.alias if pipeline else {}
     now: dict[str, list[nn.Parameter]] = {}
     for n, p in model.named_parameters():
         whole = whole_name(n) if pipeline else n

@@ -33,7 +33,7 @@ from gpupar.config import ParallelConfig
 from gpupar.parallel.clip import clip_grad_norm_across
 from gpupar.parallel.tied import StageTies
 from gpupar.errors import UsageError, first_line
-from gpupar.training.step import ValidTokens, pipeline_batch
+from gpupar.training.step import BatchLoss, ValidTokens, pipeline_batch, pipeline_loss
 
 
 def layer_units(model: nn.Module) -> list[list[str]]:
@@ -280,7 +280,8 @@ class Pipeline(nn.Module):
         # The last stage's rank (the last pp rank; rank 0 in a V) broadcasts its loss.
         self.last_rank = dist.get_global_rank(pp_group, self.stage_owner(num_stages - 1))
         self._schedule, self._loss_fn, self._rounds, self._tokens, self._scaler = None, None, 1, None, None
-        self.ties = StageTies(ties, list(self.stages), pp_group) if ties else None
+        self.ties = StageTies(ties or [], list(self.stages), pp_group)
+        self._round: tuple[torch.Tensor, torch.Tensor] | None = None  # the round's batch, for a loss(output, batch)
 
     def forward(self, *args):
         raise UsageError("a pipeline-parallel model runs its stages through a schedule, not model(inputs): "
@@ -302,7 +303,13 @@ class Pipeline(nn.Module):
             # device). A token loss that skips padding weighs each micro-batch by its valid tokens
             # instead: the mean over every valid token of the global batch, not a mean of means.
             tokens = self._tokens
-            loss = loss_fn(output, target) * (tokens.weight(target) if tokens is not None else 1 / (m * self._rounds))
+            if isinstance(loss_fn, BatchLoss):  # the schedule cut row numbers: the user's loss gets those rows
+                x, y = self._round
+                loss = pipeline_loss(loss_fn, self._as_output(output), x[target], y[target]) * (1 / (m * self._rounds))
+            elif tokens is None:
+                loss = loss_fn(output, target) * (1 / (m * self._rounds))
+            else:
+                loss = loss_fn(output, tokens.usable(target)) * tokens.weight(target)
             # fp16: backward from loss x S (pipeline_scaler.PipelineGradScaler), so the gradients
             # that flow back through the stages stay above fp16's underflow.
             return self._scaler.scale(loss) if self._scaler is not None else loss
@@ -321,6 +328,12 @@ class Pipeline(nn.Module):
         self._schedule, self._loss_fn = cls(first, m, loss_fn=microbatch_loss, **extra), loss_fn
         return self._schedule
 
+    def _as_output(self, output: torch.Tensor):
+        """The last stage's output as the model's own forward gives it (a Hugging Face decoder's
+        stage returns its logits, the model a ``ModelOutput``), for a user's loss(output, batch)."""
+        last = self.stages[self.stage_ids.index(self.num_stages - 1)]
+        return last.as_output(output) if hasattr(last, "as_output") else output
+
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
                          amp=None, scaler=None) -> torch.Tensor:
         """One batch through the schedule: it cuts the batch into --microbatches pieces, runs
@@ -334,19 +347,22 @@ class Pipeline(nn.Module):
         self._rounds, self._scaler = len(micro_batches), scaler
         rounds = [pipeline_batch(batch, self.microbatches) for batch in micro_batches]  # (inputs, targets)
         self._tokens = ValidTokens.of(loss_fn, [y for _, y in rounds])  # over the world: a collective
-        earlier = self.ties.set_aside() if self.ties is not None else None
+        earlier = self.ties.set_aside()
         losses: list[list[torch.Tensor]] = []
         for x, y in rounds:
             losses.append(round_losses := [])  # a list per round: the schedule clears the one it is given
             args = (x,) if self.has_first else ()
-            kwargs = {"target": y, "losses": round_losses} if self.has_last else {}
+            # A user's loss(output, batch) needs each micro-batch's inputs too, and the schedule
+            # cuts one target tensor only: it cuts the rows' numbers, and the loss takes those rows.
+            self._round = (x, y)
+            target = torch.arange(len(y), device=y.device) if isinstance(loss_fn, BatchLoss) else y
+            kwargs = {"target": target, "losses": round_losses} if self.has_last else {}
             # bf16/fp16: autocast around the schedule runs every stage's forward (and the loss) in
             # half precision where autocast does, with the fp32 parameters as master weights; the
             # stages send and receive the half-precision activations as they come.
             with amp if amp is not None else contextlib.nullcontext():
                 schedule.step(*args, **kwargs)
-        if self.ties is not None:  # each stage's copy of a tie holds its own uses' gradient: add them up
-            self.ties.sum_grads(earlier)
+        self.ties.sum_grads(earlier)  # each stage's copy of a tie holds its own uses' gradient: add them up
         # Only the last stage computed the loss: send it to the other stages of this pipeline,
         # so every rank logs, checks for NaN and averages over data-parallel ranks alike. It
         # stays a tensor (a device collective under NCCL): the loop reads it at log points only.
@@ -374,5 +390,5 @@ class Pipeline(nn.Module):
         on one device: each rank's stages hold a disjoint part of the parameters, so the squared
         norms add up over the pipeline (torchtitan's ``clip_grad_norm_`` with a pp mesh). A tied
         Parameter's copies (one per stage that holds it) count once."""
-        uncounted = self.ties.uncounted if self.ties is not None else set()
-        return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device, uncounted)
+        return clip_grad_norm_across(list(self.parameters()), max_norm, self.pp_group, self.comm_device,
+                                     self.ties.uncounted)

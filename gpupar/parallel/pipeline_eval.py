@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpupar.training.step import pipeline_loss
+
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool]
 
 
@@ -81,7 +83,7 @@ def evaluate_pipeline(pipe: nn.Module, samples, loss_fn: nn.Module, precision: s
                     _send(outs, dist.get_global_rank(group, owner(s + 1)), comm)
                 else:
                     with amp:
-                        loss = loss_fn(outs[0] if len(outs) == 1 else out, y)
+                        loss = pipeline_loss(loss_fn, outs[0] if len(outs) == 1 else out, x, y)
                     total += loss.detach().to(torch.float64) * len(x)
             rows += len(x)
     finally:

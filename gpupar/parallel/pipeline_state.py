@@ -46,9 +46,8 @@ def model_state(model: nn.Module) -> dict:
 
 def _optim_name(model: nn.Module, name: str) -> str:
     """A pipeline's optimizer-state name in the whole model: a tied copy's is the tie's first name."""
-    ties = getattr(model, "ties", None)
     whole = whole_name(name)
-    return ties.alias.get(whole, whole) if ties is not None else whole
+    return model.ties.alias.get(whole, whole)
 
 
 def state_dicts(model: nn.Module, optimizer) -> tuple[dict, dict]:

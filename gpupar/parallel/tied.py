@@ -137,6 +137,10 @@ class StageTies:
                     if name in names:
                         found.setdefault(id(p), p)
             self.copies.append(list(found.values()))
+        self.process_groups: list[tuple[dist.ProcessGroup | None, int]] = []  # (group, global src) per tie
+        self.uncounted: set[int] = set()  # ids of copies the clip norm leaves out (counted once elsewhere)
+        if not groups:  # no tie: nothing to gather or sum
+            return
         pp, pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
         # Which pp ranks hold each tie, and every pipeline replica's ranks (the same on each rank).
         everyone: list = [None] * dist.get_world_size()
@@ -144,8 +148,6 @@ class StageTies:
                                           [[_layout(p) for p in c] for c in self.copies]))
         replicas = sorted({ranks for ranks, _, _ in everyone})
         mine = tuple(dist.get_process_group_ranks(pp_group))
-        self.process_groups: list[tuple[dist.ProcessGroup | None, int]] = []  # (group, global src) per tie
-        self.uncounted: set[int] = set()  # ids of copies the clip norm leaves out (counted once elsewhere)
         for g, copies in enumerate(self.copies):
             holders = sorted({r for ranks, r, held in everyone if ranks == mine and held[g]})
             layouts = {layout for ranks, _, held in everyone if ranks == mine for layout in held[g]}

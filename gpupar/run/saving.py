@@ -55,9 +55,10 @@ def signals_held():
         previous[held[0]](held[0], None)
 
 
-def save_failed(exc: BaseException, step: int, directory: str | os.PathLike) -> BaseException:
+def save_failed(exc: BaseException, step: int, directory: str | os.PathLike, kept: bool) -> BaseException:
     """What a failed save of ``step`` into ``directory`` raises: the signal that stopped it,
-    or one line naming the cause (a full disk, a quota, a read-only mount)."""
+    or one line naming the cause (a full disk, a quota, a read-only mount) and whether
+    earlier checkpoints are ``kept`` to resume from."""
     from torch.distributed.checkpoint import CheckpointException
 
     inner = [e for e, _ in exc.failures.values()] if isinstance(exc, CheckpointException) and exc.failures else [exc]
@@ -72,8 +73,8 @@ def save_failed(exc: BaseException, step: int, directory: str | os.PathLike) -> 
         what = cause.strerror + (f" ({cause.filename})" if cause.filename else "")
     else:
         what = _full(directory) or f"{type(cause).__name__}: {first_line(cause)}"
-    return TrainingError(f"the checkpoint of step {step} could not be written: {what}; the earlier checkpoints "
-                         "are kept")
+    left = "the earlier checkpoints are kept" if kept else "no checkpoint of this run was committed before it"
+    return TrainingError(f"the checkpoint of step {step} could not be written: {what}; {left}")
 
 
 def _full(directory) -> str | None:

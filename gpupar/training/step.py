@@ -60,6 +60,16 @@ def pipeline_batch(batch, microbatches: int) -> tuple[torch.Tensor, torch.Tensor
     return args[0], target
 
 
+def pipeline_loss(loss_fn: Callable, output: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss on a pipeline's last stage: a user's ``loss(output, batch)`` gets the
+    micro-batch ``(inputs, target)`` as it would on one device, not the target alone (under
+    which ``x, y = batch`` splits the target's rows, silently wrong); a criterion gets
+    ``(prediction, target)``."""
+    if isinstance(loss_fn, BatchLoss):
+        return loss_fn(output, (inputs, target))
+    return loss_fn(output, target)
+
+
 def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -123,7 +133,7 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
     device: reading it here (``.item()``) would make the host wait for the GPU every step.
     """
     parts = [split_batch(batch) for batch in micro_batches]
-    weights = micro_batch_weights(loss_fn, [target for _, _, target in parts])
+    tokens = ValidTokens.of(loss_fn, [target for _, _, target in parts])
     step_loss = None
     for k, (batch, (args, kwargs, target)) in enumerate(zip(micro_batches, parts)):
         # DDP all-reduces gradients inside backward; on all but the last micro-step that
@@ -131,11 +141,12 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: nn.M
         skip_sync = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if skip_sync else contextlib.nullcontext(), _sharded_parameter_use():
             with amp:
-                loss = loss_of(loss_fn, call_model(model, args, kwargs), batch, target)
+                loss = loss_of(loss_fn, call_model(model, args, kwargs), batch,
+                               target if tokens is None else tokens.usable(target))
             # Each micro-batch is 1/grad_accum of the global batch (or its share of the valid
             # tokens): scale so the summed gradients equal those of the mean over the whole batch.
-            if weights is not None:
-                loss = loss * weights[k]
+            if tokens is not None:
+                loss = loss * tokens.weight(target)
             elif len(micro_batches) > 1:
                 loss = loss / len(micro_batches)
             (scaler.scale(loss) if scaler else loss).backward()
@@ -157,29 +168,22 @@ def _sharded_parameter_use():
                          "parameter in your loss") from None
 
 
-def micro_batch_weights(loss_fn: Callable, targets: list) -> list | None:
-    """What each micro-batch's mean loss is scaled by, so that the summed (and data-parallel
-    averaged) gradients are those of the mean over the whole global batch; ``targets`` are the
-    micro-batches' targets, as split_batch gives them.
-
-    None: equal-sized micro-batches, 1/M each (the caller divides). A token loss that skips padding (targets equal
-    to its ``ignore_index``, -100) averages over a different number of valid tokens in each
-    micro-batch and on each rank: a mean of means would over-weigh the short ones
-    (huggingface/transformers#34191). Its micro-batch k weighs n_k * world / N, with n_k its
-    valid tokens and N their sum over every micro-batch of every rank (one all-reduce of a
-    count, no host sync). Over the world each data shard is counted once per tensor-parallel
-    peer, as the gradient average counts it, so the product is the global token mean.
-    """
-    tokens = ValidTokens.of(loss_fn, targets)
-    return None if tokens is None else [tokens.weight(t) for t in targets]
-
-
 class ValidTokens:
     """The valid tokens of a step: every target that is not the loss's ``ignore_index``, summed
     over this rank's micro-batches and all-reduced over the world (one collective, no host
-    sync). ``weight(target)`` is what a micro-batch's mean loss over ``target`` is scaled by:
-    its valid tokens times the world size, over the world's total (see micro_batch_weights;
-    the pipeline's schedule, which cuts its own micro-batches, weighs each one the same way)."""
+    sync). ``weight(target)`` is what a micro-batch's mean loss over ``target`` is scaled by,
+    so that the summed (and data-parallel averaged) gradients are those of the mean over the
+    whole global batch (the pipeline's schedule, which cuts its own micro-batches, weighs each
+    one the same way).
+
+    Without it (None), micro-batches weigh equally, 1/M each. A token loss that skips padding
+    (targets equal to its ``ignore_index``, -100) averages over a different number of valid
+    tokens in each micro-batch and on each rank: a mean of means would over-weigh the short
+    ones (huggingface/transformers#34191). Micro-batch k weighs n_k * world / N, with n_k its
+    valid tokens and N their sum over every micro-batch of every rank (one all-reduce of a
+    count). Over the world each data shard is counted once per tensor-parallel peer, as the
+    gradient average counts it, so the product is the global token mean.
+    """
 
     def __init__(self, ignore: int, total: torch.Tensor, world: int):
         self.ignore, self.total, self.world = ignore, total, world
@@ -202,3 +206,15 @@ class ValidTokens:
 
     def weight(self, target: torch.Tensor) -> torch.Tensor:
         return (target != self.ignore).sum().to(torch.float32) * self.world / self.total.clamp(min=1)
+
+    def usable(self, target: torch.Tensor) -> torch.Tensor:
+        """``target``, or, where it has no valid token at all (a micro-batch of padding only),
+        the same with its first token made a real class: the mean over no token is 0/0, a NaN
+        in the forward and in the backward that its weight of 0 cannot cancel. The weight
+        stays 0, so the micro-batch adds nothing, as it adds nothing to the one-device mean."""
+        if target.numel() == 0:
+            return target
+        flat = target.reshape(-1).clone()
+        real = torch.full_like(flat[0], 1 if self.ignore == 0 else 0)
+        flat[0] = torch.where((target != self.ignore).any(), flat[0], real)
+        return flat.view_as(target)
