@@ -195,7 +195,7 @@ class StageTies:
         the inf check, the clip and the optimizer step, so that each of them sees the summed
         gradient (the scaled one under fp16: the sum is linear)."""
         for copies, (group, _), before in zip(self.copies, self.process_groups, earlier):
-            if not copies:
+            if not copies or not copies[0].requires_grad:  # a frozen tie takes no gradient (nor a zero one)
                 continue
             for p in copies:
                 if p.grad is None:  # this copy took no part in this backward: it adds nothing
