@@ -89,8 +89,8 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, spec: ModelSpec,
         from gpupar.parallel.tensor import apply_tp, plain_linears
 
         # A traced stage's planned layers become nn.Linear again (same parameters) first.
-        stages = [(s, apply_tp(plain_linears(m, stage_plan(plan, m)), topo.mesh["tp"], stage_plan(plan, m)))
-                  for s, m in stages]
+        planned = [(s, m, stage_plan(plan, m)) for s, m in stages]
+        stages = [(s, apply_tp(plain_linears(m, part), topo.mesh["tp"], part)) for s, m, part in planned]
     # 3. Activation checkpointing per block (on the TP-sharded layers, inside the FSDP units to come).
     stages = [(s, apply_activation_checkpointing(m, cfg.parallel.activation_checkpointing)) for s, m in stages]
     # 4. Compile each stage in place (its state-dict names stay): before data parallel wraps it.
