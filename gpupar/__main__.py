@@ -36,12 +36,19 @@ if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
 
 from gpupar.cli import main, rank_tag  # noqa: E402 (after the rank is tied to its launcher)
 
+command = sys.argv[1:2]  # `gpupar run` hands sys.argv to the user's script
 code = main()
 if rank_tag():
     # A rank's exit code is its result. Interpreter finalization can still destroy torch's C++
     # objects (process groups, stores) with live threads, and std::terminate then turns a
     # finished or cleanly failed rank into SIGABRT, and the launcher names the wrong rank.
-    # The work is done and every file was written and flushed: skip the finalization.
+    # The work is done and every file was written and flushed: skip the finalization. A user's
+    # script (`gpupar run`) still gets its atexit handlers, as `python script.py` runs them:
+    # after the script, once the rank has left the process group.
+    if command == ["run"]:
+        import atexit
+
+        atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -16,9 +16,11 @@ training loop. Nothing reaches for it through a global.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,6 +33,28 @@ from gpupar.devices import backend_for, pick_device
 from gpupar.errors import UsageError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+def leave_at_exit() -> None:
+    """For a process group gpupar joined on a user's behalf (``gpupar.train`` or
+    ``gpupar.setup()`` under torchrun): a script that returns without destroying it would
+    tear down gloo's worker threads at interpreter exit, which aborts the rank with SIGABRT
+    ("terminate called without an active exception", pytorch/pytorch#190489) after its work
+    is done. At exit the ranks meet once (bounded by the group's timeout) so none closes its
+    sockets under a peer still writing, then leave the group. A rank that dies of an exception
+    (``sys.last_value``) leaves it as it is: the launcher sees the failure at once and stops
+    its peers, rather than after a barrier they may never reach. The CLI's ranks close
+    explicitly and exit through ``os._exit``."""
+    def leave() -> None:
+        if not dist.is_initialized() or getattr(sys, "last_value", None) is not None:
+            return
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone: leave anyway, nothing to wait for
+            pass
+        dist.destroy_process_group()
+
+    atexit.register(leave)
 
 
 @dataclass(frozen=True)
@@ -209,6 +233,7 @@ class Topology:
             timeout = timedelta(seconds=cfg.parallel.timeout)
             dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
                                     store=_attempt_store(rank, world, timeout))
+            leave_at_exit()
         return cls(device=device, rank=rank, local_rank=local_rank, world_size=world, dims=dims,
                    mesh=dims.build_mesh(device.type))
 

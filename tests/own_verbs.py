@@ -7,12 +7,16 @@ AdamW with two parameter groups (the head on its own lr, no weight decay),
 gradient accumulation under ``gp.no_sync``, ``gp.forward_backward`` (a pipeline's schedule
 under ``--strategy pp``), global clipping, a metric summed with ``gp.all_reduce``, and
 ``gp.save`` / ``gp.load`` of the model, the optimizer and the step. Rank 0 writes what the
-loop saw to OUT/record.json and the checkpoint to OUT/ckpt.
+loop saw to OUT/record.json and the checkpoint to OUT/ckpt. The script ends without destroying
+the process group, as many do; each rank writes OUT/left-RANK at exit, after gpupar's own exit
+handler ran (atexit handlers run last-registered first): whether the group was left.
 """
 
 import argparse
+import atexit
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +33,9 @@ parser.add_argument("--epochs", type=int, default=1, help="train until this epoc
 parser.add_argument("--resume", help="a gp.save checkpoint to continue from")
 args = parser.parse_args()
 
+if "RANK" in os.environ:
+    atexit.register(lambda: (args.out / f"left-{os.environ['RANK']}").write_text(
+        str(not torch.distributed.is_initialized())))
 torch.manual_seed(0)
 gp = gpupar.setup()  # the layout: GPUPAR_STRATEGY, which `gpupar run --strategy` sets
 X = torch.randn(64, 10)

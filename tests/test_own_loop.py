@@ -74,8 +74,9 @@ def test_own_loop_verify_passes_and_every_launcher_trains_the_one_process_weight
         assert "Epoch [100/100]" in (tmp_path / strategy / "reference" / "output.log").read_text()
         _assert_same_weights(tmp_path / strategy / "strategy", tmp_path / "ddp" / "reference", f"gpupar run {strategy}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    out = _run([*torchrun, str(OWN_LOOP)], tmp_path / "torchrun-ddp")
+    out = _run([*torchrun, str(ROOT / "tests" / "left_at_exit.py"), str(OWN_LOOP)], tmp_path / "torchrun-ddp")
     assert out.count("Epoch [") == 5, out
+    assert out.count("OK left the process group at exit: True") == 2, out  # the script never destroyed it
     out = _run([*torchrun, str(ROOT / "tests" / "own_pg.py"), str(OWN_LOOP)], tmp_path / "torchrun-fsdp",
                {"GPUPAR_STRATEGY": "fsdp"})
     assert out.count("OK own process group") == 2, out

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from gpupar.config import Config
 from gpupar.devices import backend_for, pick_device
 from gpupar.launch.elastic import SLURM_PORT, first_slurm_host
-from gpupar.topology import ParallelDims, Topology
+from gpupar.topology import ParallelDims, Topology, leave_at_exit
 
 
 def world_from_env() -> tuple[int, int, int, int]:
@@ -48,6 +48,7 @@ def topology(cfg: Config) -> Topology:
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), init_method="env://", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=cfg.parallel.timeout))
+        leave_at_exit()
     dims = ParallelDims.of(cfg, world, local_world)
     return Topology(device=device, rank=rank, local_rank=local_rank, world_size=world, dims=dims,
                     mesh=dims.build_mesh(device.type))

@@ -38,5 +38,5 @@ def execute(script: str, script_args: list[str]) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
-        record.flush()  # gpupar's ranks may leave without running atexit
+        record.flush()  # before the rank leaves: its atexit handlers run after that
     return 0
