@@ -113,8 +113,8 @@ def _integer_features(model: nn.Module, data, main: bool):
 
 def verify(config: Config, rtol: float | None = None, log: Callable[[str], None] = print):
     """Train ``config``'s model with its layout and on one device, and return the ``Verdict``
-    (``verdict.passed``; ``gpupar.verify.verdict.report(verdict)`` is the CLI's table). The model must
+    (``verdict.passed``; ``gpupar.parity.verdict.report(verdict)`` is the CLI's table). The model must
     be importable by the ranks: ``config.model.name = "package.module:factory"`` or a built-in."""
-    from gpupar.verify import run_verify
+    from gpupar.parity import run_verify
 
     return run_verify(config.validate(), rtol, log)

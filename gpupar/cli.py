@@ -134,8 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from gpupar.verify import report, run_verify
-    from gpupar.verify.harness import VerifyOptions
+    from gpupar.parity import report, run_verify
+    from gpupar.parity.harness import VerifyOptions
 
     cfg = config_from_args(args)
     options = VerifyOptions(args.band, args.no_dropout, args.nudge_init, args.first_grads, args.save_step_losses)

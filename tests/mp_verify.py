@@ -2,7 +2,7 @@
 
 tests/test_verify.py starts this once. It trains the single-device reference, the one-ulp
 noise reference and every variant inside one process group (tiny models, STEPS full-batch
-Adam steps), hands their trajectories to ``gpupar.verify.verdict.judge`` and prints "OK name" when
+Adam steps), hands their trajectories to ``gpupar.parity.verdict.judge`` and prints "OK name" when
 the verdict is what it must be: FAIL for every injected bug, PASS for every correct layout.
 """
 
@@ -18,12 +18,12 @@ from gpupar.config import Config
 from gpupar.data import shard_batch, synthetic_regression
 from gpupar.training.loop import mean_over_ranks
 from gpupar.models import ModelSpec
-from gpupar.verify.noise import full_grads, nudge_weights
+from gpupar.parity.noise import full_grads, nudge_weights
 from gpupar.parallel.tensor import apply_tp
 from gpupar.parallelize import full_state_dict, parallelize
 from gpupar.training.step import forward_backward
 from gpupar.topology import Topology
-from gpupar.verify.verdict import Trajectory, judge, report
+from gpupar.parity.verdict import Trajectory, judge, report
 
 from user_models import residual_mlp, tied_blocks
 

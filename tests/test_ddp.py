@@ -19,7 +19,7 @@ from gpupar.launch.elastic import first_slurm_host, launch_plan as plan
 from gpupar import launch
 from gpupar.job import train_from_config
 from gpupar.topology import Topology
-from gpupar.verify import compare, report
+from gpupar.parity import compare, report
 
 from harness import env, gpupar
 

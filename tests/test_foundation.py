@@ -194,6 +194,24 @@ def test_bad_input_from_a_real_process_has_no_traceback():
                                   "expected a number (see --help)"
 
 
+def test_import_gpupar_is_light_and_its_api_names_stay_functions():
+    """`import gpupar` (and so every `gpupar` command before it needs them) loads neither torch's
+    distributed tensors nor DCP: the API's names load on first use. gpupar.verify stays the
+    function once the verify harness is loaded (it was replaced by the subpackage of that name,
+    so a second gpupar.verify(cfg) in one process called a module)."""
+    code = ("import sys, gpupar; print(sorted(m for m in ('torch.distributed.tensor', 'torch.distributed.checkpoint',"
+            " 'gpupar.ownloop', 'gpupar.api') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, check=True).stdout.strip() == "[]"
+    import gpupar.api
+    import gpupar.parity.harness  # noqa: F401
+
+    assert gpupar.verify is gpupar.api.verify and gpupar.train is gpupar.api.train
+    assert gpupar.setup.__module__ == "gpupar.ownloop" and "setup" in dir(gpupar)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gpupar.nope
+
+
 def test_nan_loss_stops_at_named_step_and_keeps_last_good_weights(gpupar, tmp_path):
     run = tmp_path / "r"
     assert gpupar("train", "--epochs", 5, "--run-dir", run)[0] == 0

@@ -27,7 +27,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     4: ("problem", "job"),
     5: ("plan", "plan.memory", "plan.buffers", "plan.probe", "plan.dispatch", "plan.schedules"),
     6: ("launch",),
-    7: ("verify", "verify.harness", "verify.verdict", "verify.noise", "bench", "bench.driver", "bench.worker",
+    7: ("parity", "parity.harness", "parity.verdict", "parity.noise", "bench", "bench.driver", "bench.worker",
         "bench.peers", "bench.report", "sweep", "sweep.grid", "sweep.fused", "predict", "export", "notebook", "runs",
         "ownloop", "ownloop.env", "ownloop.shard", "ownloop.record", "ownloop.store", "ownloop.script", "ownloop.parity"),
     8: ("cli", "flags", "api", "__init__", "__main__"),

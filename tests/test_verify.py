@@ -1,6 +1,6 @@
 """gpupar verify's calibrated verdict, --sync-bn, pipelines of ModuleList models, the Python API.
 
-The verdict (gpupar/verdict.py): a strict step 1 (loss 1e-6, gradients 1e-5 relative), then
+The verdict (gpupar/parity/verdict.py): a strict step 1 (loss 1e-6, gradients 1e-5 relative), then
 every step within 10x the run's own rounding noise (a single-device reference whose initial
 weights are one ulp off) or under the old fixed tolerance. One spawned run (mp_verify.py)
 checks that every injected bug FAILs and every chaotic-but-correct layout PASSes.
@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from gpupar.config import Config
 from gpupar.errors import UsageError
 from gpupar.parallel.pipeline import layer_units, stage_starts
-from gpupar.verify.verdict import Trajectory, judge, judge_fixed, report
-from gpupar.verify import model_notes
+from gpupar.parity.verdict import Trajectory, judge, judge_fixed, report
+from gpupar.parity import model_notes
 
 from harness import TESTS, gpupar
 from user_models import ResidualMLP

@@ -112,7 +112,7 @@ def check_records(out: Path, script: str, where: str) -> None:
 def first_loss_fails(reference: Path, strategy: Path, precision: str) -> bool:
     """Whether the strategy's step-1 loss is off beyond the strict step-1 tolerance (then the
     verdict is FAIL whatever the noise reference would show: it widens only later steps)."""
-    from gpupar.verify.verdict import FIRST_LOSS_TOL, rel_gap
+    from gpupar.parity.verdict import FIRST_LOSS_TOL, rel_gap
 
     first = [json.loads((path / "step_losses.json").read_text())[0] for path in (reference, strategy)]
     return not rel_gap(*first) <= FIRST_LOSS_TOL["fp32" if precision == "fp32" else "low"]
@@ -140,8 +140,8 @@ def verify_script(cfg: Config, given: list[str], command: list[str], rtol: float
     verify's ``VerifyOptions``."""
     from gpupar.run.rundir import default_path
     from gpupar.topology import ParallelDims
-    from gpupar.verify.harness import default_rtol
-    from gpupar.verify.verdict import judge, judge_fixed, load_trajectory, report
+    from gpupar.parity.harness import default_rtol
+    from gpupar.parity.verdict import judge, judge_fixed, load_trajectory, report
 
     options.check()
     script, args = script_of(command)

@@ -40,7 +40,7 @@ class Recorder:
     def prepare(self, model) -> None:
         """Before parallelize: the noise reference's nudge, --no-dropout, and the names of the
         layers that may keep a model from matching one device (verify's notes)."""
-        from gpupar.verify.noise import batch_norms, disable_dropout, nudge_weights, random_layers
+        from gpupar.parity.noise import batch_norms, disable_dropout, nudge_weights, random_layers
 
         if self.no_dropout:
             disable_dropout(model)
@@ -54,7 +54,7 @@ class Recorder:
         """Gather the step-1 gradients before the first step, the whole state after each
         (a collective while every rank is still in the loop; written at exit)."""
         from gpupar.parallelize import full_state_dict
-        from gpupar.verify.noise import full_grads
+        from gpupar.parity.noise import full_grads
         from gpupar.weights import save_weights
 
         self.model = model

@@ -3,8 +3,8 @@
 It trains the single-device reference in this process and the strategy in its own ranks,
 from the same config: the same seed (so the same initial weights and data), the same sample
 order and the same global batch. By default it also trains a second single-device reference
-whose initial weights are one ulp off (``gpupar.verify.noise``): its gap to the first is the run's
-own rounding noise, and ``gpupar.verify.verdict.judge`` holds the strategy to a band around it, after
+whose initial weights are one ulp off (``gpupar.parity.noise``): its gap to the first is the run's
+own rounding noise, and ``gpupar.parity.verdict.judge`` holds the strategy to a band around it, after
 a strict step 1. ``--rtol`` keeps the fixed-tolerance mode (no noise reference).
 """
 
@@ -23,8 +23,8 @@ from gpupar.job import Probes, train_from_config
 from gpupar.launch.elastic import launched_by_torchrun
 from gpupar.problem import load_problem
 from gpupar.run.rundir import default_path
-from gpupar.verify.noise import batch_norms, disable_dropout, nudge_weights, random_layers, record_first_grads
-from gpupar.verify.verdict import Verdict, judge, judge_fixed, load_trajectory, passes_step_one
+from gpupar.parity.noise import batch_norms, disable_dropout, nudge_weights, random_layers, record_first_grads
+from gpupar.parity.verdict import Verdict, judge, judge_fixed, load_trajectory, passes_step_one
 
 RUNS = ("reference", "noise", "order", "strategy")  # the run directories under verify's --run-dir
 

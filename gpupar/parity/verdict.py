@@ -11,7 +11,7 @@ while a bug can stay at 1e-4 for ever. So the verdict is calibrated on the run i
    invariant to a constant gradient scale) and names the parameter.
 2. **Every later step stays in the noise band.** Other single-device references are as correct
    as the strategy and differ from the reference by rounding only: one starts from weights
-   moved one ulp each (``gpupar.verify.noise.nudge_weights``), another splits each batch into
+   moved one ulp each (``gpupar.parity.noise.nudge_weights``), another splits each batch into
    twice the micro-batches (the summation order a data-parallel all-reduce changes). Their gaps
    to the reference are this run's own amplification of rounding; their envelope is the *noise
    floor*. The strategy's gap at step t must stay within ``band`` x the noise floor's running
