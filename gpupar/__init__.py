@@ -1,7 +1,7 @@
 """gpupar: train a plain PyTorch model on one device, many GPUs, many nodes, or many models at once.
 
 The API's names load on first use (PEP 562): ``import gpupar`` and every ``gpupar`` command
-start without torch's distributed packages (DTensor, DCP: about 1.5 s of imports), which a
+start without torch's distributed packages (DTensor, DCP: about a second of imports), which a
 refused flag, ``--help`` or a launcher's parent process never needs.
 """
 
