@@ -43,9 +43,11 @@ if rank_tag():
     # objects (process groups, stores) with live threads, and std::terminate then turns a
     # finished or cleanly failed rank into SIGABRT, and the launcher names the wrong rank.
     # The work is done and every file was written and flushed: skip the finalization. A user's
-    # script (`gpupar run`) still gets its atexit handlers, as `python script.py` runs them:
-    # after the script, once the rank has left the process group.
-    if command == ["run"]:
+    # script (`gpupar run`) that succeeded still gets its atexit handlers, as `python script.py`
+    # runs them: after the script, once the rank has left the process group. A failed one gets
+    # none: its group is still joined, and gpupar's own handler would wait at a barrier for
+    # peers stuck in a collective (the launcher saw the failure after the timeout, not at once).
+    if command == ["run"] and code == 0:
         import atexit
 
         atexit._run_exitfuncs()

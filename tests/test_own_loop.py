@@ -134,7 +134,11 @@ def test_verify_of_a_script_refuses_what_it_cannot_judge_in_one_line(tmp_path, g
 
 def test_gpupar_run_names_the_failing_rank(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import os, sys\nif os.environ['RANK'] == '1':\n    raise ValueError('planted')\n")
+    # Rank 0 goes on into collectives rank 1 never joins: the failed rank must exit at once (its
+    # exit handlers skipped), not wait at gpupar's exit barrier until the 120 s group timeout.
+    bad.write_text("import os, torch, torch.distributed as dist, gpupar\ngp = gpupar.setup()\n"
+                   "if os.environ['RANK'] == '1':\n    raise ValueError('planted')\n"
+                   "while True:\n    dist.all_reduce(torch.ones(1))\n")
     done = subprocess.run([sys.executable, "-m", "gpupar", "run", "--nproc-per-node", "2", str(bad)],
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
